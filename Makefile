@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:
+#   make demo   builds the tiny world and prints the bits-per-byte table (runs/demo/results.json)
+#   make test   runs the test suite
+# Both create .venv and install what they need (idempotent: a stamp file skips finished installs).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.polyfuse-installed
+# The CPU wheel of torch unless a CUDA driver is present (a plain `pip install torch` pulls CUDA).
+TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: demo test lint install assets clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps champ-dataset==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's fortunes is the demo's prose corpus; installed when we can (root + apt), else say how.
+assets:
+	@test -d /usr/share/games/fortunes || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq --no-install-recommends fortunes >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends fortunes)) >/dev/null; \
+	  else echo "the demo needs Debian's fortunes corpus: sudo apt-get install fortunes"; exit 1; fi; }
+
+demo: $(STAMP) assets
+	$(VENV)/bin/polyfuse demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,173 @@
+"""The ``polyfuse`` command: one subcommand per stage plus ``world``, ``run``, ``eval`` and ``demo``.
+
+Only argument parsing lives here; every command calls one library function. Heavy packages
+(torch, transformers) are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from polyfuse.errors import PolyfuseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge fusion of LLMs: FuseLLM, FuseChat and FuseChat-3.0 (WRPO).")
+console = Console(stderr=True)
+out = Console()
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="recipe overrides as dotted key=value, e.g. eval.batch_size=4")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def world(
+    out_dir: Annotated[Path, typer.Option("--out", help="world directory")] = Path("runs/world"),
+    preset: Annotated[str, typer.Option(help="world preset: demo (about 4 min) or test (seconds)")] = "demo",
+    seed: Annotated[int, typer.Option(help="seed for corpus split, tokenizers and models")] = 0,
+    budget: Annotated[float, typer.Option(help="training budget: 1.0 is the preset, 0.5 halves every step count")] = 1.0,
+    force: Annotated[bool, typer.Option(help="rebuild even when the manifests are current")] = False,
+    real: Annotated[bool, typer.Option("--real", help="also convert the real packaged models (needs polyfuse[gguf])")] = False,
+    accept_gemma_terms: Annotated[bool, typer.Option(help="with --real: also convert Gemma-3-270M (Gemma Terms of Use)")] = False,
+) -> None:
+    """Build (or reuse) the embedded tiny world: corpus, three sources and a target."""
+    if real:
+        from polyfuse.demo.real import build_real_world
+
+        include = ("smollm2", "gemma3") if accept_gemma_terms else ("smollm2",)
+        paths = build_real_world(out_dir, include=include, accept_gemma_terms=accept_gemma_terms)
+        for name, path in paths.items():
+            out.print(f"world:{name} -> {path}")
+        return
+    from polyfuse.demo.world import build_world
+
+    summary = build_world(out_dir, preset=preset, seed=seed, budget=budget, force=force)
+    for name, info in summary["models"].items():
+        out.print(f"world:{name:<7} {info['role']:<6} {info['arch']:<9} {info['tokenizer']:<14} "
+                  f"emphasis={info['emphasis']:<8} params={info['params']:,}")
+    out.print(f"world written to {out_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    models: Annotated[list[str] | None, typer.Argument(help="models as NAME=REF or REF (path, hub id or world:NAME)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="take models, data and settings from this recipe")] = None,
+    data: Annotated[str, typer.Option(help="corpus directory with <split>/<domain>.jsonl, or world:corpus")] = "world:corpus",
+    split: Annotated[str, typer.Option(help="split to evaluate")] = "heldout",
+    world_dir: Annotated[Path, typer.Option("--world", help="where world:NAME references resolve")] = Path("runs/world"),
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
+    stride: Annotated[int | None, typer.Option(help="tokens between window starts (default: max-length)")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="cap on held-out bytes per domain")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout")] = False,
+) -> None:
+    """Tokenizer-neutral bits per byte per domain for any list of models."""
+    from polyfuse.evaluate.bpb import format_bpb_table
+    from polyfuse.evaluate.runner import evaluate_refs
+
+    results = evaluate_refs(models or [], recipe=recipe, data=data, split=split, world_dir=world_dir,
+                            batch_size=batch_size, max_length=max_length, stride=stride,
+                            max_bytes=max_bytes, device=device, dtype=dtype, progress=not as_json)
+    if as_json:
+        out.print_json(json.dumps({"models": {n: {"bpb": r["bpb"]} for n, r in results.items()}}))
+    else:
+        out.print(format_bpb_table(results, title="bits per byte (lower is better)"))
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    overrides: Overrides = None,
+    only: Annotated[list[str] | None, typer.Option(help="run only these stages")] = None,
+    force: Annotated[bool, typer.Option(help="rerun stages even when their manifest is current")] = False,
+) -> None:
+    """Run every stale stage of a recipe."""
+    from polyfuse.pipeline import run_recipe
+    from polyfuse.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    logging.getLogger("polyfuse").info("recipe %s resolved:\n%s", recipe, r.to_yaml(exclude_defaults=False))
+    for name, res in run_recipe(r, only=only, force=force).items():
+        out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
+
+
+@app.command()
+def check(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    overrides: Overrides = None,
+) -> None:
+    """Validate a recipe (all problems at once) and print it resolved, without running anything."""
+    from polyfuse.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    from polyfuse.pipeline import resolve
+
+    for spec in r.models():
+        resolve(r, spec)
+    out.print(r.to_yaml(exclude_defaults=False))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory for results.json")] = Path("runs/demo"),
+    world_dir: Annotated[Path, typer.Option("--world", help="tiny world directory (built if missing)")] = Path("runs/world"),
+    seed: Annotated[int, typer.Option(help="world and training seed")] = 0,
+    budget: Annotated[float, typer.Option(help="world training budget (1.0 is about 4 minutes on 2 cores)")] = 1.0,
+    preset: Annotated[str, typer.Option(help="world preset: demo or test")] = "demo",
+) -> None:
+    """Build (or reuse) the tiny world and print the bits-per-byte table of sources and target."""
+    from polyfuse.demo.run import run_demo
+    from polyfuse.evaluate.bpb import format_bpb_table
+
+    results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset)
+    out.print(format_bpb_table(results["models"], title="bits per byte on held-out text (lower is better)"))
+    for text, ok in results["world_checks"]:
+        out.print(f"  [{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {text}")
+    out.print(f"results: {out_dir / 'results.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code; user errors print one line and return 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="polyfuse", standalone_mode=False)
+    except PolyfuseError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

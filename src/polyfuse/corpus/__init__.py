@@ -1,0 +1,1 @@
+"""Documents and corpora: the on-disk JSONL layout shared by every stage."""

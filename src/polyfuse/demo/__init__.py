@@ -1,0 +1,1 @@
+"""The embedded tiny world: real corpora, locally trained tokenizers and tiny source/target models."""

@@ -1,0 +1,77 @@
+"""Bits per byte for named model references: what ``polyfuse eval`` and the recipe's eval stage call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from polyfuse.errors import RecipeError
+
+
+def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``NAME=REF`` or ``REF`` → ``(name, ref)``; a bare ref is named after its last path part."""
+    pairs = []
+    for item in items:
+        name, sep, ref = item.partition("=")
+        if not sep:
+            ref = item
+            name = item.removeprefix("world:").rstrip("/").split("/")[-1].split("@")[0]
+        if not name or not ref:
+            raise RecipeError(f"model argument {item!r}: write NAME=REF or REF, e.g. prose=world:prose")
+        pairs.append((name, ref))
+    names = [n for n, _ in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RecipeError(f"model name {', '.join(dupes)} given twice; name them explicitly as NAME=REF")
+    return pairs
+
+
+def resolve_all(models: Sequence[tuple[str, str, str | None, str | None]], *,
+                world_dir: str | Path) -> list[tuple[str, Any, str | None]]:
+    """Resolve every ``(name, ref, revision, tokenizer)`` up front, so a bad path fails before any work."""
+    from polyfuse.models import resolve_model_ref
+
+    return [(name, resolve_model_ref(ref, world_dir=world_dir, revision=rev), tok)
+            for name, ref, rev, tok in models]
+
+
+def lazy_loaders(resolved: Sequence[tuple[str, Any, str | None]], *, dtype: str = "auto",
+                 device: str = "auto") -> list[tuple[str, Callable[[], Any]]]:
+    """``(name, load)`` pairs; evaluation calls ``load()`` one model at a time."""
+    from polyfuse.models import load_model, load_tokenizer
+
+    def make(res, tok):
+        return lambda: (load_model(res, dtype=dtype, device=device), load_tokenizer(res, tok))
+
+    return [(name, make(res, tok)) for name, res, tok in resolved]
+
+
+def data_dir(ref: str, world_dir: str | Path) -> str:
+    """``world:corpus`` → ``<world>/corpus``; anything else is a directory path."""
+    return str(Path(world_dir) / ref.removeprefix("world:")) if ref.startswith("world:") else ref
+
+
+def evaluate_refs(models: Sequence[str], *, recipe: str | Path | None = None, data: str = "world:corpus",
+                  split: str = "heldout", world_dir: str | Path = "runs/world", batch_size: int = 8,
+                  max_length: int = 512, stride: int | None = None, max_bytes: int | None = None,
+                  device: str = "auto", dtype: str = "auto", progress: bool = True) -> dict:
+    """Bits per byte per domain of ``models`` (or of a recipe's target and sources)."""
+    from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
+
+    if recipe is not None:
+        from polyfuse.recipe import load_recipe
+
+        r = load_recipe(recipe)
+        specs = [(s.name, s.ref.model, s.ref.revision, s.tokenizer) for s in r.models()]
+        world_dir, data, split = r.world, r.data.eval, r.data.split
+        batch_size, max_length, stride = r.eval.batch_size, r.eval.max_length, r.eval.effective_stride
+        max_bytes, device, dtype = r.eval.max_bytes_per_domain, r.eval.device, r.eval.dtype
+    else:
+        if not models:
+            raise RecipeError("no models to evaluate: give model references (e.g. world:target) or --recipe")
+        specs = [(name, ref, None, None) for name, ref in parse_model_args(models)]
+    entries = lazy_loaders(resolve_all(specs, world_dir=world_dir), dtype=dtype, device=device)
+    texts = load_domain_texts(data_dir(data, world_dir), split, None, max_bytes)
+    return evaluate_bpb(entries, texts, batch_size=batch_size, max_length=max_length,
+                        stride=stride, progress=progress)

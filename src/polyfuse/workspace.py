@@ -1,0 +1,436 @@
+"""Artifact directories: content hashes, manifests, atomic writes and skip-if-current stages.
+
+Every stage writes one directory with a `manifest.json` holding the stage name, its resolved config,
+the hashes of its inputs, package versions, timing and whatever the stage reports as outputs. A stage
+is *current* when its manifest matches the stage, config and input hashes it would be run with, and is
+then skipped. A directory is only ever replaced whole: it is built in a `.tmp-*` sibling and swapped in
+by renames, so a killed or failing run never leaves a half-written artifact in place.
+
+This module knows nothing about what a stage computes::
+
+    def build(tmp: Path) -> dict:
+        (tmp / "scores.json").write_text("{}")
+        return {"domains": 3}
+
+    result = run_stage(Path("runs/x/eval"), "eval", recipe.section_dict("eval"), {"model": model_dir}, build)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from polyfuse.errors import DataError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "StageResult",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "clean_stale_temps",
+    "hash_file",
+    "hash_input",
+    "hash_inputs",
+    "hash_path",
+    "is_current",
+    "normalise_config",
+    "package_versions",
+    "run_stage",
+    "stage_status",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_CHUNK = 1 << 20
+_DIGEST_SIZE = 32
+_PACKAGES = (
+    "polyfuse",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "safetensors",
+    "accelerate",
+    "trl",
+    "numpy",
+)
+
+# (abs path, inode, size, mtime_ns) -> content hash; only filled for files not modified in the last
+# couple of seconds, since a rewrite within one filesystem timestamp tick can keep size and mtime.
+_HASH_CACHE: dict[tuple[str, int, int, int], str] = {}
+_RACY_NS = 2_000_000_000
+
+
+# --------------------------------------------------------------------------------------------------
+# hashing
+
+
+def hash_file(path: str | Path) -> str:
+    """blake2b hex digest of a file's content, read in 1 MiB chunks (cached per path, size, mtime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _HASH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+        _HASH_CACHE[key] = value
+    return value
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+
+
+def hash_path(path: str | Path) -> str:
+    """Content hash of a file, or of a directory tree (sorted relative paths + file content hashes).
+
+    Entries whose name starts with `.tmp-` or `.trash-` (in-progress or abandoned writes) are
+    ignored; everything else counts, `manifest.json` included. Symlinks are followed.
+    """
+    path = Path(path)
+    if path.is_file():
+        return hash_file(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: cannot hash a path that does not exist")
+    digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    digest.update(b"dir\0")
+    entries: list[tuple[str, Path]] = []
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _skipped(d))
+        rel_root = Path(root).relative_to(path)
+        entries.extend(((rel_root / f).as_posix(), Path(root) / f) for f in files if not _skipped(f))
+    for rel, file in sorted(entries):
+        digest.update(f"{rel}\0{hash_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def hash_input(value: str | Path) -> str:
+    """Hash of a stage input: content hash for an existing path, else the hash of `"ref:" + value`.
+
+    A `Path` object must exist (it names a file); a string that is not an existing path (a hub id,
+    `world:NAME`) is hashed as a reference.
+    """
+    if isinstance(value, Path) or os.path.exists(value):
+        return hash_path(value)
+    return hashlib.blake2b(f"ref:{value}".encode(), digest_size=_DIGEST_SIZE).hexdigest()
+
+
+def hash_inputs(inputs: Mapping[str, str | Path]) -> dict[str, str]:
+    """`{name: hash_input(value)}` for every input."""
+    return {name: hash_input(value) for name, value in inputs.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# versions and config normalisation
+
+
+@lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return tuple(sorted(found.items()))
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python and the packages a result depends on ("absent" when not installed)."""
+    return dict(_versions())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.as_posix()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "model_dump"):  # pydantic models
+        return value.model_dump(mode="json")
+    raise TypeError(
+        f"{type(value).__name__} is not JSON-serialisable; convert it before putting it in a config"
+    )
+
+
+def normalise_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` after a JSON round trip: tuples become lists, Paths strings, keys strings."""
+    return json.loads(json.dumps(dict(config), default=_json_default))
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_name(name: str, prefix: str = TMP_PREFIX) -> str:
+    return f"{prefix}{name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same directory, fsync and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / _temp_name(path.name)
+    try:
+        with tmp.open("xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """UTF-8 text version of `atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write `obj` as JSON (indent 2, sorted keys, trailing newline)."""
+    return atomic_write_text(path, _dumps(obj))
+
+
+# --------------------------------------------------------------------------------------------------
+# manifests
+
+
+@dataclass
+class Manifest:
+    """What produced an artifact directory; stored as `manifest.json` inside it."""
+
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    versions: dict[str, str]
+    created: str
+    duration_s: float
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The manifest as JSON text (indent 2, sorted keys, trailing newline)."""
+        return _dumps(asdict(self))
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Manifest:
+        """Read `path/manifest.json` (or `path` itself if it is the manifest file)."""
+        path = Path(path)
+        file = path if path.is_file() else path / MANIFEST_NAME
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{file}: no manifest, the stage has not been run here") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{file}: unreadable manifest ({err}), delete the directory and rerun") from None
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data] if isinstance(data, dict) else names
+        if missing:
+            raise DataError(f"{file}: manifest lacks {', '.join(missing)}, delete the directory and rerun")
+        return cls(**{n: data[n] for n in names})
+
+
+@dataclass
+class StageResult:
+    """The directory a stage wrote (or kept), its manifest and whether the build was skipped."""
+
+    path: Path
+    manifest: Manifest
+    skipped: bool
+
+
+def _read_manifest(out_dir: Path) -> Manifest | None:
+    try:
+        return Manifest.from_path(out_dir / MANIFEST_NAME)
+    except DataError:
+        return None
+
+
+def _matches(
+    manifest: Manifest | None, stage: str, config: Mapping[str, Any], input_hashes: Mapping[str, str]
+) -> bool:
+    return (
+        manifest is not None
+        and manifest.stage == stage
+        and manifest.config == normalise_config(config)
+        and manifest.inputs == dict(input_hashes)
+    )
+
+
+def is_current(
+    out_dir: str | Path, stage: str, config: Mapping[str, Any], input_hashes: Mapping[str, str]
+) -> bool:
+    """True when `out_dir/manifest.json` records this stage, config and input hashes.
+
+    Package versions and timestamps are not compared: upgrading a package does not make results stale.
+    """
+    return _matches(_read_manifest(Path(out_dir)), stage, config, input_hashes)
+
+
+def stage_status(
+    out_dir: str | Path, stage: str, config: Mapping[str, Any], inputs: Mapping[str, str | Path]
+) -> Literal["missing", "stale", "current"]:
+    """`missing` (no manifest), `stale` (manifest differs or is unreadable) or `current`."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST_NAME).exists():
+        return "missing"
+    return "current" if is_current(out_dir, stage, config, hash_inputs(inputs)) else "stale"
+
+
+# --------------------------------------------------------------------------------------------------
+# running a stage
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def clean_stale_temps(parent: str | Path) -> list[Path]:
+    """Remove `.tmp-*` / `.trash-*` entries in `parent` left by killed runs; return what was removed.
+
+    Names carry the writer's pid (`.tmp-NAME-PID-RANDOM`); entries whose process is still alive on
+    this machine are kept, so concurrent stages sharing a parent do not delete each other's work.
+    """
+    parent = Path(parent)
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        if not _skipped(entry.name):
+            continue
+        pid_text = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 3 else ""
+        if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `tmp` with renames; the old directory goes to a `.trash-*` sibling first."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.replace(tmp, out_dir)
+        return
+    trash = out_dir.parent / _temp_name(out_dir.name, TRASH_PREFIX)
+    os.replace(out_dir, trash)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(trash, out_dir)
+        raise
+    _remove(trash)
+
+
+def run_stage(
+    out_dir: str | Path,
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str | Path],
+    build: Callable[[Path], Mapping[str, Any] | None],
+    *,
+    force: bool = False,
+    log: Callable[[str], Any] | None = None,
+) -> StageResult:
+    """Build `out_dir` with `build(tmp_dir)` unless its manifest is current; swap it in atomically.
+
+    `build` writes its files into the empty directory it is given and may return a dict of outputs
+    (counts, metrics, file names) that goes into the manifest. If it raises, the temp directory is
+    deleted, the previous `out_dir` (if any) is left untouched and the exception propagates.
+    """
+    out_dir = Path(out_dir)
+    log = log or logger.info
+    config = normalise_config(config)
+    input_hashes = hash_inputs(inputs)
+    if not force:
+        manifest = _read_manifest(out_dir)
+        if manifest is not None and _matches(manifest, stage, config, input_hashes):
+            log(f"stage {stage}: up to date, skipped ({out_dir})")
+            return StageResult(out_dir, manifest, skipped=True)
+
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(parent)
+    tmp = parent / _temp_name(out_dir.name)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        outputs = build(tmp)
+        if outputs is not None and not isinstance(outputs, Mapping):
+            raise TypeError(
+                f"stage {stage}: build returned {type(outputs).__name__}, expected a dict or None"
+            )
+        manifest = Manifest(
+            stage=stage,
+            config=config,
+            inputs=input_hashes,
+            versions=package_versions(),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            duration_s=round(time.perf_counter() - start, 3),
+            outputs=json.loads(_dumps(dict(outputs or {}))),
+        )
+        atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(parent)
+    log(f"stage {stage}: wrote {out_dir} in {manifest.duration_s:.1f}s")
+    return StageResult(out_dir, manifest, skipped=False)

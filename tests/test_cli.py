@@ -1,0 +1,111 @@
+"""The polyfuse command: help on every subcommand, one-line errors for bad input, eval and run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyfuse.cli import app, main
+
+SUBCOMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_subcommands_listed() -> None:
+    assert {"world", "eval", "run", "check", "demo"} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_help_on_every_subcommand(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([name, "--help"]) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def _recipe(tmp_path: Path, world: Path, **changes) -> Path:
+    data = {"workdir": str(tmp_path / "run"), "world": str(world),
+            "target": {"model": "world:target"},
+            "sources": [{"name": "prose", "model": "world:prose"}, {"name": "math", "model": "world:math"}],
+            "eval": {"batch_size": 4, "max_length": 128, "max_bytes_per_domain": 3000}}
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            data[section][leaf] = value
+        else:
+            data[section] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:"), err
+    assert "\n" not in err, err
+    return err
+
+
+def test_unknown_key_is_one_line(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    path = _recipe(tmp_path, tiny_world, eval__batchsize=4)
+    assert main(["check", str(path)]) == 2
+    err = _one_line_error(capsys)
+    assert "eval.batchsize" in err and "batch_size" in err and "recipe.yaml" in err
+
+
+def test_wrong_type_is_one_line(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    path = _recipe(tmp_path, tiny_world)
+    assert main(["check", str(path), "eval.max_length=long"]) == 2
+    err = _one_line_error(capsys)
+    assert "eval.max_length" in err and "long" in err
+
+
+def test_missing_model_path_is_one_line(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    missing = tmp_path / "nowhere" / "model"
+    path = _recipe(tmp_path, tiny_world)
+    assert main(["check", str(path), f"sources.1.model={missing}"]) == 2
+    err = _one_line_error(capsys)
+    assert str(missing) in err and "check the path" in err
+
+
+def test_missing_world_model_names_the_fix(tmp_path: Path, capsys) -> None:
+    path = _recipe(tmp_path, tmp_path / "no-world")
+    assert main(["run", str(path)]) == 2
+    err = _one_line_error(capsys)
+    assert "world:target" in err and "polyfuse world" in err
+
+
+def test_eval_json(tiny_world: Path, capsys) -> None:
+    code = main(["eval", "world:target", "p=world:prose", "--world", str(tiny_world), "--max-length", "128",
+                 "--max-bytes", "2000", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["models"]) == {"target", "p"}
+    for result in out["models"].values():
+        assert set(result["bpb"]) == {"prose", "code", "math", "all"}
+        assert all(0.5 < v < 16 for v in result["bpb"].values())
+
+
+def test_run_writes_results_then_skips(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    path = _recipe(tmp_path, tiny_world)
+    assert main(["run", str(path)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["models"]) == {"target", "prose", "math"}
+    manifest = (tmp_path / "run" / "eval" / "manifest.json").read_text()
+    assert main(["run", str(path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval" / "manifest.json").read_text() == manifest
+    # a changed setting makes the stage stale
+    assert main(["run", str(path), "eval.max_bytes_per_domain=2000"]) == 0
+    assert (tmp_path / "run" / "eval" / "manifest.json").read_text() != manifest
+
+
+def test_demo_recipe_validates(tmp_path: Path) -> None:
+    from polyfuse.demo.run import demo_recipe_path
+    from polyfuse.recipe import load_recipe
+
+    recipe = load_recipe(demo_recipe_path())
+    assert [m.name for m in recipe.models()] == ["target", "prose", "code", "math"]
+    shutil.copy(demo_recipe_path(), tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml", ["eval.batch_size=2"]).eval.batch_size == 2
