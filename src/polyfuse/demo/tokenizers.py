@@ -31,6 +31,18 @@ def _add_byte_fallback(tok: Tokenizer) -> Tokenizer:
         for piece in BYTE_TOKENS:
             vocab.setdefault(piece, len(vocab))
     else:  # Unigram: vocab is a list of [piece, score]
+        # Unigram training is not reproducible bit for bit: scores are summed in parallel and pieces
+        # with equal scores come out of a hash map. Round the scores and order ties by piece.
+        # The trainer also appends the leftover required characters in hash order with scores
+        # stepping down from the minimum: give those tail scores to the characters in sorted order.
+        n_special = 3  # <unk>, <s>, </s> keep their ids
+        vocab = sorted(([piece, round(score, 8)] for piece, score in model["vocab"][n_special:]),
+                       key=lambda ps: (-ps[1], ps[0]))
+        floor_multi = min((score for piece, score in vocab if len(piece) > 1), default=0.0)
+        head = [ps for ps in vocab if ps[1] >= floor_multi]
+        tail = [ps for ps in vocab if ps[1] < floor_multi]
+        tail = [[piece, score] for (piece, _), score in zip(sorted(tail), [sc for _, sc in tail], strict=True)]
+        model["vocab"] = model["vocab"][:n_special] + head + tail
         have = {piece for piece, _ in model["vocab"]}
         floor = min(score for _, score in model["vocab"]) - 1.0
         model["vocab"].extend([piece, floor] for piece in BYTE_TOKENS if piece not in have)

@@ -72,7 +72,7 @@ def _plans(steps: int, target_steps: int, vocab: int, unigram_vocab: int) -> tup
     return (
         ModelPlan("prose", "source", "gpt2", "byte_bpe", vocab, _emphasis("prose", doms), steps),
         ModelPlan("code", "source", "gpt_neox", "metaspace_bpe", vocab, _emphasis("code", doms), steps),
-        ModelPlan("math", "source", "qwen2", "unigram", unigram_vocab, _emphasis("math", doms), steps),
+        ModelPlan("math", "source", "mistral", "unigram", unigram_vocab, _emphasis("math", doms), steps),
         ModelPlan("target", "target", "llama", "byte_bpe", vocab, uniform, target_steps),
     )
 
