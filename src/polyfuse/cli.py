@@ -58,7 +58,8 @@ def world(
         from polyfuse.demo.real import build_real_world
 
         include = ("smollm2", "gemma3") if accept_gemma_terms else ("smollm2",)
-        paths = build_real_world(out_dir, include=include, accept_gemma_terms=accept_gemma_terms)
+        paths = build_real_world(out_dir, include=include, accept_gemma_terms=accept_gemma_terms, force=force,
+                                 log=out.print)
         for name, path in paths.items():
             out.print(f"world:{name} -> {path}")
         return
@@ -121,14 +122,13 @@ def check(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     overrides: Overrides = None,
 ) -> None:
-    """Validate a recipe (all problems at once) and print it resolved, without running anything."""
+    """Validate a recipe (all problems at once), resolve its models and print it, without running anything."""
+    from polyfuse.pipeline import resolve_models
     from polyfuse.recipe import load_recipe
 
     r = load_recipe(recipe, overrides or [])
-    from polyfuse.pipeline import resolve
-
-    for spec in r.models():
-        resolve(r, spec)
+    for name, res, _ in resolve_models(r):
+        out.print(f"{name}: {res.location}")
     out.print(r.to_yaml(exclude_defaults=False))
 
 

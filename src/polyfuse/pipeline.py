@@ -15,15 +15,22 @@ from polyfuse.recipe import Recipe
 from polyfuse.workspace import StageResult, atomic_write_json, run_stage
 
 
+def resolve_models(recipe: Recipe) -> list:
+    """``(name, ResolvedModel, tokenizer)`` for the target and every source; a missing one fails here."""
+    from polyfuse.evaluate.runner import resolve_all
+
+    return resolve_all([(s.name, s.ref.model, s.ref.revision, s.tokenizer) for s in recipe.models()],
+                       world_dir=recipe.world)
+
+
 def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Bits per byte of the target and every source on each held-out domain, into results.json."""
     from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
     from polyfuse.evaluate.results import update_results
-    from polyfuse.evaluate.runner import data_dir, lazy_loaders, resolve_all
+    from polyfuse.evaluate.runner import data_dir, lazy_loaders
 
     opts = recipe.eval
-    resolved = resolve_all([(s.name, s.ref.model, s.ref.revision, s.tokenizer) for s in recipe.models()],
-                           world_dir=recipe.world)
+    resolved = resolve_models(recipe)
     corpus = data_dir(recipe.data.eval, recipe.world)
     inputs = {"data": corpus, **{f"model:{name}": res.location for name, res, _ in resolved}}
     cfg = {"data": recipe.section_dict("data"), "eval": recipe.section_dict("eval"),

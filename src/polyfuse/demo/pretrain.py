@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 def token_stream(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> np.ndarray:
     """Documents joined into one id stream: ``<bos> doc [<eos>]`` each (no eos when it equals bos)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     out: list[int] = []
     for doc in ids:
         out.append(bos)

@@ -23,6 +23,7 @@ from typing import Literal
 from polyfuse.corpus.documents import Document, domain_path, read_documents, write_documents
 from polyfuse.demo.corpus import split_documents
 from polyfuse.demo.tokenizers import TokenizerKind, to_transformers, train_tokenizer
+from polyfuse.progress import progress_bar
 from polyfuse.workspace import atomic_write_json, hash_path, run_stage
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,10 @@ def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, s
                          heads=preset.heads, context=preset.context, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
-    losses = pretrain(model, streams, plan.mix, steps=plan.steps, batch_size=preset.batch_size,
-                      seq_len=preset.seq_len, lr=preset.lr, seed=seed)
+    with progress_bar(f"train {plan.name} ({plan.arch})", plan.steps) as advance:
+        losses = pretrain(model, streams, plan.mix, steps=plan.steps, batch_size=preset.batch_size,
+                          seq_len=preset.seq_len, lr=preset.lr, seed=seed,
+                          on_step=lambda step, loss: advance(loss=f"{loss:.3f}"))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     seconds = time.perf_counter() - t0

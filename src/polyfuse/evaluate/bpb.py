@@ -33,6 +33,7 @@ import torch
 from polyfuse.corpus.documents import read_documents
 from polyfuse.errors import DataError
 from polyfuse.models import bos_context_id
+from polyfuse.progress import progress_bar
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -156,21 +157,6 @@ def _model_device(model: PreTrainedModel) -> torch.device:
 
 
 @contextmanager
-def _progress_bar(enabled: bool | None, total: int, description: str) -> Iterator[Callable[[], None]]:
-    """Yield an ``advance()`` callback; a rich progress bar when ``enabled``."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
-@contextmanager
 def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
     was_training = model.training
     model.eval()
@@ -249,7 +235,7 @@ def score_token_windows(
     with (
         _eval_mode(model),
         torch.inference_mode(),
-        _progress_bar(progress, len(batches), description) as advance,
+        progress_bar(description, len(batches), progress) as advance,
     ):
         for batch in batches:
             width = batch[0][1].length  # longest first
