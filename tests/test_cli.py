@@ -109,3 +109,29 @@ def test_demo_recipe_validates(tmp_path: Path) -> None:
     assert [m.name for m in recipe.models()] == ["target", "prose", "code", "math"]
     shutil.copy(demo_recipe_path(), tmp_path / "r.yaml")
     assert load_recipe(tmp_path / "r.yaml", ["eval.batch_size=2"]).eval.batch_size == 2
+
+
+def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    """The demo command end to end on the already built test world (windows clamp to its context)."""
+    assert main(["demo", "--preset", "test", "--world", str(tiny_world), "--out", str(tmp_path / "d")]) == 0
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert set(results["models"]) == {"target", "prose", "code", "math"}
+    out = capsys.readouterr().out
+    assert "bits per byte" in out and "results:" in out
+
+
+def test_world_checks_are_computed() -> None:
+    from polyfuse.demo.run import world_checks
+
+    world = {"domains": ["a", "b"], "models": {
+        "sa": {"role": "source", "emphasis": "a"}, "sb": {"role": "source", "emphasis": "b"},
+        "t": {"role": "target", "emphasis": "general"}}}
+    good = {"models": {"sa": {"bpb": {"a": 1.0, "b": 3.0}}, "sb": {"bpb": {"a": 3.0, "b": 1.0}},
+                       "t": {"bpb": {"a": 2.0, "b": 2.0}}}}
+    assert all(ok for _, ok in world_checks(good, world))
+    bad = json.loads(json.dumps(good))
+    bad["models"]["t"]["bpb"]["b"] = 0.5  # the target beats source sb on its own domain
+    verdicts = dict(world_checks(bad, world))
+    assert verdicts["source sb has the lowest bits per byte on b"] is False
+    assert verdicts["target is behind the best source on b"] is False
+    assert verdicts["source sa has the lowest bits per byte on a"] is True

@@ -138,15 +138,21 @@ def plan_windows(n_tokens_with_ctx: int, max_length: int, stride: int) -> list[W
     return windows
 
 
-def _default_max_length(model: PreTrainedModel) -> int:
+def _model_context(model: PreTrainedModel) -> int | None:
+    """The model's maximum sequence length from its config, if it declares one."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
-    for key in ("max_position_embeddings", "n_positions"):
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            return min(value, DEFAULT_MAX_LENGTH)
-    return DEFAULT_MAX_LENGTH
+            return value
+    return None
+
+
+def _default_max_length(model: PreTrainedModel) -> int:
+    context = _model_context(model)
+    return min(context, DEFAULT_MAX_LENGTH) if context else DEFAULT_MAX_LENGTH
 
 
 def _model_device(model: PreTrainedModel) -> torch.device:
@@ -222,7 +228,10 @@ def score_token_windows(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     max_length = max_length or _default_max_length(model)
-    stride = stride or max_length
+    context = _model_context(model)
+    if context is not None and max_length > context:  # a window never exceeds what the model can attend
+        max_length = context
+    stride = min(stride or max_length, max_length)
     device = torch.device(device) if device is not None else _model_device(model)
 
     jobs = [(i, w) for i, seq in enumerate(sequences) for w in plan_windows(len(seq), max_length, stride)]
