@@ -117,6 +117,30 @@ def run(
         out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
 
 
+def _stage_command(stage: str, doc: str) -> None:
+    """Register ``polyfuse STAGE RECIPE [key=value ...]`` running one stage of a recipe."""
+
+    def command(
+        recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+        overrides: Overrides = None,
+        force: Annotated[bool, typer.Option(help="rerun even when the manifest is current")] = False,
+    ) -> None:
+        from polyfuse.pipeline import run_recipe
+        from polyfuse.recipe import load_recipe
+
+        for name, res in run_recipe(load_recipe(recipe, overrides or []), only=[stage], force=force).items():
+            out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
+
+    command.__doc__ = doc
+    app.command(stage)(command)
+
+
+for _stage, _doc in {
+    "blocks": "Split the fusion corpus into blocks that fit every tokenizer.",
+}.items():
+    _stage_command(_stage, _doc)
+
+
 @app.command()
 def check(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],

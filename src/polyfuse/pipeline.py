@@ -23,6 +23,52 @@ def resolve_models(recipe: Recipe) -> list:
                        world_dir=recipe.world)
 
 
+def stage_dir(recipe: Recipe, *parts: str) -> Path:
+    """Where a stage writes: ``<workdir>/<stage>[/<model>]``."""
+    return Path(recipe.workdir).joinpath(*parts)
+
+
+def _tokenizers(recipe: Recipe) -> dict:
+    """Every model's tokenizer (target first), loaded once per stage."""
+    from polyfuse.models import load_tokenizer
+
+    return {name: load_tokenizer(res, tok) for name, res, tok in resolve_models(recipe)}
+
+
+def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
+    """Documents of the fusion corpus → blocks that fit every participating tokenizer."""
+    from polyfuse.corpus.blocks import make_blocks, write_blocks
+    from polyfuse.corpus.documents import domain_path, list_domains, read_documents
+    from polyfuse.evaluate.runner import data_dir
+
+    corpus = data_dir(recipe.corpus.path, recipe.world)
+    resolved = resolve_models(recipe)
+    cfg = {"corpus": recipe.section_dict("corpus"), "blocks": recipe.section_dict("blocks"),
+           "tokenizers": {name: str(res) for name, res, _ in resolved}}
+    inputs = {"corpus": corpus, **{f"tokenizer:{name}": res.location for name, res, _ in resolved}}
+
+    def build(out: Path) -> dict:
+        c = recipe.corpus
+        domains = c.domains or list_domains(corpus, c.split)
+
+        def docs():
+            for domain in domains:
+                budget = c.max_bytes_per_domain
+                for doc in read_documents(domain_path(corpus, c.split, domain)):
+                    size = len(doc.text.encode("utf-8"))
+                    if budget is not None and size > budget:
+                        break
+                    yield domain, doc
+                    if budget is not None:
+                        budget -= size
+
+        stats = write_blocks(out / "blocks.jsonl",
+                             make_blocks(docs(), list(_tokenizers(recipe).values()), recipe.blocks.max_tokens))
+        return {**stats, "domains": domains}
+
+    return run_stage(stage_dir(recipe, "blocks"), "blocks", cfg, inputs, build, force=force)
+
+
 def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Bits per byte of the target and every source on each held-out domain, into results.json."""
     from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
@@ -52,6 +98,7 @@ def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
 
 
 STAGES: dict[str, Callable[..., StageResult]] = {
+    "blocks": blocks_stage,
     "eval": eval_stage,
 }
 

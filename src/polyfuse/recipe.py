@@ -40,7 +40,14 @@ from pydantic.fields import FieldInfo
 from polyfuse.errors import RecipeError
 
 __all__ = [
+    "AlignSection",
+    "BlocksSection",
+    "CaptureSection",
+    "CorpusSection",
     "DataSection",
+    "FuseSection",
+    "TrainSection",
+    "VocabSection",
     "EvalSection",
     "ModelRef",
     "ModelSpec",
@@ -250,6 +257,77 @@ class EvalSection(Section):
         return self.stride if self.stride is not None else self.max_length
 
 
+class CorpusSection(Section):
+    """The text fusion trains on (FuseLLM's continual-training corpus)."""
+
+    path: str = Field("world:corpus", min_length=1,
+                      description="directory holding <split>/<domain>.jsonl files, or world:corpus")
+    split: str = Field("train", min_length=1, description="split subdirectory to read")
+    domains: list[str] | None = Field(None, min_length=1, description="domains to keep (null: all)")
+    max_bytes_per_domain: int | None = Field(
+        None, ge=1, description="cap on UTF-8 bytes read per domain (null: no cap)", examples=[300_000])
+
+
+class BlocksSection(Section):
+    """Splitting documents into blocks that fit every tokenizer."""
+
+    max_tokens: int = Field(512, ge=16, description="tokens per block under every tokenizer, context token included")
+
+
+class CaptureSection(Section):
+    """Teacher forward passes that keep each position's top-k next-token log-probs."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf (default) or vllm (optional extra)")
+    top_k: int = Field(10, ge=1, le=256, description="teacher log-probs kept per position", examples=[10])
+    batch_size: int = Field(8, ge=1, description="blocks per forward pass")
+    shard_size: int = Field(256, ge=1, description="blocks per store shard (the unit of resume)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N")
+
+
+class VocabSection(Section):
+    """Source-vocabulary → target-vocabulary maps."""
+
+    method: Literal["exact", "mined", "stats"] = Field(
+        "mined", description="exact (normalised string match), mined (exact, else minimum edit distance; "
+        "FuseLLM) or stats (co-alignment statistics; FuseChat)")
+
+
+class AlignSection(Section):
+    """Token alignment of each source's tokenization to the target's."""
+
+    method: Literal["offsets", "dtw"] = Field(
+        "offsets", description="offsets (exact, by character spans) or dtw (FuseLLM's dynamic programming)")
+
+
+class FuseSection(Section):
+    """Fusion of the target's and the aligned sources' distributions."""
+
+    strategy: Literal["min_ce", "avg_ce", "none"] = Field(
+        "min_ce", description="min_ce (lowest cross-entropy teacher), avg_ce (weighted average) or none")
+    level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
+    include_target: bool = Field(True, description="the target's own distribution is one of the teachers (FuseLLM)")
+    top_k: int = Field(10, ge=1, description="entries kept per position in the fused distribution")
+
+
+class TrainSection(Section):
+    """Continual training of the target: w·CLM + (1−w)·distill, on the Hugging Face Trainer."""
+
+    lm_loss_weight: float = Field(0.9, ge=0, le=1, description="w: weight of the causal-LM loss")
+    distill_loss: Literal["ce", "kl"] = Field("ce", description="distillation loss against the fused targets")
+    temperature: float = Field(1.0, gt=0, description="temperature applied to teacher and student log-probs")
+    schedule: Literal["hard", "hard_and_decay"] = Field(
+        "hard", description="hard: fixed w; hard_and_decay: w grows linearly to 1 over training")
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="blocks per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="fraction of steps of linear warm-up")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
+    baseline: bool = Field(True, description="also train target+clm: plain CLM on identical data, steps and seed")
+    bf16: bool | None = Field(None, description="bf16 mixed precision (null: on when CUDA supports it)")
+
+
 class Recipe(Section):
     """A whole recipe: models, data and one section per stage."""
 
@@ -266,6 +344,13 @@ class Recipe(Section):
     )
     data: DataSection = Field(default_factory=DataSection, description="held-out evaluation data")
     eval: EvalSection = Field(default_factory=EvalSection, description="bits-per-byte evaluation settings")
+    corpus: CorpusSection = Field(default_factory=CorpusSection, description="the text fusion trains on")
+    blocks: BlocksSection = Field(default_factory=BlocksSection, description="block splitting")
+    capture: CaptureSection = Field(default_factory=CaptureSection, description="teacher top-k capture")
+    vocab: VocabSection = Field(default_factory=VocabSection, description="vocabulary mapping")
+    align: AlignSection = Field(default_factory=AlignSection, description="token alignment")
+    fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
+    train: TrainSection = Field(default_factory=TrainSection, description="continual training")
 
     @field_validator("sources")
     @classmethod
