@@ -289,8 +289,8 @@ class VocabSection(Section):
     """Source-vocabulary → target-vocabulary maps."""
 
     method: Literal["exact", "mined", "stats"] = Field(
-        "mined", description="exact (normalised string match), mined (exact, else minimum edit distance; "
-        "FuseLLM) or stats (co-alignment statistics; FuseChat)")
+        "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
+        "FuseLLM) or stats (co-alignment statistics, FuseChat)")
 
 
 class AlignSection(Section):
