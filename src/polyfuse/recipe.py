@@ -317,7 +317,7 @@ class TrainSection(Section):
     distill_loss: Literal["ce", "kl"] = Field("ce", description="distillation loss against the fused targets")
     temperature: float = Field(1.0, gt=0, description="temperature applied to teacher and student log-probs")
     schedule: Literal["hard", "hard_and_decay"] = Field(
-        "hard", description="hard: fixed w; hard_and_decay: w grows linearly to 1 over training")
+        "hard", description="hard (fixed w) or hard_and_decay (w grows linearly to 1 over training)")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(8, ge=1, description="blocks per device per step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
