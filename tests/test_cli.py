@@ -89,16 +89,39 @@ def test_eval_json(tiny_world: Path, capsys) -> None:
 
 def test_run_writes_results_then_skips(tmp_path: Path, tiny_world: Path, capsys) -> None:
     path = _recipe(tmp_path, tiny_world)
-    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "--only", "eval"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["models"]) == {"target", "prose", "math"}
-    manifest = (tmp_path / "run" / "eval" / "manifest.json").read_text()
-    assert main(["run", str(path)]) == 0
+    manifest = (tmp_path / "run" / "eval" / "target" / "manifest.json").read_text()
+    assert main(["run", str(path), "--only", "eval"]) == 0
     assert "up to date" in capsys.readouterr().out
-    assert (tmp_path / "run" / "eval" / "manifest.json").read_text() == manifest
+    assert (tmp_path / "run" / "eval" / "target" / "manifest.json").read_text() == manifest
     # a changed setting makes the stage stale
-    assert main(["run", str(path), "eval.max_bytes_per_domain=2000"]) == 0
-    assert (tmp_path / "run" / "eval" / "manifest.json").read_text() != manifest
+    assert main(["run", str(path), "--only", "eval", "eval.max_bytes_per_domain=2000"]) == 0
+    assert (tmp_path / "run" / "eval" / "target" / "manifest.json").read_text() != manifest
+
+
+def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
+    """blocks → capture → vocab → align → fuse → train (fused and CLM baseline) → eval, on the test world."""
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=4000", "blocks.max_tokens=96", "capture.shard_size=16",
+             "train.max_steps=3", "train.batch_size=4", "eval.max_bytes_per_domain=1500"]
+    assert main(["run", str(path), *small]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert {"target+clm", "target+fused"} <= set(results["models"])
+    fuse = json.loads((run / "fuse" / "manifest.json").read_text())
+    assert fuse["outputs"]["teacher_share"]["positions"] > 0
+    for source in ("prose", "math"):
+        align = json.loads((run / "align" / source / "manifest.json").read_text())
+        assert 0.2 < align["outputs"]["coverage"] <= 1.0
+    from polyfuse.capture.store import StoreReader
+
+    assert StoreReader(run / "capture" / "target").bytes_per_token() <= 48 + 8  # tiny blocks: per-block overhead
+    # everything is current now: a rerun trains nothing
+    before = (run / "train" / "fused" / "manifest.json").read_text()
+    assert main(["run", str(path), *small]) == 0
+    assert (run / "train" / "fused" / "manifest.json").read_text() == before
 
 
 def test_demo_recipe_validates(tmp_path: Path) -> None:

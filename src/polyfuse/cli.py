@@ -137,6 +137,11 @@ def _stage_command(stage: str, doc: str) -> None:
 
 for _stage, _doc in {
     "blocks": "Split the fusion corpus into blocks that fit every tokenizer.",
+    "capture": "Capture every model's top-k next-token log-probs over the blocks (resumable).",
+    "vocab": "Map each source vocabulary to the target vocabulary (exact, mined, stats).",
+    "align": "Carry each source's top-k to the target's positions and vocabulary.",
+    "fuse": "Fuse the target's and the aligned sources' distributions (MinCE, AvgCE).",
+    "train": "Continually train the target: fused, and the plain-CLM baseline on identical data.",
 }.items():
     _stage_command(_stage, _doc)
 

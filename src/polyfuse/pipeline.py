@@ -35,6 +35,22 @@ def _tokenizers(recipe: Recipe) -> dict:
     return {name: load_tokenizer(res, tok) for name, res, tok in resolve_models(recipe)}
 
 
+def _contexts(recipe: Recipe) -> list[int]:
+    """Each model's context length from its config (models that declare none are left out)."""
+    from transformers import AutoConfig
+
+    out = []
+    for _, res, _ in resolve_models(recipe):
+        config = AutoConfig.from_pretrained(res.location, revision=res.revision)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(text, key, None)
+            if isinstance(value, int) and value > 0:
+                out.append(value)
+                break
+    return out
+
+
 def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Documents of the fusion corpus → blocks that fit every participating tokenizer."""
     from polyfuse.corpus.blocks import make_blocks, write_blocks
@@ -62,52 +78,316 @@ def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) 
                     if budget is not None:
                         budget -= size
 
+        max_tokens = min([recipe.blocks.max_tokens, *_contexts(recipe)])
         stats = write_blocks(out / "blocks.jsonl",
-                             make_blocks(docs(), list(_tokenizers(recipe).values()), recipe.blocks.max_tokens))
-        return {**stats, "domains": domains}
+                             make_blocks(docs(), list(_tokenizers(recipe).values()), max_tokens))
+        return {**stats, "domains": domains, "max_tokens": max_tokens}
 
     return run_stage(stage_dir(recipe, "blocks"), "blocks", cfg, inputs, build, force=force)
 
 
-def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
-    """Bits per byte of the target and every source on each held-out domain, into results.json."""
-    from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
-    from polyfuse.evaluate.results import update_results
-    from polyfuse.evaluate.runner import data_dir, lazy_loaders
+def _blocks(recipe: Recipe) -> list:
+    from polyfuse.corpus.blocks import read_blocks
 
-    opts = recipe.eval
-    resolved = resolve_models(recipe)
-    corpus = data_dir(recipe.data.eval, recipe.world)
-    inputs = {"data": corpus, **{f"model:{name}": res.location for name, res, _ in resolved}}
-    cfg = {"data": recipe.section_dict("data"), "eval": recipe.section_dict("eval"),
-           "models": {s.name: str(s.ref) for s in recipe.models()}}
+    return read_blocks(stage_dir(recipe, "blocks") / "blocks.jsonl")
+
+
+def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Top-k next-token log-probs of the target and every source over the blocks (resumable shards)."""
+    from polyfuse.capture.hf import capture
+    from polyfuse.models import load_model, load_tokenizer
+
+    opts = recipe.capture
+    if opts.backend != "hf":
+        raise RecipeError(f"capture.backend {opts.backend!r} is not available yet; use capture.backend=hf")
+    blocks = _blocks(recipe)
+    pairs = [(b.block_id, b.text) for b in blocks]
+    results = {}
+    for name, res, tok in resolve_models(recipe):
+        cfg = {"capture": recipe.section_dict("capture"), "model": str(res)}
+
+        def build(out: Path, res=res, tok=tok) -> dict:
+            model = load_model(res, dtype=opts.dtype, device=opts.device)
+            return capture(model, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
+                           shard_size=opts.shard_size, progress=progress, meta={"model": str(res)})
+
+        results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
+                                  {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,
+                                  force=force, resumable=True)
+    return results
+
+
+def vocab_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """A source → target vocabulary map per source."""
+    from polyfuse.align.vocab import vocab_map
+
+    toks = _tokenizers(recipe)
+    target = recipe.target.name
+    resolved = {name: res for name, res, _ in resolve_models(recipe)}
+    results = {}
+    for spec in recipe.sources:
+        if recipe.vocab.method == "stats":
+            raise RecipeError("vocab.method=stats is not available yet; use exact or mined")
+        cfg = {"vocab": recipe.section_dict("vocab"), "source": str(resolved[spec.name]),
+               "target": str(resolved[target])}
+
+        def build(out: Path, name=spec.name) -> dict:
+            vmap = vocab_map(toks[name], toks[target], recipe.vocab.method)
+            vmap.save(out)
+            return vmap.summary()
+
+        results[spec.name] = run_stage(stage_dir(recipe, "vocab", spec.name), "vocab", cfg,
+                                       {"source": resolved[spec.name].location,
+                                        "target": resolved[target].location}, build, force=force)
+    return results
+
+
+def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Each source's captured top-k carried to the target's positions and vocabulary."""
+    from polyfuse.align.tokens import align_blocks
+    from polyfuse.align.transfer import aligned_source_positions, transfer_block
+    from polyfuse.align.vocab import VocabMap
+    from polyfuse.capture.store import StoreReader, StoreWriter
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.progress import progress_bar
+
+    toks = _tokenizers(recipe)
+    target = recipe.target.name
+    blocks = _blocks(recipe)
+    texts = [b.text for b in blocks]
+    tgt_enc = encode_blocks(toks[target], texts)
+    shard = recipe.capture.shard_size
+    results = {}
+    for spec in recipe.sources:
+        name = spec.name
+        cfg = {"align": recipe.section_dict("align"), "k": recipe.capture.top_k}
+        inputs = {"capture": stage_dir(recipe, "capture", name), "vocab": stage_dir(recipe, "vocab", name),
+                  "target_capture": stage_dir(recipe, "capture", target)}
+
+        def build(out: Path, name=name) -> dict:
+            method = recipe.align.method
+            vmap = VocabMap.load(stage_dir(recipe, "vocab", name))
+            reader = StoreReader(stage_dir(recipe, "capture", name))
+            src_enc = encode_blocks(toks[name], texts)
+            writer = StoreWriter(out, k=recipe.capture.top_k, vocab_size=len(toks[target]),
+                                 meta={"kind": "aligned", "source": name, "target": target, "align": method,
+                                       "vocab": vmap.method, "temperature": reader.temperature})
+            valid = total = 0
+            with progress_bar(f"align {name}", len(blocks), progress) as advance:
+                for start in range(0, len(blocks), shard):
+                    rows = []
+                    for i in range(start, min(start + shard, len(blocks))):
+                        alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
+                                                 src_tokenizer=toks[name], tgt_tokenizer=toks[target])
+                        pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
+                                                       vmap if method == "dtw" else None)
+                        rows.append(transfer_block(reader[blocks[i].block_id], pos, vmap, recipe.capture.top_k))
+                        valid += int((pos >= 0).sum())
+                        total += len(pos)
+                        advance()
+                    writer.write_shard(start // shard, rows)
+            writer.finalize()
+            return {"positions": total, "aligned_positions": valid, "coverage": valid / max(total, 1)}
+
+        results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
+    return results
+
+
+def _teachers(recipe: Recipe, target_row, aligned_rows: list) -> list:
+    """Teacher 0 is the target's own distribution (FuseLLM), then each aligned source."""
+    import numpy as np
+
+    from polyfuse.fuse.strategies import TeacherBlock
+
+    def teacher(row, valid):
+        nll = -row.target_logprob.astype(np.float64)
+        return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid, row.nll_sum)
+
+    out = [teacher(target_row, np.ones(target_row.n_positions, dtype=bool))] if recipe.fuse.include_target else []
+    out += [teacher(row, ~np.isnan(row.target_logprob)) for row in aligned_rows]
+    return out
+
+
+def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
+    """Fused next-token distributions at the target's positions (MinCE, AvgCE, ...)."""
+    from polyfuse.capture.store import StoreReader, StoreWriter
+    from polyfuse.fuse.strategies import fuse_block
+    from polyfuse.progress import progress_bar
+
+    opts = recipe.fuse
+    target = recipe.target.name
+    names = [s.name for s in recipe.sources]
+    cfg = {"fuse": recipe.section_dict("fuse")}
+    inputs = {"target_capture": stage_dir(recipe, "capture", target),
+              **{f"align:{n}": stage_dir(recipe, "align", n) for n in names}}
 
     def build(out: Path) -> dict:
-        texts = load_domain_texts(corpus, recipe.data.split, recipe.data.domains, opts.max_bytes_per_domain)
-        results = evaluate_bpb(lazy_loaders(resolved, dtype=opts.dtype, device=opts.device), texts,
-                               batch_size=opts.batch_size, max_length=opts.max_length,
-                               stride=opts.effective_stride, progress=progress)
-        atomic_write_json(out / "bpb.json", results)
-        return {"bpb": {name: r["bpb"] for name, r in results.items()}}
+        blocks = _blocks(recipe)
+        own = StoreReader(stage_dir(recipe, "capture", target))
+        aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
+        writer = StoreWriter(out, k=opts.top_k, vocab_size=own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"],
+                             meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
+                                   "teachers": ([target] if opts.include_target else []) + names,
+                                   "temperature": own.temperature})
+        stats = None
+        shard = recipe.capture.shard_size
+        with progress_bar(f"fuse ({opts.strategy}, {opts.level})", len(blocks), progress) as advance:
+            for start in range(0, len(blocks), shard):
+                rows = []
+                for b in blocks[start:start + shard]:
+                    t_row = own[b.block_id]
+                    fused = fuse_block(_teachers(recipe, t_row, [a[b.block_id] for a in aligned]),
+                                       strategy=opts.strategy, level=opts.level, k_out=opts.top_k,
+                                       n_bytes=len(b.text.encode("utf-8")))
+                    stats = fused.stats if stats is None else stats + fused.stats
+                    rows.append(_fused_row(b.block_id, fused, t_row, opts.top_k))
+                    advance()
+                writer.write_shard(start // shard, rows)
+        writer.finalize()
+        return {"teacher_share": stats.as_dict() if stats is not None else {}}
 
-    res = run_stage(Path(recipe.workdir) / "eval", "eval", cfg, inputs, build, force=force)
-    update_results(Path(recipe.workdir) / "results.json",
-                   {name: {"bpb": bpb} for name, bpb in res.manifest.outputs["bpb"].items()},
-                   meta={"bpb": {"split": recipe.data.split, **recipe.section_dict("eval")}})
-    return res
+    return run_stage(stage_dir(recipe, "fuse"), "fuse", cfg, inputs, build, force=force)
 
 
-STAGES: dict[str, Callable[..., StageResult]] = {
+def _fused_row(block_id: int, fused, target_row, k: int):
+    """A fused block in the store format (k entries per position, padded)."""
+    import numpy as np
+
+    from polyfuse.capture.store import BlockTopK
+
+    ids = np.full((fused.ids.shape[0], k), -1, dtype=np.int64)
+    logprobs = np.full((fused.ids.shape[0], k), -np.inf, dtype=np.float16)
+    width = min(k, fused.ids.shape[1])
+    ids[:, :width] = fused.ids[:, :width]
+    logprobs[:, :width] = fused.logprobs[:, :width]
+    return BlockTopK(block_id, ids, logprobs, target_row.target_logprob, target_row.nll_sum)
+
+
+def _train_rows(recipe: Recipe, with_teacher: bool) -> list[dict]:
+    """Training rows: the target's tokens of each block, plus the fused targets when fusing."""
+    import numpy as np
+
+    from polyfuse.capture.store import StoreReader
+    from polyfuse.corpus.tokens import encode_blocks
+
+    blocks = _blocks(recipe)
+    tok = _tokenizers(recipe)[recipe.target.name]
+    encoded = encode_blocks(tok, [b.text for b in blocks])
+    rows = [{"input_ids": enc.ids} for enc in encoded]
+    if with_teacher:
+        fused = StoreReader(stage_dir(recipe, "fuse"))
+        for row, b in zip(rows, blocks, strict=True):
+            f = fused[b.block_id]
+            row["teacher_ids"] = f.ids
+            row["teacher_logprobs"] = f.logprobs.astype(np.float32)
+    return rows
+
+
+def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Continual training of the target: fused (w·CLM + (1−w)·distill) and the plain-CLM baseline."""
+    from polyfuse.fuse.trainer import FusionConfig, train_fusion
+
+    opts = recipe.train
+    target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
+    runs = {"fused": recipe.fuse.strategy != "none"}
+    if opts.baseline or not runs["fused"]:
+        runs["clm"] = False
+    results = {}
+    for run_name, with_teacher in runs.items():
+        cfg = {"train": recipe.section_dict("train"), "seed": recipe.seed, "teacher": with_teacher,
+               "fuse": recipe.section_dict("fuse") if with_teacher else None}
+        inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
+                  **({"fuse": stage_dir(recipe, "fuse")} if with_teacher else {})}
+
+        def build(out: Path, with_teacher=with_teacher) -> dict:
+            config = FusionConfig(
+                output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
+                gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
+                warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type="cosine",
+                adam_beta2=0.95, max_grad_norm=1.0, seed=recipe.seed, data_seed=recipe.seed,
+                bf16=bool(opts.bf16), logging_steps=max(1, opts.max_steps // 20), save_strategy="steps",
+                save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
+                disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
+                distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
+                distill_schedule=opts.schedule, fusion=recipe.fuse.strategy if with_teacher else "none")
+            metrics = train_fusion(target.location, _train_rows(recipe, with_teacher), out, config)
+            return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
+
+        results[run_name] = run_stage(stage_dir(recipe, "train", run_name), "train", cfg, inputs, build,
+                                      force=force, resumable=True)
+    return results
+
+
+TRAINED_ROWS = {"clm": "+clm", "fused": "+fused"}
+
+
+def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Bits per byte of every model (sources, target, trained targets) per held-out domain.
+
+    Each model is its own stage (``eval/<name>``), so adding a trained model evaluates only it.
+    Rows go into ``<workdir>/results.json``.
+    """
+    from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
+    from polyfuse.evaluate.results import update_results
+    from polyfuse.evaluate.runner import data_dir, lazy_loaders, resolve_all
+
+    opts = recipe.eval
+    models = resolve_models(recipe)
+    for run_name, suffix in TRAINED_ROWS.items():
+        path = stage_dir(recipe, "train", run_name)
+        if (path / "manifest.json").is_file():
+            models += resolve_all([(recipe.target.name + suffix, str(path.resolve()), None, None)],
+                                  world_dir=recipe.world)
+    corpus = data_dir(recipe.data.eval, recipe.world)
+    texts: dict | None = None
+    results = {}
+    for name, res, tok in models:
+        cfg = {"data": recipe.section_dict("data"), "eval": recipe.section_dict("eval"), "model": str(res)}
+
+        def build(out: Path, entry=(name, res, tok)) -> dict:
+            nonlocal texts
+            if texts is None:
+                texts = load_domain_texts(corpus, recipe.data.split, recipe.data.domains, opts.max_bytes_per_domain)
+            result = evaluate_bpb(lazy_loaders([entry], dtype=opts.dtype, device=opts.device), texts,
+                                  batch_size=opts.batch_size, max_length=opts.max_length,
+                                  stride=opts.effective_stride, progress=progress)[entry[0]]
+            atomic_write_json(out / "bpb.json", result)
+            return {"bpb": result["bpb"]}
+
+        res_stage = run_stage(stage_dir(recipe, "eval", name), "eval", cfg,
+                              {"data": corpus, "model": res.location}, build, force=force)
+        update_results(Path(recipe.workdir) / "results.json", {name: {"bpb": res_stage.manifest.outputs["bpb"]}},
+                       meta={"bpb": {"split": recipe.data.split, **recipe.section_dict("eval")}})
+        results[name] = res_stage
+    return results
+
+
+STAGES: dict[str, Callable[..., StageResult | dict[str, StageResult]]] = {
     "blocks": blocks_stage,
+    "capture": capture_stage,
+    "vocab": vocab_stage,
+    "align": align_stage,
+    "fuse": fuse_stage,
+    "train": train_stage,
     "eval": eval_stage,
 }
 
 
 def run_recipe(recipe: Recipe, *, only: Sequence[str] | None = None, force: bool = False,
                progress: bool = True) -> dict[str, StageResult]:
-    """Run every stage of the recipe (or ``only`` these), skipping the ones whose manifest is current."""
+    """Run every stage of the recipe (or ``only`` these), skipping the ones whose manifest is current.
+
+    Returns every artifact's result keyed ``stage`` or ``stage/<model>``.
+    """
     names = list(only) if only else list(STAGES)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise RecipeError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    return {name: STAGES[name](recipe, force=force, progress=progress) for name in names}
+    out: dict[str, StageResult] = {}
+    for name in names:
+        result = STAGES[name](recipe, force=force, progress=progress)
+        if isinstance(result, dict):
+            out.update({f"{name}/{part}": res for part, res in result.items()})
+        else:
+            out[name] = result
+    return out

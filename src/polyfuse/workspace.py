@@ -6,6 +6,11 @@ is *current* when its manifest matches the stage, config and input hashes it wou
 then skipped. A directory is only ever replaced whole: it is built in a `.tmp-*` sibling and swapped in
 by renames, so a killed or failing run never leaves a half-written artifact in place.
 
+A *resumable* stage (`run_stage(..., resumable=True)`) is built in a persistent sibling
+`.partial-NAME` instead, which survives a failed or killed run: the rerun hands the same directory,
+with what the last run wrote, to `build`, which skips the work already there. The partial directory
+holds `key.json` (stage, config, input hashes) and is wiped when they change.
+
 This module knows nothing about what a stage computes::
 
     def build(tmp: Path) -> dict:
@@ -39,6 +44,7 @@ from polyfuse.errors import DataError
 
 __all__ = [
     "MANIFEST_NAME",
+    "PARTIAL_KEY_NAME",
     "Manifest",
     "StageResult",
     "atomic_write_bytes",
@@ -52,6 +58,7 @@ __all__ = [
     "is_current",
     "normalise_config",
     "package_versions",
+    "partial_dir",
     "run_stage",
     "stage_status",
 ]
@@ -61,6 +68,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+PARTIAL_PREFIX = ".partial-"
+PARTIAL_KEY_NAME = "key.json"
 _CHUNK = 1 << 20
 _DIGEST_SIZE = 32
 _PACKAGES = (
@@ -104,14 +113,14 @@ def hash_file(path: str | Path) -> str:
 
 
 def _skipped(name: str) -> bool:
-    return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX, PARTIAL_PREFIX))
 
 
 def hash_path(path: str | Path) -> str:
     """Content hash of a file, or of a directory tree (sorted relative paths + file content hashes).
 
-    Entries whose name starts with `.tmp-` or `.trash-` (in-progress or abandoned writes) are
-    ignored; everything else counts, `manifest.json` included. Symlinks are followed.
+    Entries whose name starts with `.tmp-`, `.trash-` or `.partial-` (in-progress or abandoned
+    writes) are ignored; everything else counts, `manifest.json` included. Symlinks are followed.
     """
     path = Path(path)
     if path.is_file():
@@ -354,7 +363,7 @@ def clean_stale_temps(parent: str | Path) -> list[Path]:
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():
-        if not _skipped(entry.name):
+        if not entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):  # `.partial-*` dirs are kept
             continue
         pid_text = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 3 else ""
         if pid_text.isdigit() and _pid_alive(int(pid_text)):
@@ -379,6 +388,36 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     _remove(trash)
 
 
+def partial_dir(out_dir: str | Path) -> Path:
+    """The persistent work directory of a resumable stage writing `out_dir`: `<parent>/.partial-<name>`."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{PARTIAL_PREFIX}{out_dir.name}"
+
+
+def _stage_key(stage: str, config: Mapping[str, Any], input_hashes: Mapping[str, str]) -> dict[str, Any]:
+    return {"stage": stage, "config": normalise_config(config), "inputs": dict(input_hashes)}
+
+
+def _open_partial(
+    work: Path, key: Mapping[str, Any], *, fresh: bool, log: Callable[[str], Any], stage: str
+) -> None:
+    """Create `work` with `key.json`, or keep it when its key matches (unless `fresh`), else wipe it."""
+    key_file = work / PARTIAL_KEY_NAME
+    if work.exists() or work.is_symlink():
+        try:
+            old = json.loads(key_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if old == key and not fresh:
+            log(f"stage {stage}: resuming from {work}")
+            return
+        reason = "force" if fresh and old == key else "config or inputs changed"
+        log(f"stage {stage}: discarding partial work in {work} ({reason})")
+        _remove(work)
+    work.mkdir()
+    atomic_write_json(key_file, key)
+
+
 def run_stage(
     out_dir: str | Path,
     stage: str,
@@ -388,12 +427,22 @@ def run_stage(
     *,
     force: bool = False,
     log: Callable[[str], Any] | None = None,
+    resumable: bool = False,
 ) -> StageResult:
-    """Build `out_dir` with `build(tmp_dir)` unless its manifest is current; swap it in atomically.
+    """Build `out_dir` with `build(work_dir)` unless its manifest is current; swap it in atomically.
 
-    `build` writes its files into the empty directory it is given and may return a dict of outputs
-    (counts, metrics, file names) that goes into the manifest. If it raises, the temp directory is
-    deleted, the previous `out_dir` (if any) is left untouched and the exception propagates.
+    `build` writes its files into the directory it is given and may return a dict of outputs
+    (counts, metrics, file names) that goes into the manifest.
+
+    By default the directory is a fresh, empty temp directory; if `build` raises, it is deleted,
+    the previous `out_dir` (if any) is left untouched and the exception propagates.
+
+    With `resumable=True` it is the persistent `.partial-<name>` sibling (:func:`partial_dir`),
+    which holds `key.json` (stage, config and input hashes; do not write a file of that name) and
+    whatever an earlier failed or killed run of the same stage, config and inputs wrote there, so
+    `build` can skip finished work. It is kept when `build` raises, wiped when the key differs or
+    with `force=True`, and on success `key.json` is removed, the manifest written and the
+    directory renamed to `out_dir`. `clean_stale_temps` never removes it.
     """
     out_dir = Path(out_dir)
     log = log or logger.info
@@ -408,8 +457,12 @@ def run_stage(
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(parent)
-    tmp = parent / _temp_name(out_dir.name)
-    tmp.mkdir()
+    if resumable:
+        tmp = partial_dir(out_dir)
+        _open_partial(tmp, _stage_key(stage, config, input_hashes), fresh=force, log=log, stage=stage)
+    else:
+        tmp = parent / _temp_name(out_dir.name)
+        tmp.mkdir()
     start = time.perf_counter()
     try:
         outputs = build(tmp)
@@ -426,10 +479,15 @@ def run_stage(
             duration_s=round(time.perf_counter() - start, 3),
             outputs=json.loads(_dumps(dict(outputs or {}))),
         )
+        if resumable:
+            (tmp / PARTIAL_KEY_NAME).unlink(missing_ok=True)
         atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
         _swap_in(tmp, out_dir)
     except BaseException:
-        _remove(tmp)
+        if not resumable:
+            _remove(tmp)
+        elif tmp.is_dir() and not (tmp / PARTIAL_KEY_NAME).exists():  # failed after the key was removed
+            atomic_write_json(tmp / PARTIAL_KEY_NAME, _stage_key(stage, config, input_hashes))
         raise
     _fsync_dir(parent)
     log(f"stage {stage}: wrote {out_dir} in {manifest.duration_s:.1f}s")

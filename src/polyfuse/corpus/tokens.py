@@ -37,7 +37,8 @@ def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> l
     from polyfuse.models import bos_context_id
 
     ctx = bos_context_id(tokenizer)
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False,
+                    split_special_tokens=True)  # "<s>" written in the text is text, not BOS
     out = []
     for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         ids_arr = np.asarray(ids, dtype=np.int64)

@@ -38,7 +38,7 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
 
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
     recipe = load_recipe(demo_recipe_path(), [f"workdir={out}", f"world={world_dir}", f"seed={seed}"])
-    run_recipe(recipe, progress=progress)
+    run_recipe(recipe, only=["eval"], progress=progress)  # explicit fusion joins the demo next (issue 3)
     results = read_results(Path(out) / "results.json")
     results["world_checks"] = world_checks(results, world)
     return results

@@ -1,0 +1,91 @@
+"""Carry a source's top-k distributions to the target's positions and vocabulary.
+
+Target position ``t`` predicts target token ``t + 1``. It receives the source's distribution
+at source position ``s`` when source token ``s + 1`` and target token ``t + 1`` are aligned
+one to one (same character span for ``offsets``; a mutual, exclusive DTW pair whose ids the
+vocabulary map accepts for ``dtw``): both models then predict the same next piece of text. Its
+top-k ids are mapped to target ids (entries without a target id are dropped), and entries that
+land on the same target id are **summed** in probability space (the reference code drops
+them, spec B10).
+
+Everywhere else — one-to-many or many-to-one spans, where the two models do not predict the
+same next piece of text — the position gets no source distribution: ``valid`` is False, the
+ids are −1 and ``target_logprob`` is NaN. Fusion then falls back to the other teachers, and
+to a one-hot on the **next** target token when none is valid (spec B1 put the one-hot on the
+current token). Worked example (source splits "unbelievable" in three, target keeps it
+whole)::
+
+    text     " unbelievable!"
+    target   <s> | " unbelievable" | "!"        positions 0, 1 predict tokens 1, 2
+    source   <s> | " un" | "believ" | "able" | "!"
+    t = 0 → next target token " unbelievable" is one-to-many: no transfer (valid False)
+    t = 1 → next target token "!" is 1-1 with source token 4: source position 3's top-k
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from polyfuse.align.tokens import Alignment, one_to_one
+from polyfuse.align.vocab import VocabMap
+from polyfuse.capture.store import BlockTopK
+from polyfuse.corpus.tokens import EncodedBlock
+
+
+def aligned_source_positions(alignment: Alignment, src: EncodedBlock, tgt: EncodedBlock,
+                             vmap: VocabMap | None = None) -> np.ndarray:
+    """[P_tgt] int64: the source position whose prediction matches target position ``t``'s, else −1.
+
+    With ``vmap`` (used for DTW alignments, whose pairs may differ in text) the pair must also
+    be accepted by the map: ``vmap(source token) == target token``.
+    """
+    o2o = one_to_one(alignment)[1:]  # [P_tgt] source token 1-1 with target token t + 1
+    pos = np.where(o2o >= 1, o2o - 1, -1)
+    if vmap is not None:
+        ok = pos >= 0
+        mapped = vmap(src.ids[o2o[ok]])
+        accept = mapped == tgt.ids[1:][ok]
+        pos[np.nonzero(ok)[0][~accept]] = -1
+    return pos
+
+
+def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int) -> BlockTopK:
+    """The source's top-k at target positions, in target vocabulary ids (see the module docstring).
+
+    Args:
+        src_topk: the source's captured block (``ids`` [P_src, k_src]).
+        src_pos: [P_tgt] from :func:`aligned_source_positions` (−1 = no transfer).
+        vmap: source → target vocabulary map.
+        k: entries kept per target position.
+    Returns:
+        A :class:`BlockTopK` with P_tgt positions: ``ids``/``logprobs`` [P_tgt, k] (−1/−inf padding),
+        ``target_logprob`` [P_tgt] = the source's log-prob of the aligned next token (NaN where
+        invalid) and ``nll_sum`` = the source's own total NLL of the block (tokenizer-neutral: the
+        same text).
+    """
+    n_tgt = len(src_pos)
+    ids = np.full((n_tgt, k), -1, dtype=np.int64)
+    logprobs = np.full((n_tgt, k), -np.inf, dtype=np.float32)
+    target_lp = np.full(n_tgt, np.nan, dtype=np.float32)
+    rows = np.nonzero(src_pos >= 0)[0]
+    if rows.size:
+        s = src_pos[rows]
+        target_lp[rows] = src_topk.target_logprob[s].astype(np.float32)
+        src_ids = src_topk.ids[s]  # [R, k_src]
+        mapped = np.where(src_ids >= 0, vmap(np.maximum(src_ids, 0)), -1)
+        probs = np.exp(src_topk.logprobs[s].astype(np.float32))
+        r_idx = np.broadcast_to(np.arange(rows.size)[:, None], mapped.shape)
+        keep = mapped >= 0
+        keys = r_idx[keep].astype(np.int64) * vmap.n_tgt + mapped[keep]
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        summed = np.bincount(inverse, weights=probs[keep])  # duplicates summed
+        u_row, u_id = uniq // vmap.n_tgt, uniq % vmap.n_tgt
+        order = np.lexsort((-summed, u_row))  # by row, then descending probability
+        u_row, u_id, summed = u_row[order], u_id[order], summed[order]
+        first = np.searchsorted(u_row, u_row, side="left")
+        rank = np.arange(u_row.size) - first
+        top = rank < k
+        ids[rows[u_row[top]], rank[top]] = u_id[top]
+        logprobs[rows[u_row[top]], rank[top]] = np.log(summed[top])
+    return BlockTopK(block_id=src_topk.block_id, ids=ids, logprobs=logprobs.astype(np.float16),
+                     target_logprob=target_lp.astype(np.float16), nll_sum=src_topk.nll_sum)

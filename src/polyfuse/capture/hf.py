@@ -1,0 +1,486 @@
+"""The ``hf`` capture backend: teacher forward passes with transformers, written as a top-k store.
+
+Per shard of ``shard_size`` blocks (block order as given; shard s holds blocks
+``[s * shard_size, (s + 1) * shard_size)``):
+
+1. encode the blocks with :func:`polyfuse.corpus.tokens.encode_blocks` (context token first;
+   position t predicts token t + 1);
+2. sort them by length (longest first, ties by position: deterministic) and cut batches of
+   ``batch_size``, right-padded;
+3. run the model with a forward pre-hook on its output head that keeps the head's input (the
+   final hidden states, after the final norm and whatever the architecture applies before the
+   head) and hands the head an empty slice, so no ``[B, T, V]`` logits are ever built;
+4. gather the real positions ``[N, d]`` (never padding, never a block's last token) and apply the
+   head in chunks of at most ``_HEAD_CHUNK_ELEMENTS // V`` rows, plus the logit transforms the
+   model's forward reads from its config (``logit_scale``, ``logits_scaling``,
+   ``final_logit_softcapping``); in float32: log-softmax, top-k, the log-prob of the actual next
+   token and its NLL;
+5. write the shard atomically (:class:`polyfuse.capture.store.StoreWriter`).
+
+Before the first batch a probe compares the chunked head with ``model(...).logits`` on one short
+sequence, so an architecture with an unknown logit transform fails loudly instead of storing
+wrong numbers.
+
+**Resume.** A shard file exists only once complete, so a rerun (same arguments, same directory)
+skips the shards already there and produces the same bytes for the rest: batching depends only
+on the shard's blocks.
+
+**Several processes.** Under ``accelerate launch`` / ``torchrun`` (``torch.distributed``
+initialised, or ``WORLD_SIZE`` > 1 in the environment, then via ``accelerate.PartialState``) rank r
+captures the shards s with ``s % world_size == r``; all ranks meet at a barrier, rank 0 writes
+``store.json`` and a second barrier lets every rank return a finished store. Ranks given
+explicitly (``rank=``, ``world_size=``; e.g. independent jobs on a shared filesystem) have no
+barrier: ranks != 0 return after their own shards, rank 0 polls the directory until every shard
+exists (up to ``wait_s``) and then finalizes. Rerunning with ``world_size=1`` finishes and
+finalizes any incomplete store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, shard_name
+from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
+from polyfuse.errors import DataError, PolyfuseError
+from polyfuse.models import bos_context_id, pick_device, pick_dtype, vocab_facts
+from polyfuse.progress import progress_bar
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["capture", "capture_meta", "head_logits", "topk_of_hidden"]
+
+logger = logging.getLogger(__name__)
+
+_HEAD_CHUNK_ELEMENTS = 1 << 26  # [chunk, V] float32 logits per head chunk: 256 MiB
+_PROBE_TOKENS = 64
+_FP16_MIN = float(torch.finfo(torch.float16).min)
+_POLL_S = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the output head, applied to gathered hidden states
+
+
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits ``[N, V]`` of hidden states ``[N, d]``: the output head, then the config's transforms.
+
+    The transforms are those transformers' causal-LM forwards apply after ``lm_head``, read from
+    ``model.config`` as the forward reads them: ``logit_scale`` (Cohere: multiply),
+    ``logits_scaling`` (Granite: divide), ``final_logit_softcapping`` (Gemma 2/3:
+    ``cap * tanh(x / cap)``). GPT-2, GPT-NeoX, Llama, Mistral and Qwen2 apply none.
+    """
+    config = model.config
+    logits = model.get_output_embeddings()(hidden).float()  # [N, V]
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, int | float):
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if isinstance(scaling, int | float):
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def topk_of_hidden(
+    model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probs, their ids and the targets' log-probs for hidden states ``[N, d]``, head in chunks.
+
+    Returns ``(values [N, k] float32 sorted descending, ids [N, k] int64, target_logprob [N] float32)``;
+    the naive version is ``log_softmax(head_logits(h), -1)`` followed by ``topk`` and ``gather``,
+    which builds ``[N, V]`` at once.
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, _HEAD_CHUNK_ELEMENTS // vocab)
+    values, ids, target_lp = [], [], []
+    for start in range(0, hidden.shape[0], rows):
+        logprobs = torch.log_softmax(head_logits(model, hidden[start : start + rows]), dim=-1)  # [c, V]
+        top = torch.topk(logprobs, k, dim=-1)  # [c, k], sorted descending
+        values.append(top.values)
+        ids.append(top.indices)
+        target_lp.append(logprobs.gather(-1, targets[start : start + rows, None])[:, 0])  # [c]
+    if not values:
+        empty = hidden.new_zeros((0, k), dtype=torch.float32)
+        return empty, empty.long(), hidden.new_zeros((0,), dtype=torch.float32)
+    return torch.cat(values), torch.cat(ids), torch.cat(target_lp)
+
+
+@contextmanager
+def _head_input(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the output head records its input under ``"hidden"`` and computes nothing."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise PolyfuseError(
+            f"{type(model).__name__} has no output head (get_output_embeddings() is None); "
+            "capture needs a causal LM loaded with AutoModelForCausalLM"
+        )
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen["hidden"] = args[0]  # [B, T, d]
+        return (args[0][..., :0, :], *args[1:])  # the head runs on [B, 0, d]
+
+    handle = head.register_forward_pre_hook(keep_input)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The output head's input ``[B, T, d]`` for a right-padded batch."""
+    with _head_input(model) as seen:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if "hidden" not in seen:
+        raise PolyfuseError(
+            f"{type(model).__name__}.forward never called its output head; "
+            "capture supports causal LMs whose forward applies get_output_embeddings()"
+        )
+    return seen["hidden"]
+
+
+def _input_device(model: PreTrainedModel) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
+    """Check the hook + chunked head against ``model(...).logits`` on one short sequence."""
+    x = torch.as_tensor(ids[:_PROBE_TOKENS], device=_input_device(model))[None]  # [1, T]
+    mask = torch.ones_like(x)
+    ref = model(input_ids=x, attention_mask=mask, use_cache=False).logits[0].float()  # [T, V]
+    hidden = _hidden_states(model, x, mask)[0]  # [T, d]
+    ours = head_logits(model, hidden)  # [T, V]
+    ref = ref.to(ours.device)
+    err = (ours - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    tol = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 2e-2
+    if not err <= tol * scale:
+        raise PolyfuseError(
+            f"capture: the chunked output head of {type(model).__name__} differs from model(...).logits by "
+            f"{err:.3g} (tolerance {tol * scale:.3g}); the architecture transforms its logits in a way "
+            "polyfuse.capture.hf.head_logits does not know; add the transform there"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# one batch, one shard
+
+
+def _capture_batch(model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int) -> list[tuple]:
+    """Per block: ``(ids [P, k] int64, logprobs [P, k] f16, target_logprob [P] f16, nll_sum)``."""
+    lengths = [len(e) for e in encoded]
+    T = max(lengths)
+    device = _input_device(model)
+    input_ids = np.zeros((len(encoded), T), dtype=np.int64)  # [B, T], right-padded with id 0
+    attention = np.zeros((len(encoded), T), dtype=np.int64)  # [B, T]
+    for b, e in enumerate(encoded):
+        input_ids[b, : len(e)] = e.ids
+        attention[b, : len(e)] = 1
+    predicts = np.arange(T)[None, :] < (np.asarray(lengths)[:, None] - 1)  # [B, T]: t predicts t + 1
+    ids_t = torch.from_numpy(input_ids).to(device)
+    hidden = _hidden_states(model, ids_t, torch.from_numpy(attention).to(device))  # [B, T, d]
+    where = torch.from_numpy(predicts).to(hidden.device)
+    real = hidden[where]  # [N, d], block by block, position order
+    targets = ids_t[:, 1:].to(hidden.device)[where[:, :-1]]  # [N]
+    values, top_ids, target_lp = topk_of_hidden(model, real, targets, k)  # [N, k], [N, k], [N]
+    # the smallest finite fp16 for real entries: -inf marks padding in a store (probability 0 either way)
+    values16 = values.clamp(min=_FP16_MIN).to(torch.float16).cpu().numpy()
+    top_ids_np = top_ids.cpu().numpy()
+    target32 = target_lp.cpu().numpy()
+    out, start = [], 0
+    for n in lengths:
+        P = max(n - 1, 0)
+        sl = slice(start, start + P)
+        nll = float(-target32[sl].astype(np.float64).sum())
+        out.append((top_ids_np[sl], values16[sl], target32[sl].astype(np.float16), nll))
+        start += P
+    return out
+
+
+def _capture_shard(
+    model: PreTrainedModel,
+    encoded: Sequence[EncodedBlock],
+    block_ids: Sequence[int],
+    *,
+    k: int,
+    batch_size: int,
+    advance: Callable[..., None],
+) -> list[BlockTopK]:
+    """Rows of one shard, in the given block order (batched by length, longest first)."""
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    results: list[tuple | None] = [None] * len(encoded)
+    empty = (np.zeros((0, k), np.int64), np.zeros((0, k), np.float16), np.zeros(0, np.float16), 0.0)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        scored = [i for i in batch if len(encoded[i]) > 1]
+        for i in batch:
+            results[i] = empty
+        if scored:
+            for i, row in zip(scored, _capture_batch(model, [encoded[i] for i in scored], k), strict=True):
+                results[i] = row
+        for i in batch:
+            advance(tokens=max(len(encoded[i]) - 1, 0))
+    return [
+        BlockTopK(block_id=int(bid), ids=r[0], logprobs=r[1], target_logprob=r[2], nll_sum=r[3])
+        for bid, r in zip(block_ids, results, strict=True)
+        if r is not None
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# processes
+
+
+def _ranks(
+    rank: int | None, world_size: int | None
+) -> tuple[int, int, Callable[[], None] | None, torch.device | None]:
+    """``(rank, world_size, barrier or None, this rank's device or None)``.
+
+    Explicit arguments win (no barrier). Otherwise, under a launcher (``WORLD_SIZE`` > 1)
+    ``accelerate.PartialState()`` sets up the process group if nobody has yet, and rank and
+    world size come from ``torch.distributed`` (accelerate reports a CPU-only torchrun as one
+    process although it initialises the group); without accelerate the ``RANK`` / ``WORLD_SIZE``
+    environment is used, without a barrier.
+    """
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None or not 0 <= rank < world_size:
+            raise ValueError(
+                f"give both rank and world_size with 0 <= rank < world_size (got {rank}, {world_size})"
+            )
+        return rank, world_size, None, None
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = None
+    if launched and not (dist.is_available() and dist.is_initialized()):
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]), None, None
+        device = PartialState().device
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if torch.cuda.is_available() and (device is None or device.type != "cuda"):
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return dist.get_rank(), dist.get_world_size(), dist.barrier, device
+    return 0, 1, None, None
+
+
+def _wait_for_shards(writer: StoreWriter, n_shards: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = sorted(set(range(n_shards)) - set(writer.existing_shards()))
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise DataError(
+                f"{writer.out_dir}: rank 0 waited {wait_s:.0f}s but {len(missing)} shard(s) are still "
+                f"missing (first: {shard_name(missing[0])}); when the other ranks are done (or dead), rerun "
+                "the capture with world_size=1 to capture what is missing and finalize"
+            )
+        time.sleep(_POLL_S)
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _blocks_digest(blocks: Sequence[tuple[int, str]]) -> str:
+    digest = hashlib.sha256()
+    for block_id, text in blocks:
+        digest.update(f"{int(block_id)}\0{len(text)}\0".encode())
+        digest.update(text.encode("utf-8"))
+    return digest.hexdigest()
+
+
+def capture_meta(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What a store records about its teacher: model ref, revision, architecture, dtype, tokenizer."""
+    config = model.config
+    return {
+        "backend": "hf",
+        "model": str(getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "")),
+        "model_revision": getattr(config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "dtype": str(model.get_output_embeddings().weight.dtype).removeprefix("torch."),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_len": len(tokenizer),
+        "context_token": bos_context_id(tokenizer),
+        "temperature": 1.0,
+    }
+
+
+def _max_positions(model: PreTrainedModel) -> int | None:
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def _place(model: PreTrainedModel, device: str | torch.device | None, fallback: torch.device | None) -> None:
+    """Move the model to ``device`` (or accelerate's) if it is elsewhere, in that device's auto dtype."""
+    wanted = device if device is not None else fallback
+    if wanted is None:
+        return
+    dev = pick_device(wanted)
+    here = _input_device(model)
+    if here.type != dev.type or (dev.index is not None and here.index != dev.index):
+        model.to(device=dev, dtype=pick_dtype("auto", dev))
+
+
+@torch.inference_mode()
+def capture(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    blocks: Sequence[tuple[int, str]],
+    out_dir: str | Path,
+    *,
+    k: int = 10,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    wait_s: float = 3600.0,
+) -> dict[str, Any]:
+    """Capture the top-k next-token log-probs of ``model`` over ``blocks`` into a store at ``out_dir``.
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``); put in eval mode. Where ``device`` (or
+            accelerate's device) differs from the model's, the model is moved there in place, in
+            bf16 on CUDA and fp32 on CPU (:func:`polyfuse.models.pick_dtype`).
+        tokenizer: the model's tokenizer (fast; see :func:`polyfuse.corpus.tokens.encode_blocks`).
+        blocks: ``(block_id, text)`` pairs, in store order; block ids must be unique.
+        out_dir: the store directory; a rerun with the same arguments resumes.
+        k: log-probs kept per position.
+        batch_size: blocks per forward pass.
+        shard_size: blocks per shard (the unit of resume and of work between processes).
+        device: ``None`` keeps the model where it is.
+        progress: show a progress bar over blocks.
+        meta: merged over :func:`capture_meta` into the store's ``meta`` (e.g. ``{"model": "world:prose"}``).
+        rank, world_size: this process's share (see the module docstring); default: detected.
+        wait_s: how long rank 0 waits for other ranks' shards when there is no barrier.
+
+    Returns:
+        Stats: ``blocks`` and ``tokens`` captured by this call, ``seconds``, ``tokens_per_s``,
+        ``shards_written``, ``shards_skipped``, ``finalized`` and, once finalized, the store's
+        ``store_blocks``, ``store_tokens`` and ``bytes_per_token``.
+
+    Raises:
+        DataError: duplicate block ids, a block longer than the model's context, or ``out_dir``
+            holding a store made with other settings.
+    """
+    if k < 1 or batch_size < 1 or shard_size < 1:
+        raise ValueError(f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})")
+    rank, world_size, barrier, state_device = _ranks(rank, world_size)
+    _place(model, device, state_device)
+    model.eval()
+    ids_seen = [int(b) for b, _ in blocks]
+    if len(set(ids_seen)) != len(ids_seen):
+        raise DataError("capture: block ids are not unique; give each block its own id")
+    vocab_facts(model, tokenizer).check(str(getattr(model, "name_or_path", "") or type(model).__name__))
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if k > vocab:
+        raise ValueError(f"k={k} is larger than the vocabulary ({vocab})")
+    full_meta = {
+        **capture_meta(model, tokenizer),
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "blocks_sha256": _blocks_digest(blocks),
+        **(meta or {}),
+    }
+    writer = StoreWriter(out_dir, k=k, vocab_size=vocab, meta=full_meta)
+    n_shards = (len(blocks) + shard_size - 1) // shard_size
+    mine = [s for s in range(n_shards) if s % world_size == rank]
+    todo = [s for s in mine if not writer.has_shard(s)]
+    n_todo = sum(len(blocks[s * shard_size : (s + 1) * shard_size]) for s in todo)
+    max_len = _max_positions(model)
+    name = Path(str(full_meta.get("model", ""))).name or "model"
+
+    start, tokens, probed = time.perf_counter(), 0, False
+    with progress_bar(f"capture {name}", total=n_todo, enabled=progress) as advance:
+
+        def step(**fields: Any) -> None:
+            nonlocal tokens
+            tokens += fields["tokens"]
+            rate = tokens / max(time.perf_counter() - start, 1e-9)
+            advance(tok_s=f"{rate:,.0f}")
+
+        for s in todo:
+            chunk = blocks[s * shard_size : (s + 1) * shard_size]
+            encoded = encode_blocks(tokenizer, [text for _, text in chunk])
+            too_long = [
+                (bid, len(e))
+                for (bid, _), e in zip(chunk, encoded, strict=True)
+                if max_len is not None and len(e) > max_len
+            ]
+            if too_long:
+                bid, n = too_long[0]
+                raise DataError(
+                    f"capture: block {bid} has {n} tokens (context token included) but the model's "
+                    f"context is {max_len}; rebuild the blocks with max_tokens <= {max_len}"
+                )
+            if not probed:
+                longest = max(encoded, key=len, default=None)
+                if longest is not None and len(longest) > 1:
+                    _probe(model, longest.ids)
+                    probed = True
+            rows = _capture_shard(
+                model, encoded, [bid for bid, _ in chunk], k=k, batch_size=batch_size, advance=step
+            )
+            writer.write_shard(s, rows)
+    seconds = time.perf_counter() - start
+
+    stats: dict[str, Any] = {
+        "blocks": n_todo,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "shards_written": len(todo),
+        "shards_skipped": len(mine) - len(todo),
+        "finalized": False,
+    }
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        if world_size > 1 and barrier is None:
+            _wait_for_shards(writer, n_shards, wait_s)
+        writer.finalize(n_shards)
+    if barrier is not None:
+        barrier()
+    if rank == 0 or barrier is not None:
+        reader = StoreReader(out_dir)
+        stats.update(
+            finalized=True,
+            store_blocks=len(reader),
+            store_tokens=reader.n_positions,
+            bytes_per_token=round(reader.bytes_per_token(), 3),
+        )
+    logger.info(
+        "capture %s: %d blocks, %d tokens in %.1fs (%s tok/s) -> %s%s",
+        name,
+        n_todo,
+        tokens,
+        seconds,
+        stats["tokens_per_s"],
+        out_dir,
+        f", {stats['bytes_per_token']} B/token" if stats["finalized"] else "",
+    )
+    return stats

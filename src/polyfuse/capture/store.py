@@ -1,0 +1,492 @@
+"""The top-k store: each position's top-k next-token log-probs, per block; the only module that knows
+the on-disk layout.
+
+A store is a directory::
+
+    store.json            format version, k, vocab_size, id_width, meta (model, tokenizer, temperature, ...),
+                          and the shard list (file, rows, block range, positions, bytes, sha256)
+    shard-00000.arrow     Arrow IPC *stream* files, uncompressed (the `.arrow` files of `datasets`):
+    shard-00001.arrow     memory-mapped on read; `datasets.Dataset.from_file(path)` opens one as is
+
+One row per block (P = the block's token count - 1 positions; position t predicts token t + 1):
+
+=================  =========  ==================================================================
+column             type       content
+=================  =========  ==================================================================
+``block_id``       int64      the block's id (any int; unique within the store)
+``n_positions``    int32      P
+``nll_sum``        float64    sum over positions of -ln p(actual next token) (from fp32 values)
+``topk_ids``       binary     P x k ids, row-major, little-endian unsigned at ``id_width`` bytes
+``topk_logprobs``  binary     P x k float16 log-probs, sorted descending within a position
+``target_logprob`` binary     P float16: log-prob of the actual next token
+=================  =========  ==================================================================
+
+``id_width`` is the fewest bytes that hold every id plus one reserved PAD value (the width's
+maximum): 2 for vocab_size <= 65,535, 3 up to 2**24 - 1, else 4. A padding entry (a fused or
+aligned store with fewer than k valid entries at a position) has id PAD and log-prob -inf; the
+reader returns it as id -1; a real entry's log-prob is finite (captures clamp it to -65504, the
+smallest fp16). At k = 10 a position costs 10*2 + 10*2 + 2 = 42 bytes with 2-byte ids (52 with
+3-byte ids), plus 32 bytes per block (fixed columns and offsets) and ~1 KiB per shard (schema,
+`store.json`).
+
+Writing is resumable: each shard is written to a temp file and renamed, so a shard file that
+exists is complete; `store.json` is written last, by :meth:`StoreWriter.finalize`. Until then
+`store.pending.json` records what the store is for, so a resumed writer with different settings is
+refused instead of mixing two stores.
+
+    >>> w = StoreWriter(out, k=10, vocab_size=512, meta={"model": "world:prose"})
+    >>> w.write_shard(0, [BlockTopK(0, ids, logprobs, target_logprob, nll_sum)])
+    >>> w.finalize()
+    >>> StoreReader(out)[0].logprobs.shape      # (P, 10) float16, memory-mapped
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from polyfuse.errors import DataError
+from polyfuse.workspace import atomic_write_bytes, atomic_write_json, clean_stale_temps, normalise_config
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PENDING_NAME",
+    "STORE_NAME",
+    "BlockTopK",
+    "StoreReader",
+    "StoreWriter",
+    "decode_ids",
+    "encode_ids",
+    "id_width_for",
+    "is_store",
+    "shard_name",
+]
+
+FORMAT = "polyfuse.topk"
+FORMAT_VERSION = 1
+STORE_NAME = "store.json"
+PENDING_NAME = "store.pending.json"
+_SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
+_BINARY_LIMIT = (1 << 31) - 1  # int32 offsets of `binary`; bigger shard columns use `large_binary`
+_IDENTITY_KEYS = ("format", "format_version", "k", "vocab_size", "id_width", "meta")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` (``shard-00000.arrow``)."""
+    return f"shard-{index:05d}.arrow"
+
+
+def id_width_for(vocab_size: int) -> int:
+    """Bytes per stored id: the fewest (2, 3 or 4) that hold ids ``0..vocab_size-1`` plus the PAD value."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    for width in (2, 3, 4):
+        if vocab_size <= (1 << (8 * width)) - 1:
+            return width
+    raise ValueError(f"vocab_size {vocab_size} does not fit 4-byte ids")
+
+
+def _pad_value(width: int) -> int:
+    return (1 << (8 * width)) - 1
+
+
+def encode_ids(ids: np.ndarray, width: int) -> bytes:
+    """Pack int ids (-1 = padding) as little-endian unsigned ints of ``width`` bytes (-1 -> PAD)."""
+    flat = np.where(ids < 0, _pad_value(width), ids).astype("<u4").reshape(-1)  # [n]
+    if width == 4:
+        return flat.tobytes()
+    if width == 2:
+        return flat.astype("<u2").tobytes()
+    return flat.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()  # [n, 3] low bytes first
+
+
+def decode_ids(data: np.ndarray | bytes | memoryview, width: int) -> np.ndarray:
+    """Inverse of :func:`encode_ids`: int64 ids ``[n]`` with PAD returned as -1."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width == 2:
+        ids = raw.view("<u2").astype(np.int64)
+    elif width == 4:
+        ids = raw.view("<u4").astype(np.int64)
+    else:
+        trip = raw.reshape(-1, 3).astype(np.int64)  # [n, 3]
+        ids = trip[:, 0] | (trip[:, 1] << 8) | (trip[:, 2] << 16)
+    ids[ids == _pad_value(width)] = -1
+    return ids
+
+
+@dataclass
+class BlockTopK:
+    """One block's captured distributions (P positions; position t predicts token t + 1).
+
+    ``ids`` [P, k] int64 (-1 = padding), ``logprobs`` [P, k] float16 sorted descending within a
+    position (-inf for padding), ``target_logprob`` [P] float16 (log-prob of the actual next
+    token), ``nll_sum`` = sum of -ln p(actual next token) over positions (from fp32 values).
+    """
+
+    block_id: int
+    ids: np.ndarray
+    logprobs: np.ndarray
+    target_logprob: np.ndarray
+    nll_sum: float
+
+    @property
+    def n_positions(self) -> int:
+        """P, the number of scored positions."""
+        return int(self.target_logprob.shape[0])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _binary(chunks: list[bytes]) -> pa.Array:
+    kind = pa.large_binary() if sum(map(len, chunks)) > _BINARY_LIMIT else pa.binary()
+    return pa.array(chunks, type=kind)
+
+
+def is_store(path: str | Path) -> bool:
+    """True when ``path`` holds a finalized store (a ``store.json``)."""
+    return (Path(path) / STORE_NAME).is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err}); delete the store directory and capture again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a JSON object; delete the store directory and capture again")
+    return data
+
+
+class StoreWriter:
+    """Write a top-k store shard by shard; several processes may write disjoint shards of one store.
+
+    Args:
+        out_dir: the store directory (created if missing).
+        k: entries per position.
+        vocab_size: ids are in ``[0, vocab_size)``; decides ``id_width``.
+        meta: what produced the store (model ref, tokenizer name and length, temperature, ...);
+            JSON-serialisable, kept in ``store.json``. ``temperature`` defaults to 1.0.
+
+    Raises:
+        DataError: ``out_dir`` already holds a (pending or finalized) store with other settings.
+    """
+
+    def __init__(self, out_dir: str | Path, *, k: int, vocab_size: int, meta: Mapping[str, Any]) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.out_dir = Path(out_dir)
+        self.k = int(k)
+        self.vocab_size = int(vocab_size)
+        self.id_width = id_width_for(self.vocab_size)
+        meta = normalise_config({"temperature": 1.0, **dict(meta)})
+        self.identity: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "k": self.k,
+            "vocab_size": self.vocab_size,
+            "id_width": self.id_width,
+            "meta": meta,
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._check_or_claim()
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The ``meta`` recorded in ``store.json``."""
+        return self.identity["meta"]
+
+    def _check_or_claim(self) -> None:
+        for name in (STORE_NAME, PENDING_NAME):
+            path = self.out_dir / name
+            if not path.is_file():
+                continue
+            found = _read_json(path)
+            old = {key: found.get(key) for key in _IDENTITY_KEYS}
+            if old != self.identity:
+                diff = sorted(key for key in _IDENTITY_KEYS if old.get(key) != self.identity[key])
+                raise DataError(
+                    f"{self.out_dir}: holds a store written with other settings ({', '.join(diff)} differ); "
+                    "use another directory or delete this one"
+                )
+            return
+        atomic_write_json(self.out_dir / PENDING_NAME, self.identity)
+
+    def shard_path(self, index: int) -> Path:
+        """Path of shard ``index``."""
+        return self.out_dir / shard_name(index)
+
+    def has_shard(self, index: int) -> bool:
+        """Whether shard ``index`` was written completely (shards appear by rename only)."""
+        return self.shard_path(index).is_file()
+
+    def existing_shards(self) -> list[int]:
+        """Indices of the shards written so far, sorted."""
+        found = (_SHARD_RE.match(p.name) for p in self.out_dir.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _check_row(self, row: BlockTopK) -> None:
+        P = row.target_logprob.shape[0] if row.target_logprob.ndim == 1 else -1
+        where = f"block {row.block_id}"
+        if row.target_logprob.ndim != 1 or row.ids.shape != (P, self.k) or row.logprobs.shape != (P, self.k):
+            raise ValueError(
+                f"{where}: expected ids and logprobs [P, {self.k}] and target_logprob [P], got "
+                f"{row.ids.shape}, {row.logprobs.shape}, {row.target_logprob.shape}"
+            )
+        if row.logprobs.dtype != np.float16 or row.target_logprob.dtype != np.float16:
+            raise ValueError(f"{where}: logprobs and target_logprob must be float16")
+        if P == 0:
+            return
+        if row.ids.min() < -1 or row.ids.max() >= self.vocab_size:
+            raise ValueError(f"{where}: ids must lie in [0, {self.vocab_size}) or be -1 (padding)")
+        if not np.all(row.logprobs[:, :-1] >= row.logprobs[:, 1:]):
+            raise ValueError(f"{where}: logprobs must be sorted descending per position (and not NaN)")
+        if np.any(np.isneginf(row.logprobs) != (row.ids < 0)):
+            raise ValueError(f"{where}: padding entries (id -1) and only they must have log-prob -inf")
+
+    def write_shard(self, shard_index: int, rows: Sequence[BlockTopK]) -> Path:
+        """Write shard ``shard_index`` (one row per block, in the given order) atomically; return its path."""
+        for row in rows:
+            self._check_row(row)
+        info = {"k": self.k, "id_width": self.id_width, "format_version": FORMAT_VERSION}
+        schema = pa.schema(
+            [
+                ("block_id", pa.int64()),
+                ("n_positions", pa.int32()),
+                ("nll_sum", pa.float64()),
+                ("topk_ids", pa.binary()),
+                ("topk_logprobs", pa.binary()),
+                ("target_logprob", pa.binary()),
+            ],
+            metadata={FORMAT: json.dumps(info, sort_keys=True)},
+        )
+        columns = [
+            pa.array([int(r.block_id) for r in rows], type=pa.int64()),
+            pa.array([r.n_positions for r in rows], type=pa.int32()),
+            pa.array([float(r.nll_sum) for r in rows], type=pa.float64()),
+            _binary([encode_ids(r.ids, self.id_width) for r in rows]),
+            _binary([np.ascontiguousarray(r.logprobs, dtype="<f2").tobytes() for r in rows]),
+            _binary([np.ascontiguousarray(r.target_logprob, dtype="<f2").tobytes() for r in rows]),
+        ]
+        fields = [f.with_type(c.type) for f, c in zip(schema, columns, strict=True)]
+        schema = pa.schema(fields, metadata=schema.metadata)
+        batch = pa.record_batch(columns, schema=schema)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as stream:  # uncompressed: readers memory-map it
+            stream.write_batch(batch)
+        return atomic_write_bytes(self.shard_path(shard_index), sink.getvalue().to_pybytes())
+
+    def finalize(self, n_shards: int | None = None) -> dict[str, Any]:
+        """Write ``store.json`` listing every shard (checks that shards ``0..n_shards-1`` all exist).
+
+        Also removes temp files left by killed writers. Returns the ``store.json`` content.
+
+        Raises:
+            DataError: a shard is missing, or a block id occurs twice.
+        """
+        clean_stale_temps(self.out_dir)
+        found = self.existing_shards()
+        expected = list(range(n_shards if n_shards is not None else (max(found) + 1 if found else 0)))
+        missing = sorted(set(expected) - set(found))
+        if missing:
+            shown = ", ".join(shard_name(i) for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise DataError(
+                f"{self.out_dir}: {len(missing)} shard(s) missing ({shown}); finish the capture "
+                "(rerun it: it resumes) before finalizing"
+            )
+        extra = sorted(set(found) - set(expected))
+        if extra:
+            raise DataError(
+                f"{self.out_dir}: unexpected shard(s) {', '.join(shard_name(i) for i in extra)} beyond "
+                f"the {len(expected)} expected; delete the directory and capture again"
+            )
+        shards, seen, positions, blocks = [], set(), 0, 0
+        for index in expected:
+            path = self.shard_path(index)
+            table = _open_table(path)
+            block_ids = table.column("block_id").to_numpy()
+            n_pos = int(np.asarray(table.column("n_positions").to_numpy(), dtype=np.int64).sum())
+            dup = seen.intersection(block_ids.tolist())
+            if dup:
+                raise DataError(f"{path}: block id(s) {sorted(dup)[:5]} also occur in an earlier shard")
+            seen.update(block_ids.tolist())
+            shards.append(
+                {
+                    "file": path.name,
+                    "index": index,
+                    "rows": int(table.num_rows),
+                    "first_block": int(block_ids[0]) if len(block_ids) else None,
+                    "last_block": int(block_ids[-1]) if len(block_ids) else None,
+                    "positions": n_pos,
+                    "bytes": path.stat().st_size,
+                    "sha256": _sha256(path),
+                }
+            )
+            positions += n_pos
+            blocks += int(table.num_rows)
+        content = {**self.identity, "blocks": blocks, "positions": positions, "shards": shards}
+        atomic_write_json(self.out_dir / STORE_NAME, content)
+        (self.out_dir / PENDING_NAME).unlink(missing_ok=True)
+        return content
+
+
+def _open_table(path: Path) -> pa.Table:
+    """Memory-map an IPC stream file; the table's buffers point into the mapping (no copy)."""
+    try:
+        with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
+            return reader.read_all()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(
+            f"{path}: unreadable shard ({err}); delete the store directory and capture again"
+        ) from None
+
+
+class _Batch:
+    """Numpy views over one record batch's columns (offsets and data buffers of the binary columns)."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.block_id = batch.column("block_id").to_numpy()
+        self.nll_sum = batch.column("nll_sum").to_numpy()
+        self.binary = {name: self._views(batch.column(name)) for name in _BINARY_COLUMNS}
+
+    @staticmethod
+    def _views(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        _, offsets, data = col.buffers()
+        off_type = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+        off = np.frombuffer(offsets, dtype=off_type)[col.offset : col.offset + len(col) + 1]
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        return off, raw
+
+    def bytes_of(self, name: str, row: int) -> np.ndarray:
+        off, raw = self.binary[name]
+        return raw[off[row] : off[row + 1]]
+
+
+_BINARY_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob")
+
+
+class StoreReader:
+    """Read a finalized store; rows come back as :class:`BlockTopK` over memory-mapped data.
+
+    ``logprobs`` and ``target_logprob`` are read-only float16 views into the mapped files (no
+    copy); ``ids`` are decoded to int64 (one small copy per block). Blocks are looked up by
+    ``block_id``; iteration follows the store order (shard by shard, row by row).
+
+    Raises:
+        DataError: no ``store.json`` (capture not finished), another format version, or a
+            missing or unreadable shard.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        file = self.path / STORE_NAME
+        if not file.is_file():
+            hint = (
+                "the capture has not finished; rerun it (it resumes) to finalize the store"
+                if (self.path / PENDING_NAME).is_file()
+                else "not a top-k store directory; run the capture stage first"
+            )
+            raise DataError(f"{self.path}: no {STORE_NAME}; {hint}")
+        self.info: dict[str, Any] = _read_json(file)
+        if self.info.get("format") != FORMAT or self.info.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{file}: format {self.info.get('format')!r} version {self.info.get('format_version')!r}, "
+                f"this polyfuse reads {FORMAT!r} version {FORMAT_VERSION}; capture again with this version"
+            )
+        self.k = int(self.info["k"])
+        self.vocab_size = int(self.info["vocab_size"])
+        self.id_width = int(self.info["id_width"])
+        self._batches: list[_Batch] = []
+        self._index: dict[int, tuple[int, int]] = {}
+        for shard in self.info["shards"]:
+            shard_path = self.path / shard["file"]
+            if not shard_path.is_file():
+                raise DataError(f"{shard_path}: shard listed in {STORE_NAME} is missing; capture again")
+            for batch in _open_table(shard_path).to_batches():
+                view = _Batch(batch)
+                number = len(self._batches)
+                self._batches.append(view)
+                for row, block_id in enumerate(view.block_id.tolist()):
+                    self._index[block_id] = (number, row)
+        self._order = list(self._index)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What produced the store (model ref, tokenizer, temperature, ...), as given to the writer."""
+        return self.info["meta"]
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature of the stored log-probs."""
+        return float(self.meta.get("temperature", 1.0))
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Block ids in store order."""
+        return list(self._order)
+
+    @property
+    def n_positions(self) -> int:
+        """Total positions (scored tokens) in the store."""
+        return int(self.info["positions"])
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self._index
+
+    def __getitem__(self, block_id: int) -> BlockTopK:
+        try:
+            number, row = self._index[int(block_id)]
+        except KeyError:
+            raise KeyError(f"block {block_id} is not in the store {self.path}") from None
+        batch = self._batches[number]
+        lp = batch.bytes_of("topk_logprobs", row).view("<f2").reshape(-1, self.k)  # [P, k]
+        return BlockTopK(
+            block_id=int(block_id),
+            ids=decode_ids(batch.bytes_of("topk_ids", row), self.id_width).reshape(-1, self.k),  # [P, k]
+            logprobs=lp,
+            target_logprob=batch.bytes_of("target_logprob", row).view("<f2"),  # [P]
+            nll_sum=float(batch.nll_sum[row]),
+        )
+
+    def __iter__(self) -> Iterator[BlockTopK]:
+        for block_id in self._order:
+            yield self[block_id]
+
+    def files(self) -> list[Path]:
+        """Every file in the store directory."""
+        return sorted(p for p in self.path.iterdir() if p.is_file())
+
+    def bytes_per_token(self) -> float:
+        """On-disk bytes (all files, ``store.json`` included) per stored position."""
+        total = sum(p.stat().st_size for p in self.files())
+        return total / self.n_positions if self.n_positions else math.nan
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against ``store.json``.
+
+        Raises:
+            DataError: a shard's content changed.
+        """
+        for shard in self.info["shards"]:
+            if _sha256(self.path / shard["file"]) != shard["sha256"]:
+                raise DataError(
+                    f"{self.path / shard['file']}: sha256 mismatch; the shard was modified, capture again"
+                )

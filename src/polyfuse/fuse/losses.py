@@ -1,0 +1,203 @@
+"""Sparse distillation losses on top-k teacher entries, plus the causal-LM loss sharing the same work.
+
+The teacher is never densified: its K entries per position are compared with the student's
+log-probabilities *at those ids*, gathered from the logits and normalised by one logsumexp
+(the trick of TRL's ``selective_log_softmax``)::
+
+    naive:  log_softmax(logits, -1).gather(-1, ids)        # builds [B, T, V] log-probs
+    here:   logits.gather(-1, ids) - logits.logsumexp(-1, keepdim=True)
+
+Shapes: ``B`` batch, ``T`` positions, ``V`` student vocabulary, ``K`` teacher entries per position.
+Teacher entries are ``ids`` [B, T, K] (``-1`` pads) and ``logprobs`` [B, T, K] (``-inf`` pads); the
+entry at position t is a distribution over token t+1, like the student's logits at t.
+
+The teacher distribution is ``softmax(logprobs / temperature)`` over its valid entries (the top-k
+renormalised, as in FuseLLM); the student uses the same temperature. No ``temperature**2`` factor
+is applied (FuseLLM trains at temperature 1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistillKind",
+    "FusionLoss",
+    "SparseLoss",
+    "clm_loss",
+    "distill_loss",
+    "fusion_loss",
+    "selective_log_softmax",
+    "shift_labels",
+    "teacher_distribution",
+]
+
+IGNORE_INDEX = -100
+DistillKind = Literal["ce", "kl"]
+
+
+class SparseLoss(NamedTuple):
+    """A loss normalised by ``num_items`` (or by ``count`` when not given) and its token count."""
+
+    loss: torch.Tensor
+    """Scalar: sum of per-position losses / normaliser (0 when no position counts)."""
+    count: torch.Tensor
+    """Scalar int64: positions that contributed."""
+
+
+class FusionLoss(NamedTuple):
+    """Both parts of a fused step, each a normalised scalar, and the supervised-position count."""
+
+    clm: torch.Tensor
+    distill: torch.Tensor | None
+    """None when there was no teacher data."""
+    count: torch.Tensor
+    distill_count: torch.Tensor | None
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 (losses in half precision lose too much); other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``labels`` [B, T] -> [B, T] where position t holds label t+1 (the last position is ignored)."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax(logits, -1).gather(-1, ids)`` without the [..., V] log-softmax.
+
+    ``logits`` [..., V], ``ids`` [..., K] (negative ids read id 0; mask them yourself), optional
+    ``lse`` [...] = ``logits.logsumexp(-1)`` to share it between calls. Half precision is upcast.
+    """
+    logits = _upcast(logits)
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)                           # [...]
+    return logits.gather(-1, ids.clamp(min=0)) - lse.unsqueeze(-1)     # [..., K]
+
+
+def teacher_distribution(
+    ids: torch.Tensor, logprobs: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Renormalise the valid top-k entries: ``softmax(logprobs / temperature)`` over them.
+
+    Returns ``p`` [B, T, K] (0 on padding), ``log p`` [B, T, K] (0 on padding, never -inf) and
+    ``has_entry`` [B, T] (at least one valid entry). An entry is valid when its id is >= 0 and its
+    log-prob finite.
+    """
+    entry = (ids >= 0) & torch.isfinite(logprobs)                       # [B, T, K]
+    scaled = torch.where(entry, logprobs.to(dtype) / temperature, float("-inf"))
+    logp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)      # NaN on rows without entries
+    logp = torch.where(entry, logp, 0.0)
+    p = torch.where(entry, logp.exp(), 0.0)
+    return p, logp, entry.any(dim=-1)
+
+
+def _distill_per_position(logq: torch.Tensor, p: torch.Tensor, logp: torch.Tensor, kind: DistillKind) -> torch.Tensor:
+    """[B, T, K] student log-probs at the teacher ids -> [B, T] loss per position."""
+    if kind == "ce":
+        return -(p * logq).sum(-1)
+    if kind == "kl":
+        return (p * (logp - logq)).sum(-1)
+    raise ValueError(f"unknown distillation loss {kind!r}; choose 'ce' or 'kl'")
+
+
+def _reduce(per_position: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None) -> SparseLoss:
+    """Masked sum over positions divided by ``num_items`` (default: the masked count, at least 1)."""
+    count = mask.sum()
+    total = torch.where(mask, per_position, 0.0).sum()
+    denominator = count.clamp(min=1) if num_items is None else num_items
+    return SparseLoss(total / denominator, count)
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: DistillKind = "ce",
+    temperature: float = 1.0,
+    num_items: torch.Tensor | int | None = None,
+) -> SparseLoss:
+    """Sparse distillation loss, no shift: student ``logits`` [B, T, V] at t vs teacher entries [B, T, K] at t.
+
+    ``ce``: ``-sum_k p_k log q_k``; ``kl``: ``sum_k p_k (log p_k - log q_k)``, with ``p`` the renormalised
+    teacher top-k and ``q = softmax(logits / temperature)``. Positions count where ``mask`` [B, T] is
+    True (default: all) and the teacher has at least one valid entry. The result is the sum over
+    those positions divided by ``num_items`` (e.g. the tokens of a whole accumulated batch), or
+    their mean when ``num_items`` is None; 0 (not NaN) when nothing counts.
+    """
+    z = _upcast(logits)
+    if temperature != 1.0:
+        z = z / temperature
+    logq = selective_log_softmax(z, teacher_ids)                        # [B, T, K]
+    p, logp, has_entry = teacher_distribution(teacher_ids, teacher_logprobs, temperature, logq.dtype)
+    keep = has_entry if mask is None else has_entry & mask.bool()
+    return _reduce(_distill_per_position(logq, p, logp, kind), keep, num_items)
+
+
+def clm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> SparseLoss:
+    """Causal-LM loss: logits [B, T, V] at t predict ``labels`` [B, T] at t+1 (shift done here).
+
+    Equals Hugging Face's ``ForCausalLMLoss`` (mean over labels != ``ignore_index``, or sum / ``num_items``).
+    """
+    z = _upcast(logits)
+    target = shift_labels(labels, ignore_index)                         # [B, T]
+    mask = target != ignore_index
+    logq = selective_log_softmax(z, target.unsqueeze(-1)).squeeze(-1)   # [B, T]
+    return _reduce(-logq, mask, num_items)
+
+
+def fusion_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    *,
+    kind: DistillKind = "ce",
+    temperature: float = 1.0,
+    num_items: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shifted_labels: torch.Tensor | None = None,
+) -> FusionLoss:
+    """CLM and distillation from one log-softmax and one gather (a fused step costs about a CLM step).
+
+    ``logits`` [B, T, V]; ``labels`` [B, T] (or ``shifted_labels`` [B, T], label t+1 at t); teacher
+    entries [B, T, K] or None. Both parts are summed over supervised positions (shifted label !=
+    ``ignore_index``; the distillation part also needs a valid teacher entry) and divided by the same
+    ``num_items`` (default: the supervised count), so positions without teacher entries add 0 to the
+    distillation part. With complete teacher data the two counts agree and each part is a mean.
+
+    The student's [B, T, V] log-softmax is the one the CLM loss needs anyway (``cross_entropy`` builds
+    it too); the label and the K teacher ids are read from it by a single gather, which on CPU is
+    faster than ``gather - logsumexp`` (one fused log-softmax backward). With a temperature other
+    than 1 the distillation part uses ``selective_log_softmax(logits / temperature, ids)``.
+    """
+    z = _upcast(logits)
+    target = shift_labels(labels, ignore_index) if shifted_labels is None else shifted_labels  # [B, T]
+    mask = target != ignore_index
+    denominator = mask.sum().clamp(min=1) if num_items is None else num_items
+    logp = torch.log_softmax(z, dim=-1)                                 # [B, T, V]
+    if teacher_ids is None or teacher_logprobs is None:
+        clm = _reduce(-logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1), mask, denominator)
+        return FusionLoss(clm.loss, None, clm.count, None)
+
+    # One gather for the label and the K teacher ids: [B, T, 1 + K].
+    picked = logp.gather(-1, torch.cat([target.unsqueeze(-1), teacher_ids], dim=-1).clamp(min=0))
+    clm = _reduce(-picked[..., 0], mask, denominator)
+    logq = picked[..., 1:] if temperature == 1.0 else selective_log_softmax(z / temperature, teacher_ids)
+    p, logp_t, has_entry = teacher_distribution(teacher_ids, teacher_logprobs, temperature, logq.dtype)
+    distill = _reduce(_distill_per_position(logq, p, logp_t, kind), mask & has_entry, denominator)
+    return FusionLoss(clm.loss, distill.loss, clm.count, distill.count)

@@ -1,0 +1,396 @@
+"""Continual training with fused teacher targets on the Hugging Face ``Trainer`` (FuseLLM's stage 3).
+
+``FusionConfig`` adds the fusion knobs to ``TrainingArguments``; ``FusionTrainer`` overrides only
+``compute_loss`` (and ``log``, to report the two loss parts); ``FusionCollator`` pads rows of
+``input_ids`` plus optional top-k teacher entries. Everything else (devices, DDP / FSDP / DeepSpeed
+through ``accelerate launch``, checkpoints, resumption) is the stock ``Trainer``.
+
+The loss of a step with teacher data is ``L = w * CLM + (1 - w) * distill`` (FuseLLM ``hard``), or
+with ``distill_schedule="hard_and_decay"`` ``w_s = w + (1 - w) * step / max_steps`` (the teacher's share
+decays linearly to 0). Without teacher data, or with ``fusion="none"``, ``L = CLM`` exactly, so the
+baseline uses the same data, steps and seed.
+
+Both parts are summed over supervised positions and divided by the number of supervised tokens in
+the whole accumulated batch (``num_items_in_batch``, counted across devices), so the result does not
+depend on how a batch is split into micro-batches or devices.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from polyfuse.errors import DataError
+from polyfuse.fuse.losses import IGNORE_INDEX, fusion_loss, shift_labels
+from polyfuse.fuse.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+__all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "lm_weight_at", "train_fusion"]
+
+DISTILL_LOSSES = ("ce", "kl")
+SCHEDULES = ("hard", "hard_and_decay")
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
+_NOT_MODEL_INPUTS = ("labels", "shift_labels", *TEACHER_KEYS)
+
+
+@dataclass
+class FusionConfig(TrainingArguments):
+    r"""Configuration of :class:`FusionTrainer`: ``TrainingArguments`` plus the fusion parameters.
+
+    Parameters that control the fusion loss:
+        lm_loss_weight (`float`, defaults to `0.9`): weight ``w`` of the causal-LM loss.
+        distill_loss (`str`, defaults to `"ce"`): ``ce`` (cross-entropy) or ``kl`` (KL divergence).
+        distill_temperature (`float`, defaults to `1.0`): temperature of teacher and student in the
+            distillation loss.
+        distill_schedule (`str`, defaults to `"hard"`): ``hard`` or ``hard_and_decay``.
+        fusion (`str`, defaults to `"min_ce"`): the strategy that built the targets (informational;
+            ``none`` trains plain causal LM even when teacher entries are present).
+
+    Defaults that differ from ``TrainingArguments``: ``remove_unused_columns=False`` (the teacher
+    columns are not arguments of the model's ``forward``) and ``logging_steps=10``.
+    """
+
+    lm_loss_weight: float = field(
+        default=0.9,
+        metadata={"help": "Weight w of the causal-LM loss: L = w * CLM + (1 - w) * distill (FuseLLM: 0.9)."},
+    )
+    distill_loss: str = field(
+        default="ce",
+        metadata={"help": "Distillation loss: 'ce' (-sum p log q) or 'kl' (sum p (log p - log q)).",
+                  "choices": list(DISTILL_LOSSES)},
+    )
+    distill_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature applied to the teacher's top-k log-probs and the student's logits."},
+    )
+    distill_schedule: str = field(
+        default="hard",
+        metadata={"help": "'hard': fixed w; 'hard_and_decay': w_s = w + (1 - w) * step / max_steps.",
+                  "choices": list(SCHEDULES)},
+    )
+    fusion: str = field(
+        default="min_ce",
+        metadata={"help": "Fusion strategy that built the targets (informational); 'none' ignores teacher "
+                          "entries and trains plain causal LM.", "choices": list(STRATEGIES)},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep False: the teacher columns are not arguments of the model's forward."},
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X update steps (an integer, or a ratio of the total steps if < 1)."},
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.lm_loss_weight <= 1.0:
+            problems.append(f"lm_loss_weight must be in [0, 1] (got {self.lm_loss_weight}); FuseLLM uses 0.9")
+        if self.distill_loss not in DISTILL_LOSSES:
+            problems.append(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)} (got {self.distill_loss!r})")
+        if not self.distill_temperature > 0:
+            problems.append(f"distill_temperature must be > 0 (got {self.distill_temperature}); 1.0 is FuseLLM's")
+        if self.distill_schedule not in SCHEDULES:
+            problems.append(f"distill_schedule must be one of {', '.join(SCHEDULES)} (got {self.distill_schedule!r})")
+        if self.fusion not in STRATEGIES:
+            problems.append(f"fusion must be one of {', '.join(STRATEGIES)} (got {self.fusion!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        super().__post_init__()
+
+
+def lm_weight_at(step: int, max_steps: int, weight: float, schedule: str = "hard") -> float:
+    """CLM weight at optimizer step ``step`` (0-based): ``w``, or ``w + (1 - w) * step / max_steps`` when decaying."""
+    if schedule == "hard" or max_steps <= 0:
+        return weight
+    if schedule == "hard_and_decay":
+        return weight + (1.0 - weight) * min(step, max_steps) / max_steps
+    raise ValueError(f"unknown distill_schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class FusionCollator:
+    """Pads rows to the longest in the batch; teacher entries are padded to ``[B, T, K]``.
+
+    Each example has ``input_ids`` [n] (a BOS context token first), optionally ``labels`` [n]
+    (default: ``input_ids``) and optionally ``teacher_ids`` [P, k] / ``teacher_logprobs`` [P, k] with
+    ``P <= n`` (entry t predicts token t+1; normally ``P = n - 1``). The batch holds ``input_ids``,
+    ``attention_mask``, ``labels`` (-100 on padding), ``shift_labels`` (label t+1 at t, which the
+    ``Trainer`` uses to count supervised tokens) and, when some example has entries,
+    ``teacher_ids`` (-1 pad) and ``teacher_logprobs`` (float32, -inf pad); rows without entries are
+    all padding there. ``T`` = the longest ``n``, ``K`` = the largest ``k``.
+
+    Example::
+
+        >>> collator = FusionCollator(pad_token_id=0)
+        >>> examples = [
+        ...     {"input_ids": [1, 5, 6], "teacher_ids": [[5, 7], [6, -1]],
+        ...      "teacher_logprobs": [[-0.1, -2.5], [-0.2, float("-inf")]]},
+        ...     {"input_ids": [1, 8]},
+        ... ]
+        >>> batch = collator(examples)
+        >>> batch["input_ids"], batch["attention_mask"], batch["labels"]
+        (tensor([[1, 5, 6],
+                [1, 8, 0]]), tensor([[1, 1, 1],
+                [1, 1, 0]]), tensor([[   1,    5,    6],
+                [   1,    8, -100]]))
+        >>> batch["shift_labels"]
+        tensor([[   5,    6, -100],
+                [   8, -100, -100]])
+        >>> batch["teacher_ids"]
+        tensor([[[ 5,  7],
+                 [ 6, -1],
+                 [-1, -1]],
+        <BLANKLINE>
+                [[-1, -1],
+                 [-1, -1],
+                 [-1, -1]]])
+        >>> batch["teacher_logprobs"][0]
+        tensor([[-0.1000, -2.5000],
+                [-0.2000,    -inf],
+                [   -inf,    -inf]])
+    """
+
+    pad_token_id: int = 0
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise DataError("FusionCollator got an empty batch")
+        ids = [_as_1d(ex, "input_ids") for ex in examples]
+        b, t = len(ids), max(len(x) for x in ids)
+        input_ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)    # [B, T]
+        attention_mask = torch.zeros((b, t), dtype=torch.long)
+        labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+        for i, (ex, x) in enumerate(zip(examples, ids, strict=True)):
+            n = len(x)
+            input_ids[i, :n] = torch.from_numpy(x)
+            attention_mask[i, :n] = 1
+            labels[i, :n] = torch.from_numpy(_as_1d(ex, "labels", n) if "labels" in ex else x)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "shift_labels": shift_labels(labels)}
+
+        teachers = [_teacher_arrays(ex, len(x)) for ex, x in zip(examples, ids, strict=True)]
+        k = max((tid.shape[1] for tid, _ in filter(None, teachers)), default=0)
+        if k == 0:
+            return batch
+        teacher_ids = torch.full((b, t, k), -1, dtype=torch.long)                # [B, T, K]
+        teacher_logprobs = torch.full((b, t, k), float("-inf"), dtype=torch.float32)
+        for i, entry in enumerate(teachers):
+            if entry is not None:
+                tid, tlp = entry
+                teacher_ids[i, : tid.shape[0], : tid.shape[1]] = torch.from_numpy(tid)
+                teacher_logprobs[i, : tlp.shape[0], : tlp.shape[1]] = torch.from_numpy(tlp)
+        batch["teacher_ids"], batch["teacher_logprobs"] = teacher_ids, teacher_logprobs
+        return batch
+
+
+def _as_1d(example: Mapping[str, Any], key: str, length: int | None = None) -> np.ndarray:
+    if key not in example:
+        raise DataError(f"training row lacks {key!r}; got keys {sorted(example)}")
+    x = np.asarray(example[key], dtype=np.int64)
+    if x.ndim != 1 or len(x) == 0 or (length is not None and len(x) != length):
+        want = f"[{length}]" if length is not None else "a non-empty 1-d list"
+        raise DataError(f"training row {key!r} must be {want}; got shape {x.shape}")
+    return x
+
+
+def _teacher_arrays(example: Mapping[str, Any], n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(ids [P, k] int64, logprobs [P, k] float32)`` of a row, or None when it has no entries."""
+    present = [k for k in TEACHER_KEYS if example.get(k) is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise DataError(f"training row has {present[0]!r} but not its partner; give both {' and '.join(TEACHER_KEYS)}")
+    tid = np.asarray(example["teacher_ids"], dtype=np.int64)
+    tlp = np.asarray(example["teacher_logprobs"], dtype=np.float32)
+    if tid.size == 0:
+        return None
+    if tid.ndim != 2 or tlp.shape != tid.shape or tid.shape[0] > n:
+        raise DataError(
+            f"teacher_ids and teacher_logprobs must both be [P, k] with P <= len(input_ids) = {n}; "
+            f"got {tid.shape} and {tlp.shape}"
+        )
+    return tid, tlp
+
+
+class FusionTrainer(Trainer):
+    """``Trainer`` whose loss mixes causal LM with sparse distillation on fused top-k targets.
+
+    Logs ``clm_loss``, ``distill_loss`` (per-token means over the logging window) and ``lm_weight``
+    (the CLM weight of the window's last step; 1.0 without teacher data) next to ``loss``. Use
+    :class:`FusionCollator` (the default) or any collator producing the same keys.
+    """
+
+    args: FusionConfig
+
+    def __init__(self, model: Any = None, args: FusionConfig | None = None, **kwargs: Any) -> None:
+        if args is None:
+            args = FusionConfig()
+        if not isinstance(args, FusionConfig):
+            raise TypeError(f"FusionTrainer needs a FusionConfig, got {type(args).__name__}")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("FusionTrainer computes its own loss; do not pass compute_loss_func")
+        if args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor is not supported by FusionTrainer; set it to 0")
+        if kwargs.get("data_collator") is None:
+            pad = _pad_token_id(kwargs.get("processing_class"), model)
+            kwargs["data_collator"] = FusionCollator(pad_token_id=pad)
+        super().__init__(model=model, args=args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(f"FusionTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs; "
+                             "start one process per GPU with `accelerate launch` or `torchrun`")
+        # compute_loss normalises by the token count itself (it never passes it to the model), so have
+        # the Trainer count supervised tokens over each accumulated batch (and across devices) for
+        # every model; the returned loss is then already scaled for gradient accumulation.
+        self.model_accepts_loss_kwargs = True
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_steps: set[int] = set()                              # optimizer steps in the log window
+        self._lm_weight_used = 1.0
+
+    def lm_weight(self) -> float:
+        """The CLM weight ``w_s`` at the current optimizer step."""
+        return lm_weight_at(self.state.global_step, self.state.max_steps, self.args.lm_loss_weight,
+                            self.args.distill_schedule)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``w * CLM + (1 - w) * distill`` (or CLM alone), summed and divided by ``num_items_in_batch``."""
+        if "labels" not in inputs:
+            raise DataError(f"FusionTrainer needs 'labels' in each batch (use FusionCollator); got {sorted(inputs)}")
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        outputs = model(**model_inputs, use_cache=False)
+        use_teacher = self.args.fusion != "none" and inputs.get("teacher_ids") is not None
+        parts = fusion_loss(
+            outputs.logits,                                               # [B, T, V]
+            inputs["labels"],
+            inputs.get("teacher_ids") if use_teacher else None,          # [B, T, K]
+            inputs.get("teacher_logprobs") if use_teacher else None,
+            kind=self.args.distill_loss,  # type: ignore[arg-type]
+            temperature=self.args.distill_temperature,
+            num_items=num_items_in_batch,
+            shifted_labels=inputs.get("shift_labels"),
+        )
+        w = self.lm_weight() if parts.distill is not None else 1.0
+        loss = parts.clm if parts.distill is None else w * parts.clm + (1.0 - w) * parts.distill
+
+        if num_items_in_batch is None:
+            # Per-batch mean: the Trainer divides it by the accumulation steps (so do the logged parts).
+            log_scale = 1.0 / max(getattr(self, "current_gradient_accumulation_steps", 1), 1)
+        else:
+            # As Trainer.compute_loss: the count is summed over devices, so undo DDP's gradient mean.
+            log_scale = 1.0
+            if self.args.average_tokens_across_devices:
+                log_scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * log_scale
+        if model.training:
+            self._accumulate_parts(parts.clm, parts.distill, log_scale)
+            self._lm_weight_used = w
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_parts(self, clm: torch.Tensor, distill: torch.Tensor | None, scale: float) -> None:
+        names = ("clm_loss", "distill_loss") if self.args.fusion != "none" else ("clm_loss",)
+        for name, value in zip(names, (clm, distill), strict=False):
+            value = torch.zeros_like(clm) if value is None else value
+            total = self._part_sums.get(name)
+            contribution = value.detach() * scale
+            self._part_sums[name] = contribution if total is None else total + contribution
+        self._part_steps.add(self.state.global_step)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add ``clm_loss``, ``distill_loss`` and ``lm_weight`` to the training logs."""
+        if "loss" in logs and self._part_sums:
+            steps = len(self._part_steps)
+            for name, total in self._part_sums.items():
+                logs[name] = round(self.accelerator.gather(total.reshape(1)).mean().item() / steps, 6)
+            logs["lm_weight"] = self._lm_weight_used                         # of the window's last step
+            self._part_sums, self._part_steps = {}, set()
+        super().log(logs, start_time)
+
+
+def _pad_token_id(processing_class: Any, model: Any) -> int:
+    """Padding id: the tokenizer's pad, else its EOS, else the model config's pad, else 0 (always masked)."""
+    for owner, names in ((processing_class, ("pad_token_id", "eos_token_id")),
+                         (getattr(model, "config", None), ("pad_token_id", "eos_token_id"))):
+        for name in names:
+            value = getattr(owner, name, None)
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A sequence of mapping rows as a map-style dataset."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        return self.rows[i]
+
+
+def train_fusion(
+    model_path: str | Path,
+    train_rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    config: FusionConfig,
+    resume: bool = True,
+    *,
+    dtype: str = "float32",
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """Train the model at ``model_path`` on ``train_rows`` and save model + tokenizer to ``out_dir``.
+
+    Checkpoints go to ``out_dir/checkpoint-*`` (``config.output_dir`` is replaced by ``out_dir``); with
+    ``resume`` the latest one is continued (``trainer.train(resume_from_checkpoint=True)``). ``dtype``
+    is the dtype the weights are loaded in (mixed precision comes from ``config.bf16``/``fp16``).
+
+    Returns ``{"metrics", "log_history", "global_step", "resumed_from", "out_dir"}``.
+    """
+    from polyfuse.models import load_model, load_tokenizer
+
+    if len(train_rows) == 0:
+        raise DataError("train_fusion got no training rows; build the fused dataset first")
+    out = Path(out_dir)
+    args = config
+    if Path(config.output_dir or "") != out:
+        args = copy.copy(config)
+        args.output_dir = str(out)
+    tokenizer = load_tokenizer(str(model_path))
+    model = load_model(str(model_path), dtype=dtype, device="cpu").train()
+    trainer = FusionTrainer(
+        model=model,
+        args=args,
+        train_dataset=_Rows(train_rows),
+        processing_class=tokenizer,
+        data_collator=FusionCollator(pad_token_id=_pad_token_id(tokenizer, model)),
+        callbacks=list(callbacks) or None,
+    )
+    checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=True if checkpoint else None)
+    trainer.save_model(str(out))
+    trainer.save_state()
+    return {
+        "metrics": dict(result.metrics),
+        "log_history": list(trainer.state.log_history),
+        "global_step": trainer.state.global_step,
+        "resumed_from": checkpoint,
+        "out_dir": str(out),
+    }

@@ -1,0 +1,75 @@
+"""Transfer of source top-k to target positions: the worked example, duplicate summing (B10), no
+one-hot on the current token (B1), DTW acceptance through the vocabulary map."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from polyfuse.align.tokens import align_offsets
+from polyfuse.align.transfer import aligned_source_positions, transfer_block
+from polyfuse.align.vocab import VocabMap
+from polyfuse.capture.store import BlockTopK
+from polyfuse.corpus.tokens import EncodedBlock
+
+# text " unbelievable!" ; target keeps the word whole, the source splits it in three.
+TGT = EncodedBlock(ids=np.array([0, 7, 8]), offsets=np.array([[0, 0], [0, 13], [13, 14]]), has_context=True)
+SRC = EncodedBlock(ids=np.array([0, 1, 2, 3, 4]),
+                   offsets=np.array([[0, 0], [0, 3], [3, 9], [9, 13], [13, 14]]), has_context=True)
+
+
+def _vmap(src_to_tgt: list[int], n_tgt: int = 10) -> VocabMap:
+    return VocabMap(src_to_tgt=np.array(src_to_tgt), kind=np.ones(len(src_to_tgt), dtype=np.uint8),
+                    method="exact", n_tgt=n_tgt)
+
+
+def _topk(ids: list[list[int]], probs: list[list[float]], target_lp: list[float], nll: float = 5.0) -> BlockTopK:
+    lp = np.log(np.array(probs, dtype=np.float32)).astype(np.float16)
+    return BlockTopK(block_id=3, ids=np.array(ids), logprobs=lp,
+                     target_logprob=np.array(target_lp, dtype=np.float16), nll_sum=nll)
+
+
+def test_worked_example_positions() -> None:
+    alignment = align_offsets(SRC.offsets, TGT.offsets)
+    pos = aligned_source_positions(alignment, SRC, TGT)
+    # t=0 predicts " unbelievable" (one-to-many: no transfer); t=1 predicts "!" ← source position 3
+    assert pos.tolist() == [-1, 3]
+
+
+def test_transfer_maps_ids_and_sums_duplicates() -> None:
+    # source ids 4 and 5 both map to target id 8 ("!" written two ways): their mass is summed (B10)
+    vmap = _vmap([0, -1, -1, -1, 8, 8, 9])
+    src = _topk(ids=[[1, 2, 3]] * 3 + [[4, 5, 6]], probs=[[0.5, 0.3, 0.2]] * 3 + [[0.5, 0.3, 0.1]],
+                target_lp=[-1.0, -1.0, -1.0, -0.7])
+    out = transfer_block(src, np.array([-1, 3]), vmap, k=3)
+    assert out.ids.shape == (2, 3) and out.block_id == 3 and out.nll_sum == 5.0
+    assert out.ids[1].tolist() == [8, 9, -1]
+    np.testing.assert_allclose(np.exp(out.logprobs[1, :2].astype(np.float32)), [0.8, 0.1], rtol=2e-3)
+    assert np.isneginf(out.logprobs[1, 2])
+    assert float(out.target_logprob[1]) == np.float16(-0.7)
+
+
+def test_invalid_position_gets_no_one_hot_on_the_current_token() -> None:
+    """B1: the reference emits a one-hot on the *current* token where alignment fails; we emit nothing."""
+    vmap = _vmap([0, 7, 7, 7, 8])
+    src = _topk(ids=[[1, 2, 3]] * 4, probs=[[0.5, 0.3, 0.2]] * 4, target_lp=[-1.0] * 4)
+    out = transfer_block(src, np.array([-1, 3]), vmap, k=3)
+    assert out.ids[0].tolist() == [-1, -1, -1]
+    assert np.isnan(float(out.target_logprob[0]))
+    assert TGT.ids[0] not in out.ids[0]  # never the current token
+
+
+def test_unmapped_entries_dropped_and_topk_truncated() -> None:
+    vmap = _vmap([0, 1, 2, -1, 4], n_tgt=6)
+    src = _topk(ids=[[4, 3, 2, 1]], probs=[[0.4, 0.3, 0.2, 0.1]], target_lp=[-0.9])
+    out = transfer_block(src, np.array([0]), vmap, k=2)
+    assert out.ids[0].tolist() == [4, 2]  # id 3 has no target id; top-2 of the rest
+
+
+def test_dtw_pairs_must_be_accepted_by_the_map() -> None:
+    from polyfuse.align.tokens import Alignment
+
+    # a 1-1 DTW pair whose tokens differ in text is rejected unless the map sends one to the other
+    alignment = Alignment.from_lists([[0], [4]], n_src=5)  # target 1 ↔ source 4 ... but target has 2 tokens
+    tgt = EncodedBlock(ids=np.array([0, 8]), offsets=np.array([[0, 0], [0, 1]]), has_context=True)
+    assert aligned_source_positions(alignment, SRC, tgt, _vmap([0, 1, 2, 3, 8])).tolist() == [3]
+    assert aligned_source_positions(alignment, SRC, tgt, _vmap([0, 1, 2, 3, 9])).tolist() == [-1]
