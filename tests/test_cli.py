@@ -136,9 +136,11 @@ def test_demo_recipe_validates(tmp_path: Path) -> None:
 
 def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> None:
     """The demo command end to end on the already built test world (windows clamp to its context)."""
-    assert main(["demo", "--preset", "test", "--world", str(tiny_world), "--out", str(tmp_path / "d")]) == 0
+    small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",
+             "eval.max_bytes_per_domain=1500"]
+    assert main(["demo", "--preset", "test", "--world", str(tiny_world), "--out", str(tmp_path / "d"), *small]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert set(results["models"]) == {"target", "prose", "code", "math"}
+    assert set(results["models"]) == {"target", "prose", "code", "math", "target+clm", "target+fused"}
     out = capsys.readouterr().out
     assert "bits per byte" in out and "results:" in out
 
@@ -158,3 +160,15 @@ def test_world_checks_are_computed() -> None:
     assert verdicts["source sb has the lowest bits per byte on b"] is False
     assert verdicts["target is behind the best source on b"] is False
     assert verdicts["source sa has the lowest bits per byte on a"] is True
+
+
+def test_fusion_check_compares_fused_with_clm() -> None:
+    from polyfuse.demo.run import world_checks
+
+    world = {"domains": ["a"], "models": {"s": {"role": "source", "emphasis": "a"},
+                                          "t": {"role": "target", "emphasis": "general"}}}
+    results = {"models": {"s": {"bpb": {"a": 1.0, "all": 1.0}}, "t": {"bpb": {"a": 2.0, "all": 2.0}},
+                          "t+clm": {"bpb": {"a": 1.9, "all": 1.9}}, "t+fused": {"bpb": {"a": 1.8, "all": 1.8}}}}
+    assert dict(world_checks(results, world))["t+fused beats t+clm on the mixed held-out set"] is True
+    results["models"]["t+fused"]["bpb"]["all"] = 1.95
+    assert dict(world_checks(results, world))["t+fused beats t+clm on the mixed held-out set"] is False

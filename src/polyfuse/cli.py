@@ -168,12 +168,13 @@ def demo(
     seed: Annotated[int, typer.Option(help="world and training seed")] = 0,
     budget: Annotated[float, typer.Option(help="world training budget (1.0 is about 4 minutes on 2 cores)")] = 1.0,
     preset: Annotated[str, typer.Option(help="world preset: demo or test")] = "demo",
+    overrides: Overrides = None,
 ) -> None:
-    """Build (or reuse) the tiny world and print the bits-per-byte table of sources and target."""
+    """Build (or reuse) the tiny world, fuse the sources into the target (FuseLLM) and print the table."""
     from polyfuse.demo.run import run_demo
     from polyfuse.evaluate.bpb import format_bpb_table
 
-    results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset)
+    results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset, overrides=overrides)
     out.print(format_bpb_table(results["models"], title="bits per byte on held-out text (lower is better)"))
     for text, ok in results["world_checks"]:
         out.print(f"  [{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {text}")

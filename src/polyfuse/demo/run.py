@@ -28,17 +28,23 @@ def world_checks(results: dict, world: dict) -> list[tuple[str, bool]]:
     for dom in world["domains"]:
         best_source = min(bpb[n][dom] for n, i in world["models"].items() if i["role"] == "source")
         checks.append((f"target is behind the best source on {dom}", bpb[target][dom] > best_source))
+    trained = {n: r["bpb"]["all"] for n, r in results["models"].items() if n in (f"{target}+clm", f"{target}+fused")}
+    if len(trained) == 2:
+        checks.append((f"{target}+fused beats {target}+clm on the mixed held-out set",
+                       trained[f"{target}+fused"] < trained[f"{target}+clm"]))
     return checks
 
 
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
-             budget: float = 1.0, preset: str = "demo", progress: bool = True) -> dict:
+             budget: float = 1.0, preset: str = "demo", overrides: list[str] | None = None,
+             progress: bool = True) -> dict:
     """Build the world, evaluate every model, and return the results file's contents."""
     from polyfuse.demo.world import build_world
 
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
-    recipe = load_recipe(demo_recipe_path(), [f"workdir={out}", f"world={world_dir}", f"seed={seed}"])
-    run_recipe(recipe, only=["eval"], progress=progress)  # explicit fusion joins the demo next (issue 3)
+    recipe = load_recipe(demo_recipe_path(),
+                         [f"workdir={out}", f"world={world_dir}", f"seed={seed}", *(overrides or [])])
+    run_recipe(recipe, progress=progress)
     results = read_results(Path(out) / "results.json")
     results["world_checks"] = world_checks(results, world)
     return results
