@@ -356,6 +356,18 @@ def vocab_facts(
     return VocabFacts(tokenizer_len=len(tokenizer), embedding_rows=rows, tied=tied)
 
 
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model config declares (``max_position_embeddings``, ``n_positions`` or
+    ``max_seq_len``, read from the text config of multimodal models); None when it declares none."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def bos_context_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id used as left context of a document's first token: BOS, else EOS, else ``None``.
 

@@ -39,16 +39,11 @@ def _contexts(recipe: Recipe) -> list[int]:
     """Each model's context length from its config (models that declare none are left out)."""
     from transformers import AutoConfig
 
-    out = []
-    for _, res, _ in resolve_models(recipe):
-        config = AutoConfig.from_pretrained(res.location, revision=res.revision)
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-            value = getattr(text, key, None)
-            if isinstance(value, int) and value > 0:
-                out.append(value)
-                break
-    return out
+    from polyfuse.models import context_length
+
+    lengths = (context_length(AutoConfig.from_pretrained(res.location, revision=res.revision))
+               for _, res, _ in resolve_models(recipe))
+    return [n for n in lengths if n is not None]
 
 
 def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:

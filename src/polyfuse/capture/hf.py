@@ -52,7 +52,7 @@ import torch
 from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, shard_name
 from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
 from polyfuse.errors import DataError, PolyfuseError
-from polyfuse.models import bos_context_id, pick_device, pick_dtype, vocab_facts
+from polyfuse.models import bos_context_id, context_length, pick_device, pick_dtype, vocab_facts
 from polyfuse.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -326,11 +326,7 @@ def capture_meta(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def _max_positions(model: PreTrainedModel) -> int | None:
-    config = model.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) else None
-
+    return context_length(model.config)
 
 def _place(model: PreTrainedModel, device: str | torch.device | None, fallback: torch.device | None) -> None:
     """Move the model to ``device`` (or accelerate's) if it is elsewhere, in that device's auto dtype."""

@@ -32,7 +32,7 @@ import torch
 
 from polyfuse.corpus.documents import read_documents
 from polyfuse.errors import DataError
-from polyfuse.models import bos_context_id
+from polyfuse.models import bos_context_id, context_length
 from polyfuse.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -141,13 +141,7 @@ def plan_windows(n_tokens_with_ctx: int, max_length: int, stride: int) -> list[W
 def _model_context(model: PreTrainedModel) -> int | None:
     """The model's maximum sequence length from its config, if it declares one."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_length(config) if config is not None else None
 
 
 def _default_max_length(model: PreTrainedModel) -> int:
