@@ -181,6 +181,27 @@ def demo(
     out.print(f"results: {out_dir / 'results.json'}")
 
 
+@app.command()
+def bench(
+    suites: Annotated[list[str] | None, typer.Argument(help="suites to run: fusion (default), merge")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object {key: value}")] = False,
+    quick: Annotated[bool, typer.Option(help="smaller inputs (a smoke run; figures are not the reported ones)")] = False,
+    workdir: Annotated[Path, typer.Option(help="scratch directory for generated inputs")] = Path("runs/bench"),
+) -> None:
+    """Measure speed and memory as ratios taken side by side in one run."""
+    from polyfuse.bench import run_suites
+
+    figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir)
+    if as_json:
+        typer.echo(json.dumps({f.key: round(f.value, 6) for f in figures}))
+        return
+    for f in figures:
+        out.print(f"{f.key:32s} {f.value:12.4g} {f.unit:10s} {f.detail}", highlight=False)
+
+
+# ---- commands of other families (merge, implicit, report) are added below this line ----
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; user errors print one line and return 2."""
     command = typer.main.get_command(app)

@@ -278,6 +278,10 @@ def _train_rows(recipe: Recipe, with_teacher: bool) -> list[dict]:
     return rows
 
 
+DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "baseline")
+"""Train settings that only the fused run reads; changing them leaves target+clm current."""
+
+
 def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Continual training of the target: fused (w·CLM + (1−w)·distill) and the plain-CLM baseline."""
     from polyfuse.fuse.trainer import FusionConfig, train_fusion
@@ -289,7 +293,10 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
         runs["clm"] = False
     results = {}
     for run_name, with_teacher in runs.items():
-        cfg = {"train": recipe.section_dict("train"), "seed": recipe.seed, "teacher": with_teacher,
+        train_cfg = recipe.section_dict("train")
+        if not with_teacher:  # the baseline does not depend on the distillation settings
+            train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
+        cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
                "fuse": recipe.section_dict("fuse") if with_teacher else None}
         inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
                   **({"fuse": stage_dir(recipe, "fuse")} if with_teacher else {})}
