@@ -1,7 +1,8 @@
-"""The top-k store: exact fp16 round trip, id packing, memory-mapped reads, datasets compatibility, size."""
+"""The top-k store: exact fp16 round trip, bit-packed ids, memory-mapped reads, datasets compatibility, size."""
 
 from __future__ import annotations
 
+import filecmp
 import json
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from polyfuse.capture.store import (
     BlockTopK,
     StoreReader,
     StoreWriter,
-    decode_ids,
-    encode_ids,
-    id_width_for,
+    id_bits_for,
+    pack_ids,
     shard_name,
+    unpack_ids,
 )
 from polyfuse.errors import DataError
 
@@ -52,33 +53,69 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("vocab", "width"),
+    ("vocab", "bits"),
     [
-        (1, 2),
-        (512, 2),
-        (65_535, 2),
-        (65_536, 3),
-        (152_064, 3),
-        (262_144, 3),
-        ((1 << 24) - 1, 3),
-        (1 << 24, 4),
+        (1, 1),
+        (2, 2),
+        (3, 2),
+        (4, 3),
+        (512, 10),
+        (32_000, 15),
+        (50_432, 16),
+        (65_535, 16),
+        (65_536, 17),
+        (151_936, 18),
+        (262_144, 19),
+        ((1 << 24) - 1, 24),
+        (1 << 24, 25),
     ],
 )
-def test_id_width(vocab: int, width: int) -> None:
-    assert id_width_for(vocab) == width
+def test_id_bits(vocab: int, bits: int) -> None:
+    """ceil(log2(V + 1)): the ids 0..V-1 and one PAD value."""
+    assert id_bits_for(vocab) == bits
+    assert vocab <= (1 << bits) - 1 < 2 * vocab + 1
 
 
-@pytest.mark.parametrize("width", [2, 3, 4])
-def test_id_packing_round_trip(width: int) -> None:
-    top = (1 << (8 * width)) - 2  # largest id; the next value is PAD
-    ids = np.array([[0, 1, 255, 256, 65_534], [top, -1, -1, 7, top - 1]], dtype=np.int64)
-    raw = encode_ids(ids, width)
-    assert len(raw) == ids.size * width
-    assert raw[:width] == bytes(width) and raw[2 * width : 3 * width] == (255).to_bytes(width, "little")
-    np.testing.assert_array_equal(decode_ids(raw, width).reshape(ids.shape), ids)
+def edge_vocabs() -> list[int]:
+    """V = 2**n - 1, 2**n, 2**n + 1 for n = 1..24, restricted to 2..2**24."""
+    return sorted({v for n in range(1, 25) for v in (2**n - 1, 2**n, 2**n + 1) if 2 <= v <= 1 << 24})
 
 
-@pytest.mark.parametrize("vocab", [512, 70_000, 1 << 24])
+def test_id_packing_round_trip_every_edge() -> None:
+    """Each edge vocabulary and k = 1..16: 0, V - 1, PAD and random ids survive; the size is exact."""
+    rng = np.random.default_rng(10)
+    for vocab in edge_vocabs():
+        bits = id_bits_for(vocab)
+        for k in range(1, 17):
+            P = 3 + k % 4
+            ids = rng.integers(0, vocab, size=(P, k))  # [P, k]
+            ids[0, 0], ids[-1, -1] = vocab - 1, 0
+            ids[1, k // 2 :] = -1
+            raw = pack_ids(ids, bits)
+            assert len(raw) == -(-ids.size * bits // 8), (vocab, k)
+            got = unpack_ids(raw, bits, ids.size).reshape(P, k)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, ids, err_msg=f"vocab {vocab}, k {k}")
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 9, 17, 24, 25, 32])
+def test_id_packing_layout(bits: int) -> None:
+    """LSB-first bit stream: id i sits at stream bits [i * bits, (i + 1) * bits); padding bits are zero."""
+    pad = (1 << bits) - 1
+    ids = np.array([0, min(1, pad - 1), pad - 1, -1, (pad - 1) // 3, 5 % pad], dtype=np.int64)
+    raw = pack_ids(ids, bits)
+    stream = int.from_bytes(raw, "little")
+    want = sum((pad if v < 0 else int(v)) << (i * bits) for i, v in enumerate(ids))
+    assert stream == want and len(raw) == -(-len(ids) * bits // 8)
+    np.testing.assert_array_equal(unpack_ids(raw, bits, len(ids)), ids)
+    assert unpack_ids(raw, bits, 0).shape == (0,) and pack_ids(np.zeros(0, np.int64), bits) == b""
+    with pytest.raises(ValueError, match=r"\[-1, "):
+        pack_ids(np.array([pad]), bits)
+    with pytest.raises(ValueError, match="fewer than"):
+        unpack_ids(raw, bits, len(ids) + 8)
+
+
+@pytest.mark.parametrize("vocab", [2, 512, 65_535, 65_536, 70_000, (1 << 24) - 1, 1 << 24])
 def test_round_trip_is_exact(tmp_path: Path, vocab: int) -> None:
     rng = np.random.default_rng(0)
     k = 10
@@ -90,8 +127,11 @@ def test_round_trip_is_exact(tmp_path: Path, vocab: int) -> None:
         ],
         [random_block(rng, 3, 1, k, vocab)],
     ]
+    odd = shards[0][0]
+    odd.logprobs[1, 0], odd.logprobs[2, 0] = np.float16(0.0), np.float16(-0.0)  # signed zeros stay as they are
+    odd.target_logprob[3] = np.float16(np.nan)  # aligned stores mark unaligned positions with NaN
     reader = write_store(tmp_path / "s", shards, k=k, vocab=vocab)
-    assert reader.id_width == id_width_for(vocab) and reader.k == k and reader.vocab_size == vocab
+    assert reader.id_bits == id_bits_for(vocab) and reader.k == k and reader.vocab_size == vocab
     assert len(reader) == 4 and reader.block_ids == [0, 1, 2, 3]
     for want in (row for rows in shards for row in rows):
         got = reader[want.block_id]
@@ -138,8 +178,8 @@ def test_store_json_contents(tmp_path: Path) -> None:
         tmp_path / "s", [[random_block(rng, 0, 10, 3, 64)], [random_block(rng, 1, 4, 3, 64)]], k=3, vocab=64
     )
     info = reader.info
-    assert info["format"] == "polyfuse.topk" and info["format_version"] == 1
-    assert (info["k"], info["vocab_size"], info["id_width"]) == (3, 64, 2)
+    assert info["format"] == "polyfuse.topk" and info["format_version"] == 2
+    assert (info["k"], info["vocab_size"], info["id_bits"]) == (3, 64, 7)
     assert info["meta"] == {"model": "test", "temperature": 1.0} and reader.temperature == 1.0
     assert (info["blocks"], info["positions"]) == (2, 14)
     assert [s["file"] for s in info["shards"]] == [shard_name(0), shard_name(1)]
@@ -170,21 +210,51 @@ def test_readable_with_datasets(tmp_path: Path) -> None:
     ]
     assert ds["block_id"] == [0, 1, 2] and ds["n_positions"] == [6, 7, 8]
     row = ds[1]
-    ids = np.frombuffer(row["topk_ids"], dtype="<u2").reshape(-1, 10)
+    ids = unpack_ids(row["topk_ids"], id_bits_for(512), 7 * 10).reshape(-1, 10)
     np.testing.assert_array_equal(ids, rows[1].ids)
     assert same_bits(np.frombuffer(row["topk_logprobs"], dtype="<f2").reshape(-1, 10), rows[1].logprobs)
 
 
-@pytest.mark.parametrize(("vocab", "per_position"), [(512, 42), (152_064, 52)])
-def test_bytes_per_token(tmp_path: Path, vocab: int, per_position: int) -> None:
-    """k = 10: 2-byte ids give 42 B/position, 3-byte ids 52 B, plus ~32 B per block and ~1 KiB per shard."""
+@pytest.mark.parametrize(
+    ("vocab", "per_position"),
+    [(32_000, 40.75), (50_432, 42.0), (128_256, 43.25), (151_936, 44.5), (256_000, 44.5), (262_144, 45.75)],
+)
+def test_bytes_per_token_k10(tmp_path: Path, vocab: int, per_position: float) -> None:
+    """k = 10 on 2,047-token blocks: k * id_bits / 8 + 22 B/position (+ 32 B/block, ~1 KiB/shard), <= 48."""
     rng = np.random.default_rng(5)
-    shards = [[random_block(rng, s * 64 + i, 2047, 10, vocab) for i in range(64)] for s in range(2)]
+    shards = [[random_block(rng, s * 16 + i, 2047, 10, vocab, n_pad=i % 2) for i in range(16)] for s in range(2)]
     reader = write_store(tmp_path / "s", shards, k=10, vocab=vocab)
-    bpt = reader.bytes_per_token()
-    assert per_position < bpt < per_position + 0.1
-    if reader.id_width == 2:
-        assert bpt <= 48
+    shard_bytes = sum((tmp_path / "s" / shard_name(i)).stat().st_size for i in range(2))
+    per_token = shard_bytes / reader.n_positions
+    assert reader.n_positions == 32 * 2047
+    assert per_position < per_token < per_position + 0.05
+    assert per_token < reader.bytes_per_token() < per_position + 0.1  # store.json included
+    assert reader.bytes_per_token() <= 48
+
+
+def test_rewrite_is_byte_identical(tmp_path: Path) -> None:
+    """Same rows, same settings: the same shard bytes and store.json (what resume relies on)."""
+    rng = np.random.default_rng(11)
+    shards = [[random_block(rng, i, 50 + i, 10, 151_936, n_pad=i % 3) for i in range(4)] for _ in range(2)]
+    shards[1] = [BlockTopK(r.block_id + 10, r.ids, r.logprobs, r.target_logprob, r.nll_sum) for r in shards[1]]
+    write_store(tmp_path / "a", shards, k=10, vocab=151_936)
+    write_store(tmp_path / "b", shards, k=10, vocab=151_936)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [shard_name(0), shard_name(1), STORE_NAME]
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", names, shallow=False)
+    assert not mismatch and not errors
+
+
+def test_ids_column_is_memory_mapped_and_packed(tmp_path: Path) -> None:
+    """The ids column of a mapped shard holds exactly ceil(P * k * bits / 8) bytes per block."""
+    rng = np.random.default_rng(12)
+    rows = [random_block(rng, i, P, 10, 151_936) for i, P in enumerate((1, 7, 2047))]
+    reader = write_store(tmp_path / "s", [rows], k=10, vocab=151_936)
+    view = reader._batches[0]
+    off, raw = view.binary["topk_ids"]
+    assert np.diff(off).tolist() == [-(-P * 10 * 18 // 8) for P in (1, 7, 2047)]
+    lp_off, lp_raw = view.binary["topk_logprobs"]
+    assert np.shares_memory(reader[2].logprobs, lp_raw)  # the reader's view is the mapped buffer itself
 
 
 def test_writer_validates_rows(tmp_path: Path) -> None:
@@ -245,5 +315,19 @@ def test_reader_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a top-k store"):
         StoreReader(tmp_path)
     (tmp_path / STORE_NAME).write_text(json.dumps({"format": "polyfuse.topk", "format_version": 99}))
-    with pytest.raises(DataError, match="version 99"):
+    with pytest.raises(DataError, match="version 99.*re-run the capture"):
         StoreReader(tmp_path)
+
+
+def test_version_1_stores_are_refused_with_the_fix(tmp_path: Path) -> None:
+    """A finalized or pending store of format 1 (byte-aligned ids) is neither read nor resumed into."""
+    old = {"format": "polyfuse.topk", "format_version": 1, "k": 10, "vocab_size": 512, "id_width": 2,
+           "meta": {"temperature": 1.0}, "blocks": 0, "positions": 0, "shards": []}
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / STORE_NAME).write_text(json.dumps(old))
+    with pytest.raises(DataError, match=r"version 1, this polyfuse reads 'polyfuse.topk' version 2.*--force"):
+        StoreReader(tmp_path / "done")
+    (tmp_path / "pending").mkdir()
+    (tmp_path / "pending" / PENDING_NAME).write_text(json.dumps(old))
+    with pytest.raises(DataError, match="format version 1.*re-run the capture"):
+        StoreWriter(tmp_path / "pending", k=10, vocab_size=512, meta={})

@@ -14,10 +14,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, id_width_for, is_store
+from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, id_bits_for, is_store
 from polyfuse.errors import PolyfuseError
 
-__all__ = ["BACKENDS", "BlockTopK", "StoreReader", "StoreWriter", "get_backend", "id_width_for", "is_store"]
+__all__ = ["BACKENDS", "BlockTopK", "StoreReader", "StoreWriter", "get_backend", "id_bits_for", "is_store"]
 
 BACKENDS: dict[str, str] = {
     "hf": "polyfuse.capture.hf:capture",

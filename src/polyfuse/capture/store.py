@@ -3,8 +3,9 @@ the on-disk layout.
 
 A store is a directory::
 
-    store.json            format version, k, vocab_size, id_width, meta (model, tokenizer, temperature, ...),
-                          and the shard list (file, rows, block range, positions, bytes, sha256)
+    store.json            format, format_version (2), k, vocab_size, id_bits, meta (model, tokenizer,
+                          temperature, ...), blocks, positions and the shard list (file, index, rows,
+                          first/last block, positions, bytes, sha256)
     shard-00000.arrow     Arrow IPC *stream* files, uncompressed (the `.arrow` files of `datasets`):
     shard-00001.arrow     memory-mapped on read; `datasets.Dataset.from_file(path)` opens one as is
 
@@ -16,23 +17,49 @@ column             type       content
 ``block_id``       int64      the block's id (any int; unique within the store)
 ``n_positions``    int32      P
 ``nll_sum``        float64    sum over positions of -ln p(actual next token) (from fp32 values)
-``topk_ids``       binary     P x k ids, row-major, little-endian unsigned at ``id_width`` bytes
-``topk_logprobs``  binary     P x k float16 log-probs, sorted descending within a position
+``topk_ids``       binary     P x k ids, row-major, bit-packed at ``id_bits`` bits each
+``topk_logprobs``  binary     P x k float16 (little-endian) log-probs, sorted descending per position
 ``target_logprob`` binary     P float16: log-prob of the actual next token
 =================  =========  ==================================================================
 
-``id_width`` is the fewest bytes that hold every id plus one reserved PAD value (the width's
-maximum): 2 for vocab_size <= 65,535, 3 up to 2**24 - 1, else 4. A padding entry (a fused or
-aligned store with fewer than k valid entries at a position) has id PAD and log-prob -inf; the
-reader returns it as id -1; a real entry's log-prob is finite (captures clamp it to -65504, the
-smallest fp16). At k = 10 a position costs 10*2 + 10*2 + 2 = 42 bytes with 2-byte ids (52 with
-3-byte ids), plus 32 bytes per block (fixed columns and offsets) and ~1 KiB per shard (schema,
-`store.json`).
+**Ids.** ``id_bits`` = ``vocab_size.bit_length()`` = ceil(log2(vocab_size + 1)): the fewest bits that
+hold every id ``0..vocab_size-1`` plus one reserved PAD value, ``2**id_bits - 1``. A block's ``P * k``
+ids form one bit stream, least significant bit first: id i occupies stream bits
+``[i * id_bits, (i + 1) * id_bits)``, and stream bit j is bit ``j % 8`` of byte ``j // 8`` (numpy's
+``bitorder="little"``); the last byte is zero-padded, so the column holds ``ceil(P * k * id_bits / 8)``
+bytes. :func:`pack_ids` and :func:`unpack_ids` are the vectorised codec.
+
+**Padding.** A padding entry (a fused or aligned store with fewer than k valid entries at a position)
+has id PAD and log-prob -inf; the reader returns it as id -1. A real entry's log-prob is finite
+(captures clamp it to -65504, the smallest fp16). Log-probs are stored bit for bit (NaN payloads and
+signed zeros included): nothing of the fp16 values is lost.
+
+**Size.** A position costs ``k * id_bits / 8 + 2 * k + 2`` bytes, plus 32 bytes per block (fixed
+columns and offsets) and ~1 KiB per shard (schema, ``store.json``). At k = 10:
+
+======================  =======  ================  ==========================================
+vocab_size              id_bits  bytes / position  e.g.
+======================  =======  ================  ==========================================
+16,384 .. 32,767        15       40.75             Llama-2, Mistral-7B (32,000)
+32,768 .. 65,535        16       42.0              GPT-2 (50,257), MPT (50,432)
+65,536 .. 131,071       17       43.25             Llama-3 (128,256)
+131,072 .. 262,143      18       44.5              Qwen2 (151,936), BLOOM (250,880)
+262,144 .. 524,287      19       45.75             Gemma-3 (262,144)
+524,288 .. 1,048,575    20       47.0
+======================  =======  ================  ==========================================
+
+so every vocabulary up to 1,048,575 ids stays under 48 bytes per position at k = 10 (larger ones
+cost 1.25 bytes per extra bit, up to 53.25 at 2**24).
+
+**Versions.** Version 1 (byte-aligned 2/3/4-byte ids, ``id_width``) is not read: the reader names
+the fix (capture again). A shard's schema metadata (key ``polyfuse.topk``) repeats k, id_bits and the
+format version, so a lone shard can be decoded.
 
 Writing is resumable: each shard is written to a temp file and renamed, so a shard file that
 exists is complete; `store.json` is written last, by :meth:`StoreWriter.finalize`. Until then
 `store.pending.json` records what the store is for, so a resumed writer with different settings is
-refused instead of mixing two stores.
+refused instead of mixing two stores. The bytes of a shard depend only on its rows, so a rerun
+writes byte-identical shards.
 
     >>> w = StoreWriter(out, k=10, vocab_size=512, meta={"model": "world:prose"})
     >>> w.write_shard(0, [BlockTopK(0, ids, logprobs, target_logprob, nll_sum)])
@@ -65,20 +92,21 @@ __all__ = [
     "BlockTopK",
     "StoreReader",
     "StoreWriter",
-    "decode_ids",
-    "encode_ids",
-    "id_width_for",
+    "id_bits_for",
     "is_store",
+    "pack_ids",
     "shard_name",
+    "unpack_ids",
 ]
 
 FORMAT = "polyfuse.topk"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STORE_NAME = "store.json"
 PENDING_NAME = "store.pending.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
 _BINARY_LIMIT = (1 << 31) - 1  # int32 offsets of `binary`; bigger shard columns use `large_binary`
-_IDENTITY_KEYS = ("format", "format_version", "k", "vocab_size", "id_width", "meta")
+_IDENTITY_KEYS = ("format", "format_version", "k", "vocab_size", "id_bits", "meta")
+_MAX_ID_BITS = 32
 
 
 def shard_name(index: int) -> str:
@@ -86,41 +114,54 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
-def id_width_for(vocab_size: int) -> int:
-    """Bytes per stored id: the fewest (2, 3 or 4) that hold ids ``0..vocab_size-1`` plus the PAD value."""
+def id_bits_for(vocab_size: int) -> int:
+    """Bits per stored id: ceil(log2(vocab_size + 1)), room for ids ``0..vocab_size-1`` plus the PAD value."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    for width in (2, 3, 4):
-        if vocab_size <= (1 << (8 * width)) - 1:
-            return width
-    raise ValueError(f"vocab_size {vocab_size} does not fit 4-byte ids")
+    bits = int(vocab_size).bit_length()
+    if bits > _MAX_ID_BITS:
+        raise ValueError(f"vocab_size {vocab_size} does not fit {_MAX_ID_BITS}-bit ids")
+    return bits
 
 
-def _pad_value(width: int) -> int:
-    return (1 << (8 * width)) - 1
+def _pad_value(bits: int) -> int:
+    return (1 << bits) - 1
 
 
-def encode_ids(ids: np.ndarray, width: int) -> bytes:
-    """Pack int ids (-1 = padding) as little-endian unsigned ints of ``width`` bytes (-1 -> PAD)."""
-    flat = np.where(ids < 0, _pad_value(width), ids).astype("<u4").reshape(-1)  # [n]
-    if width == 4:
-        return flat.tobytes()
-    if width == 2:
-        return flat.astype("<u2").tobytes()
-    return flat.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()  # [n, 3] low bytes first
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= _MAX_ID_BITS:
+        raise ValueError(f"id bits must lie in [1, {_MAX_ID_BITS}], got {bits}")
 
 
-def decode_ids(data: np.ndarray | bytes | memoryview, width: int) -> np.ndarray:
-    """Inverse of :func:`encode_ids`: int64 ids ``[n]`` with PAD returned as -1."""
+def pack_ids(ids: np.ndarray, bits: int) -> bytes:
+    """Bit-pack int ids (-1 = padding -> PAD) at ``bits`` bits each, LSB first; ``ceil(n * bits / 8)`` bytes.
+
+    ``ids`` of any shape (flattened row-major, ``n`` entries) with values in ``[-1, 2**bits - 1)``.
+    """
+    _check_bits(bits)
+    flat = np.asarray(ids).reshape(-1)  # [n]
+    if flat.size and (flat.min() < -1 or flat.max() >= _pad_value(bits)):
+        raise ValueError(f"ids must lie in [-1, {_pad_value(bits)}) to pack them at {bits} bits")
+    words = np.where(flat < 0, _pad_value(bits), flat).astype("<u4")  # [n]
+    stream = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # [n, 32]
+    return np.packbits(stream[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_ids(data: np.ndarray | bytes | memoryview, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_ids`: the first ``count`` ids as int64 ``[count]``, PAD returned as -1.
+
+    Each id is read from the 8 bytes starting at its first byte (one gather, one shift, one mask).
+    """
+    _check_bits(bits)
     raw = np.frombuffer(data, dtype=np.uint8)
-    if width == 2:
-        ids = raw.view("<u2").astype(np.int64)
-    elif width == 4:
-        ids = raw.view("<u4").astype(np.int64)
-    else:
-        trip = raw.reshape(-1, 3).astype(np.int64)  # [n, 3]
-        ids = trip[:, 0] | (trip[:, 1] << 8) | (trip[:, 2] << 16)
-    ids[ids == _pad_value(width)] = -1
+    if raw.size * 8 < count * bits:
+        raise ValueError(f"{raw.size} bytes hold fewer than {count} ids of {bits} bits")
+    start = np.arange(count, dtype=np.int64) * bits  # [count] first stream bit of each id
+    padded = np.concatenate([raw[: (count * bits + 7) // 8], np.zeros(8, np.uint8)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 8)[start >> 3]  # [count, 8]
+    words = np.ascontiguousarray(windows).view("<u8")[:, 0]  # [count]
+    ids = ((words >> (start & 7).astype(np.uint64)) & np.uint64(_pad_value(bits))).astype(np.int64)
+    ids[ids == _pad_value(bits)] = -1
     return ids
 
 
@@ -179,7 +220,7 @@ class StoreWriter:
     Args:
         out_dir: the store directory (created if missing).
         k: entries per position.
-        vocab_size: ids are in ``[0, vocab_size)``; decides ``id_width``.
+        vocab_size: ids are in ``[0, vocab_size)``; decides ``id_bits``.
         meta: what produced the store (model ref, tokenizer name and length, temperature, ...);
             JSON-serialisable, kept in ``store.json``. ``temperature`` defaults to 1.0.
 
@@ -193,14 +234,14 @@ class StoreWriter:
         self.out_dir = Path(out_dir)
         self.k = int(k)
         self.vocab_size = int(vocab_size)
-        self.id_width = id_width_for(self.vocab_size)
+        self.id_bits = id_bits_for(self.vocab_size)
         meta = normalise_config({"temperature": 1.0, **dict(meta)})
         self.identity: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "k": self.k,
             "vocab_size": self.vocab_size,
-            "id_width": self.id_width,
+            "id_bits": self.id_bits,
             "meta": meta,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,6 +258,12 @@ class StoreWriter:
             if not path.is_file():
                 continue
             found = _read_json(path)
+            if found.get("format_version") != FORMAT_VERSION:
+                raise DataError(
+                    f"{path}: a store of format version {found.get('format_version')!r}, this polyfuse writes "
+                    f"version {FORMAT_VERSION}; delete {self.out_dir} and re-run the capture (or rerun the "
+                    "stage with --force)"
+                )
             old = {key: found.get(key) for key in _IDENTITY_KEYS}
             if old != self.identity:
                 diff = sorted(key for key in _IDENTITY_KEYS if old.get(key) != self.identity[key])
@@ -263,7 +310,7 @@ class StoreWriter:
         """Write shard ``shard_index`` (one row per block, in the given order) atomically; return its path."""
         for row in rows:
             self._check_row(row)
-        info = {"k": self.k, "id_width": self.id_width, "format_version": FORMAT_VERSION}
+        info = {"k": self.k, "id_bits": self.id_bits, "format_version": FORMAT_VERSION}
         schema = pa.schema(
             [
                 ("block_id", pa.int64()),
@@ -279,7 +326,7 @@ class StoreWriter:
             pa.array([int(r.block_id) for r in rows], type=pa.int64()),
             pa.array([r.n_positions for r in rows], type=pa.int32()),
             pa.array([float(r.nll_sum) for r in rows], type=pa.float64()),
-            _binary([encode_ids(r.ids, self.id_width) for r in rows]),
+            _binary([pack_ids(r.ids, self.id_bits) for r in rows]),
             _binary([np.ascontiguousarray(r.logprobs, dtype="<f2").tobytes() for r in rows]),
             _binary([np.ascontiguousarray(r.target_logprob, dtype="<f2").tobytes() for r in rows]),
         ]
@@ -406,11 +453,12 @@ class StoreReader:
         if self.info.get("format") != FORMAT or self.info.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{file}: format {self.info.get('format')!r} version {self.info.get('format_version')!r}, "
-                f"this polyfuse reads {FORMAT!r} version {FORMAT_VERSION}; capture again with this version"
+                f"this polyfuse reads {FORMAT!r} version {FORMAT_VERSION} only; re-run the capture to rewrite it "
+                "(polyfuse capture RECIPE --force, then polyfuse run RECIPE for the stages after it)"
             )
         self.k = int(self.info["k"])
         self.vocab_size = int(self.info["vocab_size"])
-        self.id_width = int(self.info["id_width"])
+        self.id_bits = int(self.info["id_bits"])
         self._batches: list[_Batch] = []
         self._index: dict[int, tuple[int, int]] = {}
         for shard in self.info["shards"]:
@@ -460,7 +508,7 @@ class StoreReader:
         lp = batch.bytes_of("topk_logprobs", row).view("<f2").reshape(-1, self.k)  # [P, k]
         return BlockTopK(
             block_id=int(block_id),
-            ids=decode_ids(batch.bytes_of("topk_ids", row), self.id_width).reshape(-1, self.k),  # [P, k]
+            ids=unpack_ids(batch.bytes_of("topk_ids", row), self.id_bits, lp.size).reshape(-1, self.k),  # [P, k]
             logprobs=lp,
             target_logprob=batch.bytes_of("target_logprob", row).view("<f2"),  # [P]
             nll_sum=float(batch.nll_sum[row]),
