@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -122,6 +123,26 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
     before = (run / "train" / "fused" / "manifest.json").read_text()
     assert main(["run", str(path), *small]) == 0
     assert (run / "train" / "fused" / "manifest.json").read_text() == before
+
+
+def test_stats_vocab_stage_counts_dtw_pairs_on_the_blocks(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    """vocab.method=stats: FuseChat's co-alignment map over the recipe's blocks, mined map as fallback."""
+    from polyfuse.align.vocab import MapKind, VocabMap
+
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "vocab.method=stats"]
+    assert main(["vocab", str(path), *small]) == 2           # the blocks do not exist yet: one-line error
+    assert "polyfuse blocks RECIPE" in _one_line_error(capsys)
+    assert main(["blocks", str(path), *small]) == 0
+    assert main(["vocab", str(path), *small]) == 0
+    vmap = VocabMap.load(tmp_path / "run" / "vocab" / "prose")
+    assert vmap.method == "stats" and vmap.has_stats
+    assert (vmap.kind == MapKind.STATS).sum() > 0          # statistics were used for some ids
+    assert (vmap.kind == MapKind.MINED).sum() > 0          # ids never co-aligned keep the mined map
+    manifest = json.loads((tmp_path / "run" / "vocab" / "prose" / "manifest.json").read_text())
+    assert "blocks" in manifest["inputs"]                  # more blocks -> a new map
+    ids, weights = vmap.candidates(int(np.nonzero(vmap.kind == MapKind.STATS)[0][0]))
+    assert len(ids) >= 1 and abs(float(weights.sum()) - 1.0) < 1e-5
 
 
 def test_demo_recipe_validates(tmp_path: Path) -> None:

@@ -119,22 +119,46 @@ def vocab_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     toks = _tokenizers(recipe)
     target = recipe.target.name
     resolved = {name: res for name, res, _ in resolve_models(recipe)}
+    opts = recipe.vocab
     results = {}
     for spec in recipe.sources:
-        if recipe.vocab.method == "stats":
-            raise RecipeError("vocab.method=stats is not available yet; use exact or mined")
         cfg = {"vocab": recipe.section_dict("vocab"), "source": str(resolved[spec.name]),
                "target": str(resolved[target])}
+        inputs = {"source": resolved[spec.name].location, "target": resolved[target].location}
+        if opts.method == "stats":  # counted on the blocks: they are an input
+            inputs["blocks"] = stage_dir(recipe, "blocks")
 
         def build(out: Path, name=spec.name) -> dict:
-            vmap = vocab_map(toks[name], toks[target], recipe.vocab.method)
+            if opts.method == "stats":
+                vmap = _stats_map(recipe, toks[name], toks[target],
+                                  vocab_map(toks[name], toks[target], opts.stats_fallback))
+            else:
+                vmap = vocab_map(toks[name], toks[target], opts.method)
             vmap.save(out)
             return vmap.summary()
 
-        results[spec.name] = run_stage(stage_dir(recipe, "vocab", spec.name), "vocab", cfg,
-                                       {"source": resolved[spec.name].location,
-                                        "target": resolved[target].location}, build, force=force)
+        results[spec.name] = run_stage(stage_dir(recipe, "vocab", spec.name), "vocab", cfg, inputs, build,
+                                       force=force)
     return results
+
+
+def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
+    """FuseChat's statistics map, counted over DTW alignments of the recipe's blocks (spec §2.2).
+
+    DTW, not offsets: pairs with identical character spans would only re-discover the exact map;
+    DTW also pairs differently cut tokens, which is where the statistics add information.
+    """
+    from polyfuse.align.tokens import align_blocks
+    from polyfuse.align.vocab import count_aligned_pairs, stats_map
+    from polyfuse.corpus.tokens import encode_blocks
+
+    texts = [b.text for b in _blocks(recipe)]
+    src_enc, tgt_enc = encode_blocks(src_tok, texts), encode_blocks(tgt_tok, texts)
+    alignments = (align_blocks(s, t, method="dtw", src_tokenizer=src_tok, tgt_tokenizer=tgt_tok)
+                  for s, t in zip(src_enc, tgt_enc, strict=True))
+    counts = count_aligned_pairs(src_enc, tgt_enc, alignments)
+    return stats_map(counts, len(src_tok), len(tgt_tok), fallback=fallback,
+                     min_count=recipe.vocab.stats_min_count)
 
 
 def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:

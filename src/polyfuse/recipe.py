@@ -291,6 +291,10 @@ class VocabSection(Section):
     method: Literal["exact", "mined", "stats"] = Field(
         "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
         "FuseLLM) or stats (co-alignment statistics, FuseChat)")
+    stats_fallback: Literal["exact", "mined"] = Field(
+        "mined", description="stats only: the map used for source ids never co-aligned on the corpus")
+    stats_min_count: int = Field(
+        1, ge=1, description="stats only: co-alignments a source id needs before its statistics are used")
 
 
 class AlignSection(Section):

@@ -151,7 +151,13 @@ def hash_input(value: str | Path) -> str:
 
 
 def hash_inputs(inputs: Mapping[str, str | Path]) -> dict[str, str]:
-    """`{name: hash_input(value)}` for every input."""
+    """`{name: hash_input(value)}` for every input; a missing input path names the stage that makes it."""
+    missing = [(name, value) for name, value in inputs.items() if isinstance(value, Path) and not value.exists()]
+    if missing:
+        name, value = missing[0]
+        raise DataError(f"input {name!r} ({value}) does not exist yet: build it first, e.g. with "
+                        f"'polyfuse {name.split(':')[0].split('_')[-1]} RECIPE' or run every stage with "
+                        f"'polyfuse run RECIPE'")
     return {name: hash_input(value) for name, value in inputs.items()}
 
 
