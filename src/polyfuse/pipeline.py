@@ -12,7 +12,7 @@ from pathlib import Path
 
 from polyfuse.errors import RecipeError
 from polyfuse.recipe import Recipe
-from polyfuse.workspace import StageResult, atomic_write_json, run_stage
+from polyfuse.workspace import StageResult, atomic_write_json, current_ranks, run_stage
 
 
 def resolve_models(recipe: Recipe) -> list:
@@ -108,7 +108,7 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
 
         results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
                                   {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,
-                                  force=force, resumable=True)
+                                  force=force, resumable=True, collective=True)
     return results
 
 
@@ -340,7 +340,7 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
 
         results[run_name] = run_stage(stage_dir(recipe, "train", run_name), "train", cfg, inputs, build,
-                                      force=force, resumable=True)
+                                      force=force, resumable=True, collective=True)
     return results
 
 
@@ -382,8 +382,9 @@ def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
 
         res_stage = run_stage(stage_dir(recipe, "eval", name), "eval", cfg,
                               {"data": corpus, "model": res.location}, build, force=force)
-        update_results(Path(recipe.workdir) / "results.json", {name: {"bpb": res_stage.manifest.outputs["bpb"]}},
-                       meta={"bpb": {"split": recipe.data.split, **recipe.section_dict("eval")}})
+        if current_ranks().main:
+            update_results(Path(recipe.workdir) / "results.json", {name: {"bpb": res_stage.manifest.outputs["bpb"]}},
+                           meta={"bpb": {"split": recipe.data.split, **recipe.section_dict("eval")}})
         results[name] = res_stage
     return results
 

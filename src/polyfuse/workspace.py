@@ -11,6 +11,12 @@ A *resumable* stage (`run_stage(..., resumable=True)`) is built in a persistent 
 with what the last run wrote, to `build`, which skips the work already there. The partial directory
 holds `key.json` (stage, config, input hashes) and is wiped when they change.
 
+Under several processes (``accelerate launch``/``torchrun``: ``WORLD_SIZE`` > 1) every rank calls
+`run_stage` with the same arguments. Rank 0 alone opens, wipes and swaps in directories and writes
+manifests; the others wait at barriers. A *collective* stage (`collective=True`: capture, training)
+is built by every rank in the same directory, each writing its own share; any other stage is built
+by rank 0 alone. A failure on any rank is raised on every rank.
+
 This module knows nothing about what a stage computes::
 
     def build(tmp: Path) -> dict:
@@ -46,11 +52,13 @@ __all__ = [
     "MANIFEST_NAME",
     "PARTIAL_KEY_NAME",
     "Manifest",
+    "Ranks",
     "StageResult",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "clean_stale_temps",
+    "current_ranks",
     "hash_file",
     "hash_input",
     "hash_inputs",
@@ -424,6 +432,62 @@ def _open_partial(
     atomic_write_json(key_file, key)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes running a pipeline (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+
+def current_ranks() -> Ranks:
+    """Rank and world size from an initialised process group, else from ``WORLD_SIZE``/``RANK``.
+
+    With ``WORLD_SIZE`` > 1 and no process group yet, ``accelerate.PartialState()`` creates it (gloo
+    on CPU, nccl on GPU), as ``accelerate launch`` and the HF Trainer would.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState()
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _raise_if_any_failed(ranks: Ranks, error: BaseException | None, stage: str) -> None:
+    """Share each rank's failure; re-raise the own one, or report another rank's."""
+    failures = ranks.gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(failures) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise DataError(f"stage {stage} failed on rank {rank}: {msg}")
+
+
 def run_stage(
     out_dir: str | Path,
     stage: str,
@@ -434,6 +498,8 @@ def run_stage(
     force: bool = False,
     log: Callable[[str], Any] | None = None,
     resumable: bool = False,
+    collective: bool = False,
+    ranks: Ranks | None = None,
 ) -> StageResult:
     """Build `out_dir` with `build(work_dir)` unless its manifest is current; swap it in atomically.
 
@@ -449,17 +515,97 @@ def run_stage(
     `build` can skip finished work. It is kept when `build` raises, wiped when the key differs or
     with `force=True`, and on success `key.json` is removed, the manifest written and the
     directory renamed to `out_dir`. `clean_stale_temps` never removes it.
+
+    Under several processes (`ranks`, default :func:`current_ranks`) see the module docstring;
+    `collective=True` hands every rank the same (resumable) directory.
     """
     out_dir = Path(out_dir)
     log = log or logger.info
     config = normalise_config(config)
     input_hashes = hash_inputs(inputs)
-    if not force:
-        manifest = _read_manifest(out_dir)
-        if manifest is not None and _matches(manifest, stage, config, input_hashes):
-            log(f"stage {stage}: up to date, skipped ({out_dir})")
-            return StageResult(out_dir, manifest, skipped=True)
+    ranks = ranks or current_ranks()
+    manifest = None if force else _read_manifest(out_dir)
+    current = manifest is not None and _matches(manifest, stage, config, input_hashes)
+    if ranks.world_size > 1:  # everyone follows rank 0's view, taken before anyone changes anything
+        current = ranks.gather(current)[0]
+    if current:
+        log(f"stage {stage}: up to date, skipped ({out_dir})")
+        return StageResult(out_dir, _read_manifest(out_dir), skipped=True)
+    if ranks.world_size > 1:
+        return _run_stage_ranked(out_dir, stage, config, input_hashes, build, force=force, log=log,
+                                 resumable=resumable, collective=collective, ranks=ranks)
+    return _run_stage_here(out_dir, stage, config, input_hashes, build, force=force, log=log,
+                           resumable=resumable)
 
+
+def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
+                      build: Callable[[Path], Mapping[str, Any] | None], *, force: bool,
+                      log: Callable[[str], Any], resumable: bool, collective: bool, ranks: Ranks) -> StageResult:
+    """`run_stage` on one of several ranks (all ranks decided alike that the stage must run)."""
+    if not collective:  # rank 0 builds alone; the others wait for its result
+        error: BaseException | None = None
+        if ranks.main:
+            try:
+                _run_stage_here(out_dir, stage, config, input_hashes, build, force=force, log=log,
+                                resumable=resumable)
+            except BaseException as exc:  # shared with the other ranks below, then re-raised
+                error = exc
+        _raise_if_any_failed(ranks, error, stage)
+        return StageResult(out_dir, _read_manifest(out_dir), skipped=False)
+    work = partial_dir(out_dir)
+    error = None
+    if ranks.main:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(out_dir.parent)
+            _open_partial(work, _stage_key(stage, config, input_hashes), fresh=force, log=log, stage=stage)
+        except BaseException as exc:
+            error = exc
+    _raise_if_any_failed(ranks, error, stage)
+    start = time.perf_counter()
+    outputs: Mapping[str, Any] | None = None
+    try:
+        outputs = build(work)
+    except BaseException as exc:
+        error = exc
+    _raise_if_any_failed(ranks, error, stage)
+    if ranks.main:
+        try:
+            _finish(work, out_dir, stage, config, input_hashes, outputs, time.perf_counter() - start,
+                    resumable=True, log=log)
+        except BaseException as exc:
+            error = exc
+    _raise_if_any_failed(ranks, error, stage)
+    return StageResult(out_dir, _read_manifest(out_dir), skipped=False)
+
+
+def _finish(tmp: Path, out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
+            outputs: Any, duration: float, *, resumable: bool, log: Callable[[str], Any]) -> Manifest:
+    """Write the manifest into the built directory and swap it in as `out_dir`."""
+    if outputs is not None and not isinstance(outputs, Mapping):
+        raise TypeError(f"stage {stage}: build returned {type(outputs).__name__}, expected a dict or None")
+    manifest = Manifest(
+        stage=stage,
+        config=config,
+        inputs=input_hashes,
+        versions=package_versions(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        duration_s=round(duration, 3),
+        outputs=json.loads(_dumps(dict(outputs or {}))),
+    )
+    if resumable:
+        (tmp / PARTIAL_KEY_NAME).unlink(missing_ok=True)
+    atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
+    _swap_in(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
+    log(f"stage {stage}: wrote {out_dir} in {manifest.duration_s:.1f}s")
+    return manifest
+
+
+def _run_stage_here(out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
+                    build: Callable[[Path], Mapping[str, Any] | None], *, force: bool,
+                    log: Callable[[str], Any], resumable: bool) -> StageResult:
+    """`run_stage` in one process: build in a temp (or partial) directory, then swap it in."""
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(parent)
@@ -471,30 +617,12 @@ def run_stage(
         tmp.mkdir()
     start = time.perf_counter()
     try:
-        outputs = build(tmp)
-        if outputs is not None and not isinstance(outputs, Mapping):
-            raise TypeError(
-                f"stage {stage}: build returned {type(outputs).__name__}, expected a dict or None"
-            )
-        manifest = Manifest(
-            stage=stage,
-            config=config,
-            inputs=input_hashes,
-            versions=package_versions(),
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            duration_s=round(time.perf_counter() - start, 3),
-            outputs=json.loads(_dumps(dict(outputs or {}))),
-        )
-        if resumable:
-            (tmp / PARTIAL_KEY_NAME).unlink(missing_ok=True)
-        atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
-        _swap_in(tmp, out_dir)
+        manifest = _finish(tmp, out_dir, stage, config, input_hashes, build(tmp), time.perf_counter() - start,
+                           resumable=resumable, log=log)
     except BaseException:
         if not resumable:
             _remove(tmp)
         elif tmp.is_dir() and not (tmp / PARTIAL_KEY_NAME).exists():  # failed after the key was removed
             atomic_write_json(tmp / PARTIAL_KEY_NAME, _stage_key(stage, config, input_hashes))
         raise
-    _fsync_dir(parent)
-    log(f"stage {stage}: wrote {out_dir} in {manifest.duration_s:.1f}s")
     return StageResult(out_dir, manifest, skipped=False)
