@@ -170,3 +170,75 @@ def test_fusion_loss_without_teacher_is_clm():
     out = fusion_loss(logits, labels, num_items=7)
     assert out.distill is None
     assert torch.allclose(out.clm, clm_loss(logits, labels, num_items=7).loss)
+
+
+def _dense_tail(logits, ids, logprobs, mask, kind):
+    """Reference for mass='tail': K + 1 buckets (the K ids, the rest) for teacher and student, dense."""
+    logq = torch.log_softmax(logits.double(), -1)                       # [B, T, V]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1]):
+            entries = [(int(i), float(lp)) for i, lp in zip(ids[b, t], logprobs[b, t], strict=True)
+                       if i >= 0 and math.isfinite(float(lp))]
+            if not entries or not mask[b, t]:
+                continue
+            p = torch.tensor([math.exp(lp) for _, lp in entries], dtype=torch.float64)
+            q = logq[b, t, [i for i, _ in entries]].exp()
+            p_all = torch.cat([p, (1 - p.sum()).clamp(min=0).view(1)])
+            q_all = torch.cat([q, (1 - q.sum()).view(1)])
+            per = -(p_all * q_all.log()).sum()
+            if kind == "kl":
+                per = per + (p_all * p_all.clamp_min(1e-300).log()).sum()
+            total, count = total + per, count + 1
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_tail_mass_matches_dense_k_plus_one_buckets(kind):
+    ids, logprobs = _teacher(3)
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[2, 4] = False
+    got = distill_loss(logits, ids, logprobs, mask, kind=kind, mass="tail")
+    assert torch.allclose(got.loss, _dense_tail(logits, ids, logprobs, mask, kind), atol=1e-10)
+    # the tail term matters: the renormalised reading gives another value on these flat teachers
+    other = distill_loss(logits, ids, logprobs, mask, kind=kind, mass="renormalise")
+    assert not torch.allclose(got.loss, other.loss, atol=1e-3)
+
+
+def test_tail_equals_renormalise_when_the_top_k_holds_all_mass():
+    ids, logprobs = _teacher(5)
+    full = torch.where(ids >= 0, torch.log_softmax(torch.where(ids >= 0, logprobs, float("-inf")), -1),
+                       float("-inf"))                                   # each row sums to 1 already
+    full = torch.where(torch.isfinite(full), full, float("-inf"))
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for kind in ("ce", "kl"):
+        a = distill_loss(logits, ids, full, kind=kind, mass="tail").loss
+        b = distill_loss(logits, ids, full, kind=kind, mass="renormalise").loss
+        assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_tail_gradient_is_finite_and_kl_is_zero_at_the_teacher():
+    """A student equal to the teacher on the K ids and the rest has zero KL and finite gradients."""
+    teacher = torch.log_softmax(torch.randn(1, 1, V, generator=torch.Generator().manual_seed(7)), -1)
+    ids = teacher.topk(K, -1).indices                                  # [1, 1, K]
+    logits = teacher.clone().requires_grad_(True)
+    kl = distill_loss(logits, ids, teacher.gather(-1, ids), kind="kl", mass="tail").loss
+    kl.backward()
+    assert abs(float(kl.detach())) < 1e-6 and torch.isfinite(logits.grad).all()
+
+
+def test_fusion_loss_tail_part_equals_distill_loss():
+    ids, logprobs = _teacher(8)
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(9))
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(10))
+    parts = fusion_loss(logits, labels, ids, logprobs, mass="tail")
+    mask = shift_labels(labels) != IGNORE_INDEX
+    alone = distill_loss(logits, ids, logprobs, mask, mass="tail", num_items=mask.sum())
+    assert torch.allclose(parts.distill, alone.loss, atol=1e-6)
+
+
+def test_tail_refuses_another_temperature():
+    ids, logprobs = _teacher(0)
+    with pytest.raises(ValueError, match="temperature 1"):
+        distill_loss(torch.randn(B, T, V), ids, logprobs, mass="tail", temperature=2.0)

@@ -302,7 +302,7 @@ def _train_rows(recipe: Recipe, with_teacher: bool) -> list[dict]:
     return rows
 
 
-DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "baseline")
+DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "teacher_mass", "baseline")
 """Train settings that only the fused run reads; changing them leaves target+clm current."""
 
 
@@ -335,7 +335,7 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                 save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
                 disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
                 distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
-                distill_schedule=opts.schedule, fusion=recipe.fuse.strategy if with_teacher else "none")
+                distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass, fusion=recipe.fuse.strategy if with_teacher else "none")
             metrics = train_fusion(target.location, _train_rows(recipe, with_teacher), out, config)
             return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
 

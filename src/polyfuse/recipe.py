@@ -320,6 +320,9 @@ class TrainSection(Section):
     lm_loss_weight: float = Field(0.9, ge=0, le=1, description="w: weight of the causal-LM loss")
     distill_loss: Literal["ce", "kl"] = Field("ce", description="distillation loss against the fused targets")
     temperature: float = Field(1.0, gt=0, description="temperature applied to teacher and student log-probs")
+    teacher_mass: Literal["tail", "renormalise"] = Field(
+        "tail", description="tail (top-k probabilities as captured plus one bucket for the rest) or "
+        "renormalise (softmax over the top-k as FuseLLM)")
     schedule: Literal["hard", "hard_and_decay"] = Field(
         "hard", description="hard (fixed w) or hard_and_decay (w grows linearly to 1 over training)")
     max_steps: int = Field(100, ge=1, description="optimizer steps")
@@ -330,6 +333,13 @@ class TrainSection(Section):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay")
     baseline: bool = Field(True, description="also train target+clm: plain CLM on identical data, steps and seed")
     bf16: bool | None = Field(None, description="bf16 mixed precision (null: on when CUDA supports it)")
+
+    @model_validator(mode="after")
+    def _tail_needs_temperature_one(self) -> TrainSection:
+        if self.teacher_mass == "tail" and self.temperature != 1.0:
+            raise ValueError(f"teacher_mass tail needs temperature 1.0 (got {self.temperature}), "
+                             "set train.teacher_mass=renormalise to train at another temperature")
+        return self
 
 
 class Recipe(Section):

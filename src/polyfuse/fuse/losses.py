@@ -11,9 +11,21 @@ Shapes: ``B`` batch, ``T`` positions, ``V`` student vocabulary, ``K`` teacher en
 Teacher entries are ``ids`` [B, T, K] (``-1`` pads) and ``logprobs`` [B, T, K] (``-inf`` pads); the
 entry at position t is a distribution over token t+1, like the student's logits at t.
 
-The teacher distribution is ``softmax(logprobs / temperature)`` over its valid entries (the top-k
-renormalised, as in FuseLLM); the student uses the same temperature. No ``temperature**2`` factor
-is applied (FuseLLM trains at temperature 1).
+Two readings of the teacher's K entries (``mass``):
+
+* ``renormalise`` (FuseLLM): the teacher distribution is ``softmax(logprobs / temperature)`` over its
+  valid entries; the student uses the same temperature. Right when the top-k holds nearly all the
+  mass (large models); with flat teachers it makes the target sharper than any teacher.
+* ``tail``: the K probabilities are taken as captured and the rest, ``r = 1 - sum_k p_k``, is one
+  more bucket: the loss compares the teacher's and the student's distributions over K + 1 outcomes
+  (the K ids, "anything else")::
+
+      ce = -sum_k p_k log q_k - r log(1 - sum_k q_k)
+
+  Exact for what was stored, calibrated, and equal to ``renormalise`` when ``r = 0``. Temperature 1
+  only (the tail of a tempered teacher was not captured).
+
+No ``temperature**2`` factor is applied (FuseLLM trains at temperature 1).
 """
 
 from __future__ import annotations
@@ -25,9 +37,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "IGNORE_INDEX",
+    "TEACHER_MASS",
     "DistillKind",
     "FusionLoss",
     "SparseLoss",
+    "TeacherMass",
     "clm_loss",
     "distill_loss",
     "fusion_loss",
@@ -38,6 +52,8 @@ __all__ = [
 
 IGNORE_INDEX = -100
 DistillKind = Literal["ce", "kl"]
+TeacherMass = Literal["renormalise", "tail"]
+TEACHER_MASS: tuple[str, ...] = ("renormalise", "tail")
 
 
 class SparseLoss(NamedTuple):
@@ -107,6 +123,46 @@ def _distill_per_position(logq: torch.Tensor, p: torch.Tensor, logp: torch.Tenso
     raise ValueError(f"unknown distillation loss {kind!r}; choose 'ce' or 'kl'")
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2``; ``x`` is clamped below 0."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _tail_per_position(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                       kind: DistillKind) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tail`` reading (module docstring): [B, T, K] -> ([B, T] loss, [B, T] has an entry)."""
+    entry = (ids >= 0) & torch.isfinite(logprobs)                       # [B, T, K]
+    p = torch.where(entry, logprobs.to(logq.dtype).exp(), 0.0)
+    p_sum = p.sum(-1)
+    scale = torch.where(p_sum > 1, 1 / p_sum, 1.0)                       # fp16 rounding: never above 1
+    p = p * scale.unsqueeze(-1)
+    rest = (1 - p_sum * scale).clamp(min=0)                             # [B, T]
+    logq_in = torch.where(entry, logq, float("-inf")).logsumexp(-1)     # log sum_k q_k
+    logq_rest = _log1mexp(logq_in)
+    loss = -(p * torch.where(entry, logq, 0.0)).sum(-1) - rest * logq_rest
+    if kind == "kl":
+        logp = torch.where(entry, p.clamp(min=1e-30).log(), 0.0)
+        loss = loss + (p * logp).sum(-1) + torch.where(rest > 0, rest * rest.clamp(min=1e-30).log(), 0.0)
+    elif kind != "ce":
+        raise ValueError(f"unknown distillation loss {kind!r}; choose 'ce' or 'kl'")
+    return loss, entry.any(-1)
+
+
+def _teacher_terms(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, *, kind: DistillKind,
+                   temperature: float, mass: TeacherMass) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position distillation loss [B, T] and the positions with teacher entries [B, T]."""
+    if mass == "tail":
+        if temperature != 1.0:
+            raise ValueError("teacher mass 'tail' needs temperature 1 (the tail of a tempered teacher "
+                             "was not captured); use mass 'renormalise' for another temperature")
+        return _tail_per_position(logq, ids, logprobs, kind)
+    if mass != "renormalise":
+        raise ValueError(f"unknown teacher mass {mass!r}; choose one of {', '.join(TEACHER_MASS)}")
+    p, logp, has_entry = teacher_distribution(ids, logprobs, temperature, logq.dtype)
+    return _distill_per_position(logq, p, logp, kind), has_entry
+
+
 def _reduce(per_position: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None) -> SparseLoss:
     """Masked sum over positions divided by ``num_items`` (default: the masked count, at least 1)."""
     count = mask.sum()
@@ -124,11 +180,13 @@ def distill_loss(
     kind: DistillKind = "ce",
     temperature: float = 1.0,
     num_items: torch.Tensor | int | None = None,
+    mass: TeacherMass = "renormalise",
 ) -> SparseLoss:
     """Sparse distillation loss, no shift: student ``logits`` [B, T, V] at t vs teacher entries [B, T, K] at t.
 
     ``ce``: ``-sum_k p_k log q_k``; ``kl``: ``sum_k p_k (log p_k - log q_k)``, with ``p`` the renormalised
-    teacher top-k and ``q = softmax(logits / temperature)``. Positions count where ``mask`` [B, T] is
+    teacher top-k and ``q = softmax(logits / temperature)`` (``mass="tail"``: plus the rest bucket,
+    see the module docstring). Positions count where ``mask`` [B, T] is
     True (default: all) and the teacher has at least one valid entry. The result is the sum over
     those positions divided by ``num_items`` (e.g. the tokens of a whole accumulated batch), or
     their mean when ``num_items`` is None; 0 (not NaN) when nothing counts.
@@ -137,9 +195,10 @@ def distill_loss(
     if temperature != 1.0:
         z = z / temperature
     logq = selective_log_softmax(z, teacher_ids)                        # [B, T, K]
-    p, logp, has_entry = teacher_distribution(teacher_ids, teacher_logprobs, temperature, logq.dtype)
+    per_position, has_entry = _teacher_terms(logq, teacher_ids, teacher_logprobs, kind=kind,
+                                             temperature=temperature, mass=mass)
     keep = has_entry if mask is None else has_entry & mask.bool()
-    return _reduce(_distill_per_position(logq, p, logp, kind), keep, num_items)
+    return _reduce(per_position, keep, num_items)
 
 
 def clm_loss(
@@ -171,6 +230,7 @@ def fusion_loss(
     num_items: torch.Tensor | int | None = None,
     ignore_index: int = IGNORE_INDEX,
     shifted_labels: torch.Tensor | None = None,
+    mass: TeacherMass = "renormalise",
 ) -> FusionLoss:
     """CLM and distillation from one log-softmax and one gather (a fused step costs about a CLM step).
 
@@ -198,6 +258,7 @@ def fusion_loss(
     picked = logp.gather(-1, torch.cat([target.unsqueeze(-1), teacher_ids], dim=-1).clamp(min=0))
     clm = _reduce(-picked[..., 0], mask, denominator)
     logq = picked[..., 1:] if temperature == 1.0 else selective_log_softmax(z / temperature, teacher_ids)
-    p, logp_t, has_entry = teacher_distribution(teacher_ids, teacher_logprobs, temperature, logq.dtype)
-    distill = _reduce(_distill_per_position(logq, p, logp_t, kind), mask & has_entry, denominator)
+    per_position, has_entry = _teacher_terms(logq, teacher_ids, teacher_logprobs, kind=kind,
+                                             temperature=temperature, mass=mass)
+    distill = _reduce(per_position, mask & has_entry, denominator)
     return FusionLoss(clm.loss, distill.loss, clm.count, distill.count)

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from polyfuse.errors import DataError
-from polyfuse.fuse.losses import IGNORE_INDEX, fusion_loss, shift_labels
+from polyfuse.fuse.losses import IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
 from polyfuse.fuse.strategies import STRATEGIES
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class FusionConfig(TrainingArguments):
         distill_temperature (`float`, defaults to `1.0`): temperature of teacher and student in the
             distillation loss.
         distill_schedule (`str`, defaults to `"hard"`): ``hard`` or ``hard_and_decay``.
+        teacher_mass (`str`, defaults to `"renormalise"`): how the teacher's top-k is read —
+            ``renormalise`` (FuseLLM: softmax over the k) or ``tail`` (the k probabilities as captured
+            plus one bucket for the rest; see :mod:`polyfuse.fuse.losses`).
         fusion (`str`, defaults to `"min_ce"`): the strategy that built the targets (informational;
             ``none`` trains plain causal LM even when teacher entries are present).
 
@@ -78,6 +81,12 @@ class FusionConfig(TrainingArguments):
         metadata={"help": "'hard': fixed w; 'hard_and_decay': w_s = w + (1 - w) * step / max_steps.",
                   "choices": list(SCHEDULES)},
     )
+    teacher_mass: str = field(
+        default="renormalise",
+        metadata={"help": "'renormalise': softmax over the teacher's top-k (FuseLLM); 'tail': the top-k "
+                          "probabilities as captured plus one bucket for the rest.",
+                  "choices": list(TEACHER_MASS)},
+    )
     fusion: str = field(
         default="min_ce",
         metadata={"help": "Fusion strategy that built the targets (informational); 'none' ignores teacher "
@@ -102,6 +111,11 @@ class FusionConfig(TrainingArguments):
             problems.append(f"distill_temperature must be > 0 (got {self.distill_temperature}); 1.0 is FuseLLM's")
         if self.distill_schedule not in SCHEDULES:
             problems.append(f"distill_schedule must be one of {', '.join(SCHEDULES)} (got {self.distill_schedule!r})")
+        if self.teacher_mass not in TEACHER_MASS:
+            problems.append(f"teacher_mass must be one of {', '.join(TEACHER_MASS)} (got {self.teacher_mass!r})")
+        elif self.teacher_mass == "tail" and self.distill_temperature != 1.0:
+            problems.append("teacher_mass 'tail' needs distill_temperature 1.0 (the tail of a tempered teacher "
+                            "was not captured)")
         if self.fusion not in STRATEGIES:
             problems.append(f"fusion must be one of {', '.join(STRATEGIES)} (got {self.fusion!r})")
         if problems:
@@ -284,6 +298,7 @@ class FusionTrainer(Trainer):
             temperature=self.args.distill_temperature,
             num_items=num_items_in_batch,
             shifted_labels=inputs.get("shift_labels"),
+            mass=self.args.teacher_mass,  # type: ignore[arg-type]
         )
         w = self.lm_weight() if parts.distill is not None else 1.0
         loss = parts.clm if parts.distill is None else w * parts.clm + (1.0 - w) * parts.distill
