@@ -90,6 +90,7 @@ def _blocks(recipe: Recipe) -> list:
 def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Top-k next-token log-probs of the target and every source over the blocks (resumable shards)."""
     from polyfuse.capture.hf import capture
+    from polyfuse.capture.store import FORMAT_VERSION
     from polyfuse.models import load_model, load_tokenizer
 
     opts = recipe.capture
@@ -99,7 +100,7 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
     pairs = [(b.block_id, b.text) for b in blocks]
     results = {}
     for name, res, tok in resolve_models(recipe):
-        cfg = {"capture": recipe.section_dict("capture"), "model": str(res)}
+        cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION}
 
         def build(out: Path, res=res, tok=tok) -> dict:
             model = load_model(res, dtype=opts.dtype, device=opts.device)
@@ -166,7 +167,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     from polyfuse.align.tokens import align_blocks
     from polyfuse.align.transfer import aligned_source_positions, transfer_block
     from polyfuse.align.vocab import VocabMap
-    from polyfuse.capture.store import StoreReader, StoreWriter
+    from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.corpus.tokens import encode_blocks
     from polyfuse.progress import progress_bar
 
@@ -179,7 +180,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     results = {}
     for spec in recipe.sources:
         name = spec.name
-        cfg = {"align": recipe.section_dict("align"), "k": recipe.capture.top_k}
+        cfg = {"align": recipe.section_dict("align"), "k": recipe.capture.top_k, "store_format": FORMAT_VERSION}
         inputs = {"capture": stage_dir(recipe, "capture", name), "vocab": stage_dir(recipe, "vocab", name),
                   "target_capture": stage_dir(recipe, "capture", target)}
 
@@ -229,14 +230,14 @@ def _teachers(recipe: Recipe, target_row, aligned_rows: list) -> list:
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Fused next-token distributions at the target's positions (MinCE, AvgCE, ...)."""
-    from polyfuse.capture.store import StoreReader, StoreWriter
+    from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.fuse.strategies import fuse_block
     from polyfuse.progress import progress_bar
 
     opts = recipe.fuse
     target = recipe.target.name
     names = [s.name for s in recipe.sources]
-    cfg = {"fuse": recipe.section_dict("fuse")}
+    cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION}
     inputs = {"target_capture": stage_dir(recipe, "capture", target),
               **{f"align:{n}": stage_dir(recipe, "align", n) for n in names}}
 
