@@ -411,6 +411,14 @@ def test_launcher_is_stdlib_only():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.skipif(not ROOT, reason="uid choice is a root-only setting")
+def test_without_fresh_uids_falls_back_to_nobody(monkeypatch):
+    monkeypatch.setattr(sb, "_mapped_range", lambda wanted: None)  # a rootless container mapping few uids
+    result = run_code("import os\nprint(os.getuid())", "", FAST)
+    assert result.status == "passed" and "uid" in result.layers and "fresh-uid" not in result.layers, result
+    assert int(result.stdout) == __import__("pwd").getpwnam("nobody").pw_uid
+
+
 def test_next_run_still_works_after_every_attack():
     """Run last in this module: nothing above left the sandbox unusable."""
     result = run_code("def add(a, b):\n    return a + b\n", "assert add(2, 3) == 5\n", FAST)

@@ -49,7 +49,7 @@ network, mount and pid layers (the code then runs as the calling user inside a n
 no capabilities); where they are disabled only rlimits, the subreaper and the strict audit hook apply, and
 RLIMIT_NPROC is set to the user's current process count plus the allowance. The audit hook is a
 best-effort layer (C extensions can go around it); it is what reports ``blocked``.
-:func:`SandboxResult.layers` lists the layers a run actually had.
+``SandboxResult.layers`` lists the layers a run actually had.
 
 Reads are not confined: the code can read files its user can read (as a fresh uid: world-readable ones).
 The interpreter that runs the code must be executable by the sandbox user; when polyfuse's own Python
@@ -199,6 +199,8 @@ class SandboxResult:
     """Isolation layers this run had (``rlimits``, ``uid``, ``netns``, ``mountns-ro``, ``pidns``, ...)."""
     run_id: str = ""
     """Value of ``POLYFUSE_SANDBOX_RUN`` in the run's environment."""
+    python: str = ""
+    """The interpreter that ran the code."""
 
     @property
     def passed(self) -> bool:
@@ -246,10 +248,10 @@ def run_code(code: str, tests: str = "", config: SandboxConfig | None = None, *,
     config = config or SandboxConfig()
     run_id = secrets.token_hex(8)
     root = os.geteuid() == 0
-    uid, gid = _sandbox_ids(config) if root else (None, None)
+    uid, gid, fresh = _sandbox_ids(config) if root else (None, None, False)
     workdir = _make_workdir(config, run_id, code, tests, files or {}, uid, gid)
     try:
-        return _run_in(workdir, run_id, config, uid, gid)
+        return _run_in(workdir, run_id, config, uid, gid, fresh)
     finally:
         _remove_tree(workdir)
 
@@ -275,32 +277,38 @@ def run_many(jobs: Iterable[SandboxJob | tuple[str, str]], config: SandboxConfig
         return list(pool.map(one, items))
 
 
-def _sandbox_ids(config: SandboxConfig) -> tuple[int, int]:
-    """(uid, gid) the code runs as when polyfuse is root."""
-    if config.user is None:
-        low, high = _mapped_range(_FRESH_UID_RANGE)
-        rng = random.SystemRandom()
-        for _ in range(100):
-            uid = rng.randrange(low, high)
-            try:
-                pwd.getpwuid(uid)
-            except KeyError:
-                return uid, uid
-        raise SandboxError("sandbox: could not pick a fresh uid; set SandboxConfig.user (e.g. 'nobody')")
+def _sandbox_ids(config: SandboxConfig) -> tuple[int, int, bool]:
+    """(uid, gid, fresh) the code runs as when polyfuse is root.
+
+    By default a fresh unused uid per run; where this user namespace maps too few uids for that (rootless
+    containers), the user ``nobody``.
+    """
+    user = config.user
+    if user is None:
+        span = _mapped_range(_FRESH_UID_RANGE)
+        if span is not None:
+            rng = random.SystemRandom()
+            for _ in range(100):
+                uid = rng.randrange(*span)
+                try:
+                    pwd.getpwuid(uid)
+                except KeyError:
+                    return uid, uid, True
+        user = "nobody"
     try:
-        entry = pwd.getpwuid(config.user) if isinstance(config.user, int) else pwd.getpwnam(config.user)
+        entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
     except KeyError:
-        if isinstance(config.user, int) and config.user > 0:
-            return config.user, config.user
-        raise SandboxError(f"SandboxConfig.user={config.user!r}: no such user; use an existing unprivileged "
-                           "user such as 'nobody', or None for a fresh uid per run") from None
+        if isinstance(user, int) and user > 0:
+            return user, user, False
+        raise SandboxError(f"SandboxConfig.user={user!r}: no such user; use an existing unprivileged user such "
+                           "as 'nobody', or None for a fresh uid per run") from None
     if entry.pw_uid == 0:
         raise SandboxError("SandboxConfig.user must not be root; use 'nobody' or None (a fresh uid per run)")
-    return entry.pw_uid, entry.pw_gid
+    return entry.pw_uid, entry.pw_gid, False
 
 
-def _mapped_range(wanted: tuple[int, int]) -> tuple[int, int]:
-    """Intersect ``wanted`` with the uids mapped in this user namespace (containers may map fewer)."""
+def _mapped_range(wanted: tuple[int, int]) -> tuple[int, int] | None:
+    """The largest part of ``wanted`` mapped in this user namespace (containers may map fewer uids), or None."""
     try:
         with open("/proc/self/uid_map") as f:
             lines = f.read().splitlines()
@@ -312,10 +320,7 @@ def _mapped_range(wanted: tuple[int, int]) -> tuple[int, int]:
         low, high = max(wanted[0], inside), min(wanted[1], inside + count)
         if high - low > best[1] - best[0]:
             best = (low, high)
-    if best[1] - best[0] < 1000:
-        raise SandboxError("sandbox: this user namespace does not map the uids used for a fresh uid per run "
-                           f"({wanted[0]}..{wanted[1]}); set SandboxConfig.user='nobody'")
-    return best
+    return best if best[1] - best[0] >= 1000 else None
 
 
 def _workdir_base(config: SandboxConfig) -> str:
@@ -365,12 +370,13 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, onerror=fix)
 
 
-def _run_in(workdir: str, run_id: str, config: SandboxConfig, uid: int | None, gid: int | None) -> SandboxResult:
+def _run_in(workdir: str, run_id: str, config: SandboxConfig, uid: int | None, gid: int | None,
+            fresh: bool) -> SandboxResult:
     runner_r, runner_w = os.pipe()
     launch_r, launch_w = os.pipe()
     spec = {
         "workdir": workdir, "run_id": run_id, "uid": uid, "gid": gid,
-        "fresh_uid": uid is not None and config.user is None,
+        "fresh_uid": fresh,
         "timeout_s": config.timeout_s, "cpu_s": math.ceil(config.cpu_s or config.timeout_s),
         "memory_mb": config.memory_mb, "max_processes": config.max_processes,
         "max_file_mb": config.max_file_mb, "max_open_files": config.max_open_files,
@@ -511,7 +517,7 @@ def _classify(streams: Mapping[str, tuple[bytes, bool]], run_id: str, duration: 
         status=status, duration_s=round(duration, 4), exit_code=None if timed_out else exit_code,
         stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
         stdout_truncated=out_trunc, stderr_truncated=err_trunc, error=error.splitlines()[0][:500] if error else "",
-        blocked=blocked, layers=list(launcher.get("layers", [])), run_id=run_id,
+        blocked=blocked, layers=list(launcher.get("layers", [])), run_id=run_id, python=str(launcher.get("python", "")),
     )
 
 
@@ -793,9 +799,13 @@ def _init_main(spec: Mapping[str, Any], namespaces: list[str], root: bool, setup
     os.close(dir_fd)
     if root:
         uid, gid = int(spec["uid"]), int(spec["gid"])
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        except PermissionError as e:
+            raise PermissionError(f"cannot switch to uid {uid} / gid {gid} ({e.strerror}); running as root needs "
+                                  "CAP_SETUID and CAP_SETGID, or run polyfuse as an unprivileged user") from None
         info["layers"].append("fresh-uid" if spec["fresh_uid"] else "uid")
         nproc = spec["max_processes"] if spec["fresh_uid"] else _count_tasks(uid) + spec["max_processes"]
     else:
