@@ -23,12 +23,19 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian's fortunes is the demo's prose corpus; installed when we can (root + apt), else say how.
+# Chromium renders report.html headlessly (scripts/check_report.sh); optional, so never fatal.
 assets:
 	@test -d /usr/share/games/fortunes || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get install -y -qq --no-install-recommends fortunes >/dev/null 2>&1 || \
 	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends fortunes)) >/dev/null; \
 	  else echo "the demo needs Debian's fortunes corpus: sudo apt-get install fortunes"; exit 1; fi; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1) || \
+	    echo "could not install chromium: the headless check of report.html will be skipped"; \
+	  else echo "optional: sudo apt-get install chromium (headless check of report.html)"; fi; }
 
 demo: $(STAMP) assets
 	$(VENV)/bin/polyfuse demo

@@ -1,22 +1,50 @@
 """The run's machine-readable results file: ``<run>/results.json``.
 
-Schema (every stage adds to it; nothing is removed)::
+Every stage deep-merges its figures into it with :func:`update_results`; nothing is removed, so a
+later stage (or ``polyfuse report``) sees everything earlier ones wrote. Schema::
 
-    {"models": {NAME: {"bpb": {DOMAIN: float, ..., "all": float},      # bits per byte, lower is better
-                       "accuracy": {TASK: float}}},                     # later stages
-     "meta": {...}}                                                      # how the figures were made
+    {
+      "models": {
+        NAME: {                                  # a source, the target, or a trained/merged target
+          "bpb": {DOMAIN: float, ..., "all": float},   # bits per byte on held-out text, lower is better
+          "accuracy": {TASK: float},             # one headline score per task in [0, 1], higher is better
+          "tasks": {TASK: {METRIC: float}}       # every metric lm-evaluation-harness reported (optional)
+        }
+      },
+      "meta": {
+        "target": NAME,                          # optional: the target's row name (else inferred)
+        "bpb": {"split": str, "batch_size": int, "max_length": int, ...},   # how bpb was measured
+        "lm_eval": {"version": str,              # written by polyfuse.evaluate.lm_eval_bridge
+                    "tasks": {TASK: {"metric": str, "num_fewshot": int | None, "limit": ...,
+                                     "n_samples": int, "higher_is_better": {METRIC: bool}}}}
+      }
+    }
 
-``all`` is the pooled figure over the mixed held-out set (total bits / total bytes).
+Row names follow the papers' table: the sources by their recipe names, ``TARGET`` (the original
+target), ``TARGET+clm`` (continual training on the same data, no teacher), ``TARGET+fused``
+(FuseLLM), ``TARGET+pair:SOURCE`` (FuseChat pairwise), ``TARGET+fusechat`` (merged),
+``TARGET+sft``, ``TARGET+sft+dpo`` and ``TARGET+sft+wrpo`` (FuseChat-3.0); see :func:`row_order`.
+
+``bpb.all`` is pooled over the whole held-out set (total bits / total bytes: the byte-weighted
+average of the domains), not a mean of the domain figures. ``accuracy`` values are fractions
+(0.5 is half right); reports print them as percentages. lm-eval metric names keep a filter suffix
+when the filter is not ``none`` (``exact_match,strict-match``); standard errors are not stored.
+A missing figure is simply absent (never ``null``); reports render it as ``–``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from polyfuse.errors import DataError
 from polyfuse.workspace import atomic_write_json
+
+RESULTS_NAME = "results.json"
+TRAINED_SUFFIXES = ("+clm", "+fused", "+pair:", "+fusechat", "+sft", "+sft+dpo", "+sft+wrpo")
+"""Row suffixes after the target's name, in the order the papers' tables list them."""
 
 
 def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -42,3 +70,67 @@ def update_results(path: str | Path, models: Mapping[str, Any], meta: Mapping[st
         _merge(data.setdefault("meta", {}), meta)
     atomic_write_json(Path(path), data)
     return data
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A run's results file (``path`` is the file or its run directory), validated enough to report.
+
+    Raises:
+        DataError: the file is missing, not JSON, or lacks the ``models`` mapping (path named).
+    """
+    path = Path(path)
+    file = path / RESULTS_NAME if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            f"{file}: no results file; run the pipeline's eval stage (polyfuse run RECIPE) first"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(
+            f"{file}: unreadable results file ({err}); rerun the eval stage to rewrite it"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise DataError(
+            f"{file}: no 'models' mapping at the top level; see polyfuse.evaluate.results for the schema"
+        )
+    data.setdefault("meta", {})
+    return data
+
+
+def target_name(results: Mapping[str, Any]) -> str | None:
+    """The target's row name: ``meta.target`` when set, else ``target`` when present, else the most
+    common prefix before ``+`` among the trained rows (``llama2`` for ``llama2+fused``); ``None``
+    when the file has no target."""
+    models = results.get("models", {})
+    explicit = results.get("meta", {}).get("target")
+    if explicit:
+        return str(explicit)
+    if "target" in models:
+        return "target"
+    prefixes = [name.split("+", 1)[0] for name in models if "+" in name]
+    if not prefixes:
+        return None
+    return max(sorted(set(prefixes)), key=prefixes.count)
+
+
+def _suffix_rank(suffix: str) -> tuple[int, str]:
+    for rank, known in enumerate(TRAINED_SUFFIXES):
+        if suffix == known or (known.endswith(":") and suffix.startswith(known)):
+            return rank, suffix
+    return len(TRAINED_SUFFIXES), suffix
+
+
+def row_order(names: Iterable[str], target: str | None) -> list[str]:
+    """Model names in the papers' order: sources (names without ``+``, by name), the target, then
+    its trained rows by :data:`TRAINED_SUFFIXES` (pairwise rows by source name), then any other
+    name, by name."""
+    names = list(dict.fromkeys(names))
+    if target is None:
+        return sorted(names)
+    sources = sorted(n for n in names if "+" not in n and n != target)
+    trained = [n for n in names if n.startswith(target + "+")]
+    trained.sort(key=lambda n: _suffix_rank(n[len(target):]))
+    known = [n for n in trained if _suffix_rank(n[len(target):])[0] < len(TRAINED_SUFFIXES)]
+    others = sorted(n for n in names if n not in sources and n != target and n not in known)
+    return [*sources, *([target] if target in names else []), *known, *others]
