@@ -224,6 +224,14 @@ def test_file_size_limit():
     assert result.status == "crashed" and ("File too large" in result.error or "SIGXFSZ" in result.error), result
 
 
+def test_work_dir_size_is_capped(layers):
+    need(layers, "mountns-ro")
+    code = "for i in range(8):\n    open(f'part{i}.bin', 'wb').write(b'x' * (1024 * 1024))\n"
+    result = run_code(code, "", SandboxConfig(timeout_s=5, max_disk_mb=3, max_file_mb=2))
+    assert result.status == "crashed" and "No space left on device" in result.error, result
+    assert run_code(code, "", SandboxConfig(timeout_s=5, max_disk_mb=16, max_file_mb=2)).status == "passed"
+
+
 # --------------------------------------------------------------------------------------------------
 # isolation: network
 

@@ -30,7 +30,9 @@ unprivileged user      writes to files it does not own; signalling other runs;  
 network namespace      every connection, loopback included (``lo`` is down)      root, or unprivileged user
                                                                                   namespaces allowed
 mount namespace        writes anywhere but the work dir (every mount is           same as above
-                       re-mounted read-only; /tmp and /dev/shm included)
+                       re-mounted read-only; /tmp and /dev/shm included); the
+                       work dir itself becomes a private tmpfs of
+                       ``max_disk_mb`` (disk filling) that vanishes with the run
 pid namespace          stray processes: when the runner's init exits the kernel   same as above
                        kills everything left in the namespace
 child subreaper        stray processes (orphans re-parent to the launcher, which  always (Linux)
@@ -51,7 +53,10 @@ RLIMIT_NPROC is set to the user's current process count plus the allowance. The 
 best-effort layer (C extensions can go around it); it is what reports ``blocked``.
 ``SandboxResult.layers`` lists the layers a run actually had.
 
-Reads are not confined: the code can read files its user can read (as a fresh uid: world-readable ones).
+Not confined: reads (the code can read what its user can read; as a fresh uid, world-readable files) and
+total memory across processes (each process may use ``memory_mb``, so the worst case is ``max_processes x
+memory_mb`` per run; a cgroup would be needed for one budget). Without the mount namespace the work dir is
+on the host's temp disk and only RLIMIT_FSIZE bounds each file.
 The interpreter that runs the code must be executable by the sandbox user; when polyfuse's own Python
 lives under a private directory (``/root/.pyenv``) the first usable one of ``/usr/local/bin/python3`` and
 ``/usr/bin/python3`` is used instead (or set ``SandboxConfig.python``). Only the standard library is
@@ -146,10 +151,12 @@ class SandboxConfig:
     """CPU-time limit per process (RLIMIT_CPU, whole seconds, rounded up); ``None``: ``timeout_s``."""
     memory_mb: int = 256
     """Address-space limit per process (RLIMIT_AS); an allocation past it gives status ``memory``."""
-    max_processes: int = 32
+    max_processes: int = 16
     """RLIMIT_NPROC: processes and threads of the sandbox user, runner and its init included."""
     max_file_mb: int = 16
     """Largest file the code may write (RLIMIT_FSIZE)."""
+    max_disk_mb: int = 64
+    """Size of the work dir (a private tmpfs, where the mount namespace is available)."""
     max_open_files: int = 64
     """RLIMIT_NOFILE."""
     max_output_bytes: int = 64 * 1024
@@ -170,12 +177,13 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         checks = {"timeout_s": self.timeout_s > 0, "memory_mb": self.memory_mb >= 16,
                   "max_processes": self.max_processes >= 2, "max_file_mb": self.max_file_mb >= 1,
+                  "max_disk_mb": self.max_disk_mb >= 1,
                   "max_open_files": self.max_open_files >= 16, "max_output_bytes": self.max_output_bytes >= 0,
                   "cpu_s": self.cpu_s is None or self.cpu_s > 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise SandboxError(f"SandboxConfig: invalid {', '.join(f'{b}={getattr(self, b)!r}' for b in bad)}; "
-                               "need timeout_s>0, cpu_s>0, memory_mb>=16, max_processes>=2, max_file_mb>=1, "
+                               "need timeout_s>0, cpu_s>0, memory_mb>=16, max_processes>=2, max_file_mb>=1, max_disk_mb>=1, "
                                "max_open_files>=16, max_output_bytes>=0")
 
 
@@ -380,6 +388,7 @@ def _run_in(workdir: str, run_id: str, config: SandboxConfig, uid: int | None, g
         "timeout_s": config.timeout_s, "cpu_s": math.ceil(config.cpu_s or config.timeout_s),
         "memory_mb": config.memory_mb, "max_processes": config.max_processes,
         "max_file_mb": config.max_file_mb, "max_open_files": config.max_open_files,
+        "max_disk_mb": config.max_disk_mb,
         "namespaces": config.namespaces, "audit_hook": config.audit_hook,
         "site_packages": config.site_packages, "pythons": _python_candidates(config),
         "runner_fd": runner_w, "launcher_fd": launch_w,
@@ -706,16 +715,40 @@ def _mountinfo() -> list[tuple[str, set[str], str]]:
     return out
 
 
-def _readonly_mounts(workdir: str) -> list[str]:
-    """Make every mount read-only except a bind mount of ``workdir``; returns mount points that failed.
+def _snapshot(workdir: str) -> list[tuple[str, bytes | None]]:
+    """(relative path, content or None for a directory) of everything in ``workdir``, parents first."""
+    out: list[tuple[str, bytes | None]] = []
+    for dirpath, dirnames, filenames in os.walk(workdir):
+        rel = os.path.relpath(dirpath, workdir)
+        out.extend((os.path.normpath(os.path.join(rel, d)), None) for d in sorted(dirnames))
+        for name in sorted(filenames):
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out.append((os.path.normpath(os.path.join(rel, name)), f.read()))
+    return out
+
+
+def _readonly_mounts(workdir: str, disk_mb: int, owner: tuple[int, int]) -> list[str]:
+    """Mount a private tmpfs of ``disk_mb`` MiB (owned by ``owner``) on ``workdir``, holding a copy of its files,
+    and make every other mount read-only; returns the mount points that could not be made read-only.
 
     ``proc`` stays writable: a nested user namespace needs ``/proc/self/uid_map``, and what an unprivileged
     process can write there (its own ``comm``, ``oom_score_adj`` upwards) persists nowhere.
     """
     libc = _libc()
     _check(libc.mount(None, b"/", None, ctypes.c_ulong(_MS_REC | _MS_PRIVATE), None), "make / private")
-    wd = workdir.encode()
-    _check(libc.mount(wd, wd, None, ctypes.c_ulong(_MS_BIND), None), "bind the work dir")
+    files = _snapshot(workdir)
+    uid, gid = owner
+    options = f"size={disk_mb}m,mode=700,uid={uid},gid={gid}".encode()
+    _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV), options),
+           "mount a tmpfs on the work dir")
+    for rel, data in files:
+        path = os.path.join(workdir, rel)
+        if data is None:
+            os.mkdir(path, 0o700)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+        os.lchown(path, uid, gid)
     failed = []
     for point, opts, fstype in _mountinfo():
         if point == workdir or "ro" in opts or fstype == "proc":
@@ -783,8 +816,9 @@ def _init_main(spec: Mapping[str, Any], namespaces: list[str], root: bool, setup
     workdir = spec["workdir"]
     real_uid, real_gid = int(spec["outer_uid"]), int(spec["outer_gid"])
     if "mount" in namespaces:
+        owner = (int(spec["uid"]), int(spec["gid"])) if root else (0, 0)  # (0, 0): ourselves in the user ns
         try:
-            failed = _readonly_mounts(workdir)
+            failed = _readonly_mounts(workdir, int(spec["max_disk_mb"]), owner)
         except OSError as e:
             failed = [str(e)]
         info["layers"].append("mountns-ro" if not failed else "mountns-ro-partial")
