@@ -202,6 +202,18 @@ def bench(
 # ---- commands of other families (merge, implicit, report) are added below this line ----
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (a recipe's workdir); several are shown side by side")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="output directory (default: the run, or RUN_A/compare)")] = None,
+) -> None:
+    """Write report.md and a self-contained report.html: the papers' table, curves, timings."""
+    from polyfuse.evaluate.report import write_report
+
+    md, page = write_report(run_dirs, out_dir)
+    out.print(f"report: {page}\n        {md}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; user errors print one line and return 2."""
     command = typer.main.get_command(app)
