@@ -51,7 +51,7 @@ network, mount and pid layers (the code then runs as the calling user inside a n
 no capabilities); where they are disabled only rlimits, the subreaper and the strict audit hook apply, and
 RLIMIT_NPROC is set to the user's current process count plus the allowance. The audit hook is a
 best-effort layer (C extensions can go around it); it is what reports ``blocked``.
-``SandboxResult.layers`` lists the layers a run actually had.
+``SandboxResult.layers`` lists the layers a run actually had. Linux only (namespaces, prctl, /proc).
 
 Not confined: reads (the code can read what its user can read; as a fresh uid, world-readable files) and
 total memory across processes (each process may use ``memory_mb``, so the worst case is ``max_processes x
@@ -450,6 +450,7 @@ def _drain(proc: subprocess.Popen, fds: Mapping[str, int], caps: Mapping[str, in
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if now > deadline or (exited_at is not None and now - exited_at > 2.0):
+                kept["backstop"] = bytearray(b"1" if now > deadline else b"")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -469,7 +470,7 @@ def _drain(proc: subprocess.Popen, fds: Mapping[str, int], caps: Mapping[str, in
                     truncated[name] = True
     finally:
         sel.close()
-    return {name: (bytes(kept[name]), truncated[name]) for name in fds}
+    return {name: (bytes(kept[name]), truncated.get(name, False)) for name in kept}
 
 
 def _json_lines(data: bytes) -> list[dict[str, Any]]:
@@ -495,6 +496,9 @@ def _classify(streams: Mapping[str, tuple[bytes, bool]], run_id: str, duration: 
     blocked = [str(r["blocked"]) for r in runner if "blocked" in r][:_MAX_BLOCKED]
     final = next((r for r in reversed(runner) if "status" in r), {})
     exit_code = launcher.get("exit_code")
+    if not launcher and not streams.get("backstop", (b"", False))[0]:
+        tail = streams["stderr"][0].decode("utf-8", "replace").strip().splitlines()
+        raise SandboxError(f"sandbox launcher exited without a report: {tail[-1] if tail else 'no output'}")
     timed_out = bool(launcher.get("timed_out")) or not launcher
     sig = -exit_code if isinstance(exit_code, int) and exit_code < 0 else None
 
