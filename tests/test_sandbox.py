@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import shutil
 import socket
@@ -394,7 +395,8 @@ def test_non_root_path_as_nobody(tmp_path, listener):
         shutil.copy(SANDBOX_FILE, shared / "sandbox_copy.py")
         target = f"/tmp/polyfuse-sandbox-test-{secrets.token_hex(6)}"
         proc = subprocess.run([python, "-I", "-c", NOBODY_SCRIPT, str(shared / "sandbox_copy.py"), str(port), target],
-                              user="nobody", group="nogroup", extra_groups=[], capture_output=True, text=True,
+                              user="nobody", group=pwd.getpwnam("nobody").pw_gid, extra_groups=[],
+                              capture_output=True, text=True,
                               timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin"})
         assert proc.returncode == 0, proc.stderr
         runs = json.loads(proc.stdout.splitlines()[-1])
@@ -424,7 +426,7 @@ def test_without_fresh_uids_falls_back_to_nobody(monkeypatch):
     monkeypatch.setattr(sb, "_mapped_range", lambda wanted: None)  # a rootless container mapping few uids
     result = run_code("import os\nprint(os.getuid())", "", FAST)
     assert result.status == "passed" and "uid" in result.layers and "fresh-uid" not in result.layers, result
-    assert int(result.stdout) == __import__("pwd").getpwnam("nobody").pw_uid
+    assert int(result.stdout) == pwd.getpwnam("nobody").pw_uid
 
 
 def test_next_run_still_works_after_every_attack():
