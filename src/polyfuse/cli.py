@@ -203,6 +203,24 @@ def bench(
 
 
 @app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="mergekit-style merge YAML (merge_method, base_model, models, parameters)")],
+    out_dir: Annotated[Path, typer.Argument(help="output model directory (written atomically)")],
+    seed: Annotated[int, typer.Option(help="seed of DARE's random drop (per tensor and model)")] = 0,
+    chunk_mb: Annotated[float, typer.Option(help="working-memory budget of one row chunk, in MB")] = 128,
+    out_shard_size: Annotated[str, typer.Option(help="largest output shard in bytes: 2G, 500M, ...")] = "2G",
+    world_dir: Annotated[Path, typer.Option("--world", help="where world:NAME references resolve")] = Path("runs/world"),
+) -> None:
+    """Merge same-architecture checkpoints (linear, task_arithmetic, ties, dare_*, sce, varm), streaming."""
+    from polyfuse.merge import run_merge
+
+    result = run_merge(config, out_dir, seed=seed, chunk_mb=chunk_mb, out_shard_size=out_shard_size,
+                       world_dir=world_dir)
+    out.print(f"merged {result.tensors} tensors ({result.input_bytes / 1e9:.2f} GB read, "
+              f"{len(result.shards)} shard(s)) in {result.seconds:.1f} s -> {result.out_dir}")
+
+
+@app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories (a recipe's workdir); several are shown side by side")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="output directory (default: the run, or RUN_A/compare)")] = None,

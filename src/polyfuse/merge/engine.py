@@ -1,0 +1,492 @@
+"""The streaming merge engine: plan from shard headers, merge tensor by tensor in row chunks, write shards.
+
+``run_merge(config, out)`` has two steps:
+
+1. :func:`plan_merge` reads the config, resolves every model to a local directory and reads the
+   safetensors headers (no tensor data). It checks everything a merge can trip on — unknown
+   method or parameter, base model absent, a tensor missing from an input, shapes that differ,
+   parameter values per tensor — so a bad config fails before any output is written.
+2. :func:`execute_plan` streams each tensor through its merger in row chunks sized by a memory
+   budget (statistics passes first where the method needs them), and writes each output shard
+   with :class:`~polyfuse.merge.shards.StreamingShardWriter` as the rows come. The directory is built
+   under a ``.tmp-*`` sibling and renamed into place, with ``config.json``, the tokenizer files,
+   ``merge_config.yaml`` and a model card.
+
+Peak memory is the chunk budget plus the interpreter, whatever the size of the tensors or models.
+Embedding rows are merged as they are: rows beyond the tokenizer's length (padded vocabularies)
+are kept, never truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyfuse.errors import ModelLoadError, PolyfuseError
+from polyfuse.merge.card import model_card
+from polyfuse.merge.config import MergeConfig, load_merge_config
+from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
+from polyfuse.merge.shards import StreamingShardWriter, TensorInfo, read_index, read_rows
+
+__all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
+
+logger = logging.getLogger(__name__)
+
+MARKER = "merge_config.yaml"
+"""Written into every merge output; an existing directory holding it may be replaced by a new merge."""
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json",
+)
+_COPIED_CONFIGS = ("config.json", "generation_config.json")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``2G``, ``500M``, ``1.5GB``, ``2GiB`` or a plain number (K/M/G/T are powers of 1000).
+
+    Raises:
+        PolyfuseError: not a size.
+    """
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise PolyfuseError(f"--out-shard-size: expected a size like 2G, 500M or 1000000 (bytes), got {text!r}")
+    base = 1024 if match.group(3) else 1000
+    return int(float(match.group(1)) * base ** " kmgt".index(match.group(2).lower() or " "))
+
+
+@dataclass(frozen=True)
+class InputModel:
+    """One model of the merge: where it came from in the config, its directory and its tensors."""
+
+    label: str
+    """``base_model`` or ``models[i]``."""
+    ref: str
+    path: Path
+    tensors: dict[str, TensorInfo]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: its inputs, output dtype and (for floating tensors) the merge job."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    base: TensorInfo | None
+    sources: list[TensorInfo]
+    job: TensorJob | None
+    """None: the tensor is not floating point and is copied from ``sources[0]``."""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class MergePlan:
+    """Everything :func:`execute_plan` needs, checked: method, inputs, tensors and the files to copy."""
+
+    config: MergeConfig
+    method: MergeMethod
+    base: InputModel | None
+    inputs: list[InputModel]
+    """The merged inputs (the base excluded for methods that take task vectors against it)."""
+    tensors: list[TensorTask]
+    seed: int
+    config_dir: Path
+    """Where config.json (and generation_config.json) are copied from."""
+    tokenizer_dir: Path | None
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of tensor data in all inputs (each distinct model counted once)."""
+        models = ([self.base] if self.base else []) + self.inputs
+        return sum(info.nbytes for m in {m.path: m for m in models}.values() for info in m.tensors.values())
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote and how long it took."""
+
+    out_dir: Path
+    tensors: int
+    shards: list[str]
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+
+
+def _resolve(label: str, ref: str, world_dir: str | Path) -> InputModel:
+    from polyfuse.models import resolve_model_ref
+
+    key = label if label == "base_model" else f"{label}.model"
+    try:
+        resolved = resolve_model_ref(ref, world_dir=world_dir)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{key}: {e}") from None
+    if not resolved.is_local:
+        raise ModelLoadError(
+            f"{key}: {ref!r} is not a local directory; polyfuse merge reads local checkpoints only "
+            f"(download it first, e.g. huggingface-cli download {resolved.location} --local-dir DIR)"
+        )
+    path = Path(resolved.location)
+    try:
+        tensors = read_index(path)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{label}: {e}") from None
+    return InputModel(label, ref, path, tensors)
+
+
+def _check_same_tensors(reference: InputModel, other: InputModel) -> None:
+    missing = [n for n in reference.tensors if n not in other.tensors]
+    if missing:
+        raise PolyfuseError(
+            f"{other.label} ({other.ref}): tensor {missing[0]!r} is missing ({len(missing)} missing in all); "
+            f"every input needs the tensors of {reference.label} — merge checkpoints of the same architecture"
+        )
+    extra = [n for n in other.tensors if n not in reference.tensors]
+    if extra:
+        raise PolyfuseError(
+            f"{other.label} ({other.ref}): tensor {extra[0]!r} is not in {reference.label} ({len(extra)} extra in all); "
+            "merge checkpoints of the same architecture"
+        )
+    for name, info in reference.tensors.items():
+        shape = other.tensors[name].shape
+        if shape != info.shape:
+            raise PolyfuseError(
+                f"tensor {name!r}: shape {list(shape)} in {other.label} ({other.ref}) but {list(info.shape)} in "
+                f"{reference.label}; merge checkpoints of the same architecture and vocabulary size"
+            )
+
+
+def _tokenizer_len(path: Path) -> int | None:
+    """Ids a tokenizer.json can produce (max id + 1), or None when there is no tokenizer.json."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
+def _vocab_rows(config_dir: Path) -> int | None:
+    try:
+        config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(rows) if isinstance(rows, int) else None
+
+
+def _tokenizer_dir(config: MergeConfig, reference: InputModel, models: list[InputModel],
+                   world_dir: str | Path) -> Path | None:
+    from polyfuse.models import resolve_model_ref
+
+    key = "tokenizer.source" if config.tokenizer is not None else "tokenizer_source"
+    ref = config.tokenizer_ref
+    if ref == "base":
+        path = reference.path
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            logger.warning("%s (%s) has no tokenizer files; the merged model gets none", reference.label, path)
+            return None
+    else:
+        known = {m.ref: m.path for m in models}
+        if ref in known:
+            path = known[ref]
+        else:
+            try:
+                resolved = resolve_model_ref(ref, world_dir=world_dir, kind="tokenizer")
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{key}: {e}") from None
+            if not resolved.is_local:
+                raise ModelLoadError(f"{key}: {ref!r} is not a local directory; give base or a model directory")
+            path = Path(resolved.location)
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ModelLoadError(f"{key}: {path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
+    n_tokens, rows = _tokenizer_len(path), _vocab_rows(reference.path)
+    if n_tokens is not None and rows is not None and n_tokens > rows:
+        raise PolyfuseError(
+            f"{key}: the tokenizer in {path} has {n_tokens} ids but the models have {rows} embedding rows; "
+            "use the tokenizer the models were trained with"
+        )
+    return path
+
+
+def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "runs/world") -> MergePlan:
+    """Resolve and check a merge without writing anything (reads config files and shard headers only).
+
+    Raises:
+        PolyfuseError: unknown method or parameter, base model absent, a model that cannot be
+            resolved, a missing or extra tensor, a shape mismatch, or a bad parameter value —
+            naming the key or the tensor.
+    """
+    method = get_method(config.merge_method)
+    if method.needs_base and not config.base_model:
+        raise PolyfuseError(
+            f"base_model: required by {method.name} (task vectors are taken against it); add base_model: PATH"
+        )
+    labels = [f"models[{i}]" for i in range(len(config.models))]
+    method.check_keys(list(config.parameters), [list(m.parameters) for m in config.models], labels)
+
+    base = _resolve("base_model", config.base_model, world_dir) if config.base_model else None
+    listed = [_resolve(label, m.model, world_dir) for label, m in zip(labels, config.models, strict=True)]
+    listed = [InputModel(m.label, m.ref, m.path, m.tensors, dict(c.parameters))
+              for m, c in zip(listed, config.models, strict=True)]
+    if method.needs_base:
+        assert base is not None
+        inputs = [m for m in listed if m.path != base.path]  # mergekit: the base may also be listed
+        if not inputs:
+            raise PolyfuseError(f"models: {method.name} needs at least one model besides base_model")
+    else:
+        inputs = listed
+    reference = base if base is not None else inputs[0]
+    for model in inputs:
+        _check_same_tensors(reference, model)
+
+    out_dtype = _DTYPES[config.output_dtype] if config.output_dtype else None
+    tasks = []
+    for name, info in reference.tensors.items():
+        sources = [m.tensors[name] for m in inputs]
+        dtype = info.dtype
+        floating = dtype.startswith(("F", "BF")) and all(s.dtype.startswith(("F", "BF")) for s in sources)
+        if not floating:
+            tasks.append(TensorTask(name, info.shape, _torch_dtype(info), None, [info], None))
+            continue
+        params, model_params = method.resolve(name, config.parameters, [m.parameters for m in inputs],
+                                              [m.label for m in inputs])
+        job = TensorJob(name, info.shape, seed, params, model_params)
+        problem = method.check(job)
+        if problem:
+            raise PolyfuseError(f"tensor {name!r}: {problem}")
+        tasks.append(TensorTask(name, info.shape, out_dtype or _torch_dtype(info),
+                                base.tensors[name] if method.needs_base and base else None, sources, job))
+    tokenizer_dir = _tokenizer_dir(config, reference, listed + ([base] if base else []), world_dir)
+    return MergePlan(config, method, base, inputs, tasks, seed,
+                     reference.path, tokenizer_dir)
+
+
+def _torch_dtype(info: TensorInfo) -> torch.dtype:
+    from polyfuse.merge.shards import DTYPES
+
+    try:
+        return DTYPES[info.dtype]
+    except KeyError:
+        raise ModelLoadError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, which torch cannot hold") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# execution
+
+
+def _rows(info: TensorInfo, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` as float32 (a 0-d tensor as one row of one element)."""
+    return read_rows(info, r0, r1).to(torch.float32).reshape(r1 - r0, *info.shape[1:])
+
+
+def _chunk_rows(task: TensorTask, budget: int) -> int:
+    """Rows per chunk so that inputs and temporaries (about 6K + 4 float32 copies) fit ``budget`` bytes."""
+    rows = task.shape[0] if task.shape else 1
+    per_row = max(1, task.numel // max(1, rows)) * 4 * (6 * len(task.sources) + 4)
+    return max(1, min(rows, budget // per_row))
+
+
+def _merged_rows(task: TensorTask, method: MergeMethod, budget: int) -> Iterator[torch.Tensor]:
+    """The output rows of one tensor, chunk by chunk (float32 for merged tensors)."""
+    rows = task.shape[0] if task.shape else 1
+    step = _chunk_rows(task, budget)
+    if task.job is None:  # not floating point: copied
+        for r0 in range(0, rows, step):
+            yield read_rows(task.sources[0], r0, min(rows, r0 + step))
+        return
+    per_row = task.numel // max(1, rows)
+
+    def chunks() -> Iterator[Chunk]:
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            base = _rows(task.base, r0, r1) if task.base is not None else None
+            yield Chunk(base, [_rows(s, r0, r1) for s in task.sources], r0 * per_row)
+
+    yield from run_merger(method.make(task.job), chunks)
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _assign_shards(tasks: list[TensorTask], shard_bytes: int) -> list[list[TensorTask]]:
+    shards: list[list[TensorTask]] = [[]]
+    size = 0
+    for task in tasks:
+        if shards[-1] and size + task.out_bytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(task)
+        size += task.out_bytes
+    return shards
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a directory that is not empty and not an earlier merge output."""
+    if out_dir.is_file():
+        raise PolyfuseError(f"output {out_dir} is a file; give a directory path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise PolyfuseError(
+            f"output {out_dir} exists and is not a polyfuse merge output ({MARKER} missing); "
+            "choose a new directory or remove it"
+        )
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Move the finished ``tmp`` to ``out_dir``; an earlier output is renamed away first, then removed."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    trash = out_dir.parent / f".trash-{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.replace(out_dir, trash)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(trash, out_dir)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_config(plan: MergePlan, tmp: Path) -> None:
+    for name in _COPIED_CONFIGS:
+        src = plan.config_dir / name
+        if not src.is_file():
+            continue
+        if name == "config.json" and plan.config.output_dtype:
+            data = json.loads(src.read_text(encoding="utf-8"))
+            for key in ("dtype", "torch_dtype"):
+                if key in data:
+                    data[key] = plan.config.output_dtype
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, tmp / name)
+
+
+def _write_card(plan: MergePlan, tmp: Path, name: str) -> None:
+    sample = next((t.job for t in plan.tensors if t.job is not None and len(t.shape) == 2), None)
+    sample = sample or next((t.job for t in plan.tensors if t.job is not None), None)
+    inputs = []
+    for i, model in enumerate(plan.inputs):
+        params = {k: v[i] for k, v in sample.model_params.items()} if sample else {}
+        inputs.append((model.ref, params))
+    notes = [f"{k}: {v}" for k, v in (sample.params.items() if sample else []) if k != "int8_mask"]
+    notes.append(f"output dtype: {plan.config.output_dtype or 'as the base model'} (computed in float32)")
+    text = model_card(name=name,
+                      method=plan.method.name, pretty_name=plan.method.pretty_name,
+                      reference=plan.method.reference, base=plan.base.ref if plan.base else None,
+                      inputs=inputs, seed=plan.seed, config_yaml=plan.config.to_yaml(), notes=notes)
+    (tmp / "README.md").write_text(text, encoding="utf-8")
+
+
+def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128, out_shard_size: str | int = "2G",
+                 progress: bool = True) -> MergeResult:
+    """Merge every tensor of a checked plan and write the output directory atomically.
+
+    Args:
+        chunk_mb: working-memory budget of one chunk (all inputs and temporaries), in MB.
+        out_shard_size: the largest output shard, in bytes (``2G``, ``500M``, ...).
+    """
+    from polyfuse.progress import progress_bar
+
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    if chunk_mb <= 0:
+        raise PolyfuseError(f"--chunk-mb: must be positive, got {chunk_mb}")
+    budget = int(chunk_mb * 1e6)
+    shards = _assign_shards(plan.tensors, parse_size(out_shard_size))
+    names = _shard_names(len(shards))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        weight_map: dict[str, str] = {}
+        with progress_bar(f"merge ({plan.method.name})", len(plan.tensors), enabled=progress) as advance:
+            for shard, file in zip(shards, names, strict=True):
+                entries = [(t.name, t.out_dtype, t.shape) for t in shard]
+                with StreamingShardWriter(tmp / file, entries, {"merged_with": "polyfuse"}) as writer:
+                    for task in shard:
+                        for rows in _merged_rows(task, plan.method, budget):
+                            writer.write(task.name, rows)
+                        weight_map[task.name] = file
+                        advance()
+        output_bytes = sum(t.out_bytes for t in plan.tensors)
+        if len(names) > 1:
+            index = {"metadata": {"total_size": output_bytes}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _write_config(plan, tmp)
+        if plan.tokenizer_dir is not None:
+            for name in _TOKENIZER_FILES:
+                if (plan.tokenizer_dir / name).is_file():
+                    shutil.copyfile(plan.tokenizer_dir / name, tmp / name)
+        (tmp / MARKER).write_text(f"# polyfuse merge --seed {plan.seed}\n{plan.config.to_yaml()}", encoding="utf-8")
+        _write_card(plan, tmp, out_dir.name)
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    logger.info("merged %d tensors (%.2f GB read) with %s into %s (%d shard(s)) in %.1f s", len(plan.tensors),
+                plan.input_bytes / 1e9, plan.method.name, out_dir, len(names), seconds)
+    return MergeResult(out_dir, len(plan.tensors), names, plan.input_bytes, output_bytes, seconds)
+
+
+def run_merge(config: str | Path | MergeConfig, out_dir: str | Path, *, seed: int = 0, chunk_mb: float = 128,
+              out_shard_size: str | int = "2G", world_dir: str | Path = "runs/world",
+              progress: bool = True) -> MergeResult:
+    """Read a mergekit-style YAML (or a validated config), check it, then merge into ``out_dir``.
+
+    Nothing is written unless the whole plan checks out: config, models, tensors, shapes and
+    parameters (see :func:`plan_merge`), the output location and the size options.
+
+    Raises:
+        PolyfuseError: a bad config, model, tensor or option, naming the key or tensor.
+    """
+    cfg = config if isinstance(config, MergeConfig) else load_merge_config(config)
+    parse_size(out_shard_size)
+    try:
+        plan = plan_merge(cfg, seed=seed, world_dir=world_dir)
+    except PolyfuseError as e:
+        if isinstance(config, MergeConfig):
+            raise
+        raise type(e)(f"{config}: {e}") from None
+    return execute_plan(plan, out_dir, chunk_mb=chunk_mb, out_shard_size=out_shard_size, progress=progress)
