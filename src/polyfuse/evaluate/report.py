@@ -27,6 +27,7 @@ import html
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -119,9 +120,9 @@ def _dir_size(path: Path) -> int:
         for name in files:
             try:
                 st = os.lstat(os.path.join(root, name))
-            except OSError:
+            except OSError:  # removed while we walk (a stage being rewritten)
                 continue
-            total += st.st_size if not os.path.islink(os.path.join(root, name)) else 0
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
 
 
