@@ -201,6 +201,7 @@ def test_resumed_run_matches_uninterrupted(target, tmp_path):
     assert first["global_step"] == 2 and (part / "checkpoint-2").is_dir()
     second = train_fusion(target, rows, part, config(part, **kw))
     assert second["resumed_from"].endswith("checkpoint-2") and second["global_step"] == 4
+    assert not list(part.glob("checkpoint-*"))                         # finished: checkpoints removed
     a, b = weights(tmp_path / "full"), weights(part)
     assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a)
     losses = [h["loss"] for h in full["log_history"] if "loss" in h]

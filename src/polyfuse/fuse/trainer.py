@@ -18,6 +18,7 @@ depend on how a batch is split into micro-batches or devices.
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from polyfuse.errors import DataError
 from polyfuse.fuse.losses import IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
@@ -361,6 +363,16 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+class _LossOnBar(ProgressCallback):
+    """The Trainer's progress bar, with the latest losses as its postfix instead of printed dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer callback API
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: f"{logs[k]:.3f}" for k in ("loss", "clm_loss", "distill_loss") if k in logs}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
+
 def train_fusion(
     model_path: str | Path,
     train_rows: Sequence[Mapping[str, Any]],
@@ -370,12 +382,14 @@ def train_fusion(
     *,
     dtype: str = "float32",
     callbacks: Sequence[TrainerCallback] = (),
+    keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Train the model at ``model_path`` on ``train_rows`` and save model + tokenizer to ``out_dir``.
 
     Checkpoints go to ``out_dir/checkpoint-*`` (``config.output_dir`` is replaced by ``out_dir``); with
     ``resume`` the latest one is continued (``trainer.train(resume_from_checkpoint=True)``). ``dtype``
-    is the dtype the weights are loaded in (mixed precision comes from ``config.bf16``/``fp16``).
+    is the dtype the weights are loaded in (mixed precision comes from ``config.bf16``/``fp16``). The
+    checkpoints are deleted once training has finished and the model is saved, unless ``keep_checkpoints``.
 
     Returns ``{"metrics", "log_history", "global_step", "resumed_from", "out_dir"}``.
     """
@@ -398,10 +412,17 @@ def train_fusion(
         data_collator=FusionCollator(pad_token_id=_pad_token_id(tokenizer, model)),
         callbacks=list(callbacks) or None,
     )
+    if not args.disable_tqdm:  # the loss goes on the bar, not as a printed dict per logging step
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_LossOnBar())
     checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     result = trainer.train(resume_from_checkpoint=True if checkpoint else None)
     trainer.save_model(str(out))
     trainer.save_state()
+    finished = trainer.state.global_step >= trainer.state.max_steps
+    if finished and not keep_checkpoints and trainer.is_world_process_zero():  # resume points: dead weight
+        for path in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            shutil.rmtree(path, ignore_errors=True)
     return {
         "metrics": dict(result.metrics),
         "log_history": list(trainer.state.log_history),
