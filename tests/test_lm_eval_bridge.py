@@ -4,6 +4,7 @@ results.json and the report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ import pytest
 from polyfuse.errors import ModelLoadError, PolyfuseError
 from polyfuse.evaluate.lm_eval_bridge import LmEvalScores, _clean_metrics, _pick_headline, run_lm_eval
 
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm-evaluation-harness not installed: pip install polyfuse[eval]",
+)
 TASK = "polyfuse_local_mc"
 ROWS = [
     ("def add(a, b):\n    return", ["a + b", "the sea", "7 days"], 0),
@@ -72,7 +77,6 @@ def reference_accuracy(model_dir: Path) -> float:
 
 @pytest.fixture(scope="module")
 def bridged(tiny_world, tmp_path_factory):
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness not installed: pip install polyfuse[eval]")
     from polyfuse.evaluate.lm_eval_bridge import lm_eval_into_results
 
     root = tmp_path_factory.mktemp("lm_eval")
@@ -85,6 +89,7 @@ def bridged(tiny_world, tmp_path_factory):
     return run, model, results
 
 
+@needs_lm_eval
 def test_local_task_score_lands_in_results(bridged):
     run, model, results = bridged
     on_disk = json.loads((run / "results.json").read_text())
@@ -99,6 +104,7 @@ def test_local_task_score_lands_in_results(bridged):
     assert raw["results"][TASK]["acc,none"] == target["accuracy"][TASK]
 
 
+@needs_lm_eval
 def test_local_task_score_appears_in_the_report(bridged):
     from polyfuse.evaluate.report import write_report
 
