@@ -179,9 +179,7 @@ def read_test_vectors(inp: str | Path, out: str | Path) -> list[tuple[str, list[
     texts = Path(inp).read_text(encoding="utf-8").split(TEST_SEPARATOR)
     if texts and texts[-1] == "":
         texts.pop()
-    lines = Path(out).read_text(encoding="utf-8").split("\n")
-    if len(lines) == len(texts) + 1 and lines[-1] == "":
-        lines.pop()
+    lines = Path(out).read_text(encoding="utf-8").removesuffix("\n").split("\n")
     if len(lines) != len(texts):
         raise PolyfuseError(f"{out}: {len(lines)} id lines for {len(texts)} texts in {inp}; the files do "
                             "not belong together (delete the cached vocabulary directory to convert it again)")
