@@ -188,4 +188,10 @@ def test_lora_dpo_run(target: Path, tmp_path: Path) -> None:
                                                 for q, a, b in QUESTIONS])
     res = run_dpo(str(target), data, tmp_path / "lora", DPOTrainConfig(beta=0.5, lora_r=4, max_steps=3, **FAST))
     assert res["losses"][0] == pytest.approx(math.log(2), abs=1e-4)
-    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # a full model, the next stage's input
+    base = AutoModelForCausalLM.from_pretrained(target)
+    q_proj = [m.model.layers[0].self_attn.q_proj.weight for m in (merged, base)]
+    assert not torch.equal(*q_proj)

@@ -10,8 +10,9 @@ directory, ``world:NAME`` or a hub id already in the local cache), a JSONL file 
   warm-up 0.1, SFT lr 5e-6, DPO lr 1e-6 with beta 0.01 (``sigmoid``) or 10 (``sigmoid_norm``), WRPO lr 3e-7,
   beta 0.01, alpha 0 -> 0.1 -- and small, CPU-friendly batches. bf16 autocast only on a CUDA device that
   supports it; float32 weights always (no bf16 on CPU). Gradient checkpointing is off unless asked for.
-* **LoRA** (``lora_r > 0``) goes through TRL's ``peft_config``; peft is an optional dependency, and asking
-  for LoRA without it raises :class:`PolyfuseError` saying how to install it.
+* **LoRA** (``lora_r > 0``) goes through TRL's ``peft_config`` (the DPO/WRPO reference is then the base
+  model with the adapter disabled); the merged model is saved by default. peft is an optional dependency:
+  asking for LoRA without it raises :class:`PolyfuseError` saying how to install it.
 * **Resumable**: checkpoints go to ``<output_dir>/checkpoint-N`` every ``save_steps``; a rerun with the same
   output directory resumes from the last one (``resume=True``). After a successful run the final model and
   tokenizer are saved to ``output_dir`` (checkpoints removed unless ``keep_checkpoints``) with
@@ -43,7 +44,7 @@ from polyfuse.workspace import atomic_write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "DPOTrainConfig", "SFTTrainConfig", "WRPOTrainConfig", "ensure_chat_template",
-           "read_jsonl_rows", "run_dpo", "run_sft", "run_wrpo"]
+           "read_jsonl_rows", "run_dpo", "run_sft", "run_wrpo", "stage_runner"]
 
 #: The chat template polyfuse sets on a tokenizer that has none. Plain text, no new tokens (so no
 #: embedding resize), the tokenizer's own ``eos_token`` after each answer so the model learns to stop, and
@@ -105,7 +106,9 @@ class SFTTrainConfig:
     """Training settings shared by the three stages (``None`` means the stage's published default).
 
     Set either ``num_train_epochs`` or ``max_steps`` (``max_steps > 0`` wins). ``lora_r > 0`` trains a LoRA
-    adapter (needs peft) on ``lora_target_modules`` (``all-linear`` by default). ``extra`` is passed to the
+    adapter (needs peft) on ``lora_target_modules`` (``all-linear`` by default); the adapter is saved to
+    ``<output_dir>/adapter`` and, with ``merge_lora``, merged into a full model in ``output_dir`` so the
+    next stage loads it like any other model. ``extra`` is passed to the
     TRL config as is (any ``SFTConfig`` / ``DPOConfig`` field).
     """
 
@@ -131,6 +134,7 @@ class SFTTrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: str | list[str] = "all-linear"
+    merge_lora: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     #: SFT only: loss on the assistant tokens only (``None``: when the chat template marks them).
     assistant_only_loss: bool | None = None
@@ -250,6 +254,20 @@ def _prepare(model_path: str, cfg: SFTTrainConfig) -> tuple[str, Any]:
     return resolved.location, tokenizer
 
 
+def _save_final(trainer: Any, cfg: SFTTrainConfig, output_dir: Path) -> None:
+    """Save the trained model and tokenizer to ``output_dir``; a LoRA run saves its adapter to
+    ``output_dir/adapter`` and, with ``merge_lora``, the merged full model to ``output_dir``."""
+    from accelerate.utils import is_peft_model
+
+    if not (is_peft_model(trainer.model) and cfg.merge_lora):
+        trainer.save_model(str(output_dir))
+        return
+    trainer.save_model(str(output_dir / "adapter"))
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merged.save_pretrained(output_dir)
+    trainer.processing_class.save_pretrained(output_dir)
+
+
 def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, started: float) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -257,7 +275,7 @@ def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, star
     if last:
         log.info("%s: resuming from %s", stage, last)
     result = trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(output_dir))
+    _save_final(trainer, cfg, output_dir)
     if not cfg.keep_checkpoints:
         for ckpt in output_dir.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
