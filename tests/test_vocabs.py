@@ -58,10 +58,10 @@ def test_conversion_matches_the_shipped_test_vectors_exactly(name: str) -> None:
     assert matched == total
 
 
-@pytest.mark.parametrize(("name", "size"), [("mpt", 50432), ("qwen2", 151936), ("llama-spm", 32000)])
-def test_vocabulary_sizes_and_roles(name: str, size: int) -> None:
-    _cached(name)
-    tok = real_tokenizer(name)
+@pytest.mark.parametrize(("fixture", "name", "size"),
+                         [("mpt", "mpt", 50432), ("qwen2", "qwen2", 151936), ("llama_spm", "llama-spm", 32000)])
+def test_vocabulary_sizes_and_roles(request: pytest.FixtureRequest, fixture: str, name: str, size: int) -> None:
+    tok = request.getfixturevalue(fixture)  # the conftest session fixtures (skip when not cached)
     assert len(tok) == size == VOCABS[name].size
     assert tok.eos_token_id is not None
     # llama.cpp's [PADnnnn] filler rows are specials without text: never produced from text

