@@ -125,6 +125,37 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
     assert (run / "train" / "fused" / "manifest.json").read_text() == before
 
 
+def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> None:
+    """mode=fusechat: one target per source (target + that source only), merged onto the target (SCE)."""
+    path = _recipe(tmp_path, tiny_world)
+    small = ["mode=fusechat", "corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2",
+             "train.batch_size=4", "eval.max_bytes_per_domain=1500"]
+    assert main(["run", str(path), *small]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())["models"]
+    assert {"target+pair:prose", "target+pair:math", "target+fusechat"} <= set(results)
+    assert "target+fused" not in results                    # fusellm's joint fusion did not run
+    for source in ("prose", "math"):
+        fuse = json.loads((run / "pairs" / source / "fuse" / "manifest.json").read_text())
+        assert fuse["config"]["sources"] == [source]
+        assert len(fuse["outputs"]["teacher_share"]["share"]) == 2   # the target and that source
+    merge_cfg = yaml.safe_load((run / "merge" / "merge.yaml").read_text())
+    assert merge_cfg["merge_method"] == "sce" and len(merge_cfg["models"]) == 2
+    from safetensors.torch import load_file
+
+    def tensors(directory: Path) -> dict:
+        out = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    merged, base = tensors(run / "merge" / "model"), tensors(tiny_world / "models" / "target")
+    pair = tensors(run / "pairs" / "prose" / "train")
+    name = next(n for n in merged if n.endswith("mlp.down_proj.weight"))
+    assert not np.allclose(merged[name].numpy(), base[name].numpy())   # the merge moved the weights
+    assert not np.allclose(merged[name].numpy(), pair[name].numpy())   # and is not one pairwise target
+
+
 def test_stats_vocab_stage_counts_dtw_pairs_on_the_blocks(tmp_path: Path, tiny_world: Path, capsys) -> None:
     """vocab.method=stats: FuseChat's co-alignment map over the recipe's blocks, mined map as fallback."""
     from polyfuse.align.vocab import MapKind, VocabMap

@@ -142,6 +142,7 @@ for _stage, _doc in {
     "align": "Carry each source's top-k to the target's positions and vocabulary.",
     "fuse": "Fuse the target's and the aligned sources' distributions (MinCE, AvgCE).",
     "train": "Continually train the target: fused, and the plain-CLM baseline on identical data.",
+    "pairs": "FuseChat: fuse the target with each source alone and train one target per source.",
 }.items():
     _stage_command(_stage, _doc)
 

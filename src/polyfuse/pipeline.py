@@ -12,7 +12,7 @@ from pathlib import Path
 
 from polyfuse.errors import RecipeError
 from polyfuse.recipe import Recipe
-from polyfuse.workspace import StageResult, atomic_write_json, current_ranks, run_stage
+from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
 
 
 def resolve_models(recipe: Recipe) -> list:
@@ -230,14 +230,19 @@ def _teachers(recipe: Recipe, target_row, aligned_rows: list) -> list:
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Fused next-token distributions at the target's positions (MinCE, AvgCE, ...)."""
+    return _fuse_into(recipe, [s.name for s in recipe.sources], stage_dir(recipe, "fuse"), force=force,
+                      progress=progress)
+
+
+def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, progress: bool) -> StageResult:
+    """Fuse the target (when ``fuse.include_target``) with the aligned sources ``names`` into ``out_dir``."""
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.fuse.strategies import fuse_block
     from polyfuse.progress import progress_bar
 
     opts = recipe.fuse
     target = recipe.target.name
-    names = [s.name for s in recipe.sources]
-    cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION}
+    cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION, "sources": names}
     inputs = {"target_capture": stage_dir(recipe, "capture", target),
               **{f"align:{n}": stage_dir(recipe, "align", n) for n in names}}
 
@@ -266,7 +271,7 @@ def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
         writer.finalize()
         return {"teacher_share": stats.as_dict() if stats is not None else {}}
 
-    return run_stage(stage_dir(recipe, "fuse"), "fuse", cfg, inputs, build, force=force)
+    return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
 
 
 def _fused_row(block_id: int, fused, target_row, k: int):
@@ -283,7 +288,7 @@ def _fused_row(block_id: int, fused, target_row, k: int):
     return BlockTopK(block_id, ids, logprobs, target_row.target_logprob, target_row.nll_sum)
 
 
-def _train_rows(recipe: Recipe, with_teacher: bool) -> list[dict]:
+def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
     """Training rows: the target's tokens of each block, plus the fused targets when fusing."""
     import numpy as np
 
@@ -294,8 +299,8 @@ def _train_rows(recipe: Recipe, with_teacher: bool) -> list[dict]:
     tok = _tokenizers(recipe)[recipe.target.name]
     encoded = encode_blocks(tok, [b.text for b in blocks])
     rows = [{"input_ids": enc.ids} for enc in encoded]
-    if with_teacher:
-        fused = StoreReader(stage_dir(recipe, "fuse"))
+    if fuse_dir is not None:
+        fused = StoreReader(fuse_dir)
         for row, b in zip(rows, blocks, strict=True):
             f = fused[b.block_id]
             row["teacher_ids"] = f.ids
@@ -309,43 +314,109 @@ DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "te
 
 def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Continual training of the target: fused (w·CLM + (1−w)·distill) and the plain-CLM baseline."""
-    from polyfuse.fuse.trainer import FusionConfig, train_fusion
-
-    opts = recipe.train
-    target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
-    runs = {"fused": recipe.fuse.strategy != "none"}
-    if opts.baseline or not runs["fused"]:
-        runs["clm"] = False
     results = {}
-    for run_name, with_teacher in runs.items():
-        train_cfg = recipe.section_dict("train")
-        if not with_teacher:  # the baseline does not depend on the distillation settings
-            train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
-        cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
-               "fuse": recipe.section_dict("fuse") if with_teacher else None}
-        inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
-                  **({"fuse": stage_dir(recipe, "fuse")} if with_teacher else {})}
-
-        def build(out: Path, with_teacher=with_teacher) -> dict:
-            config = FusionConfig(
-                output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
-                gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
-                warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type="cosine",
-                adam_beta2=0.95, max_grad_norm=1.0, seed=recipe.seed, data_seed=recipe.seed,
-                bf16=bool(opts.bf16), logging_steps=max(1, opts.max_steps // 20), save_strategy="steps",
-                save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
-                disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
-                distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
-                distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass, fusion=recipe.fuse.strategy if with_teacher else "none")
-            metrics = train_fusion(target.location, _train_rows(recipe, with_teacher), out, config)
-            return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
-
-        results[run_name] = run_stage(stage_dir(recipe, "train", run_name), "train", cfg, inputs, build,
-                                      force=force, resumable=True, collective=True)
+    if recipe.fuse.strategy != "none":
+        results["fused"] = _train_run(recipe, stage_dir(recipe, "fuse"), stage_dir(recipe, "train", "fused"),
+                                      force=force, progress=progress)
+    if recipe.train.baseline or recipe.fuse.strategy == "none":
+        results["clm"] = _train_run(recipe, None, stage_dir(recipe, "train", "clm"), force=force,
+                                    progress=progress)
     return results
 
 
-TRAINED_ROWS = {"clm": "+clm", "fused": "+fused"}
+def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bool, progress: bool) -> StageResult:
+    """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM."""
+    from polyfuse.fuse.trainer import FusionConfig, train_fusion
+
+    opts = recipe.train
+    with_teacher = fuse_dir is not None
+    target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
+    train_cfg = recipe.section_dict("train")
+    if not with_teacher:  # the baseline does not depend on the distillation settings
+        train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
+    cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
+           "fuse": recipe.section_dict("fuse") if with_teacher else None}
+    inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
+              **({"fuse": fuse_dir} if with_teacher else {})}
+
+    def build(out: Path) -> dict:
+        config = FusionConfig(
+            output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
+            gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
+            warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type="cosine",
+            adam_beta2=0.95, max_grad_norm=1.0, seed=recipe.seed, data_seed=recipe.seed,
+            bf16=bool(opts.bf16), logging_steps=max(1, opts.max_steps // 20), save_strategy="steps",
+            save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
+            disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
+            distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
+            distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,
+            fusion=recipe.fuse.strategy if with_teacher else "none")
+        metrics = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config)
+        return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
+
+    return run_stage(out_dir, "train", cfg, inputs, build, force=force, resumable=True, collective=True)
+
+
+def pairs_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """FuseChat's pairwise fusion: per source, fuse the target with that source alone and train a target.
+
+    Writes ``pairs/<source>/fuse`` and ``pairs/<source>/train``; each trained target has the target's
+    architecture, so :func:`merge_stage` can merge them in parameter space.
+    """
+    results = {}
+    for spec in recipe.sources:
+        fuse_dir = stage_dir(recipe, "pairs", spec.name, "fuse")
+        results[f"{spec.name}/fuse"] = _fuse_into(recipe, [spec.name], fuse_dir, force=force, progress=progress)
+        results[f"{spec.name}/train"] = _train_run(recipe, fuse_dir, stage_dir(recipe, "pairs", spec.name, "train"),
+                                                   force=force, progress=progress)
+    return results
+
+
+def merge_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
+    """Merge the pairwise targets onto the original target (FuseChat: SCE) with the streaming engine.
+
+    The merged model is ``merge/model``; ``merge/merge.yaml`` is the mergekit-style config used.
+    """
+    from polyfuse.merge import parse_merge_config, run_merge
+
+    target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
+    pairs = {s.name: stage_dir(recipe, "pairs", s.name, "train") for s in recipe.sources}
+    opts = recipe.merge
+    config = {"merge_method": opts.method, "base_model": str(target.location),
+              "models": [{"model": str(path.resolve())} for path in pairs.values()],
+              "parameters": dict(opts.parameters), "dtype": opts.dtype}
+    cfg = {"merge": recipe.section_dict("merge"), "seed": recipe.seed}
+    inputs = {"target": target.location, **{f"pair:{n}": p for n, p in pairs.items()}}
+
+    def build(out: Path) -> dict:
+        atomic_write_text(out / "merge.yaml", _yaml_dump(config))
+        result = run_merge(parse_merge_config(config, source=str(out / "merge.yaml")), out / "model",
+                           seed=recipe.seed, world_dir=recipe.world, progress=progress)
+        return {"tensors": result.tensors, "input_bytes": result.input_bytes, "seconds": result.seconds}
+
+    return run_stage(stage_dir(recipe, "merge"), "merge", cfg, inputs, build, force=force)
+
+
+def _yaml_dump(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def trained_rows(recipe: Recipe) -> dict[str, Path]:
+    """Row name -> model directory for every finished training or merge of the target.
+
+    ``target+clm``, ``target+fused`` (FuseLLM), ``target+pair:SOURCE`` and ``target+fusechat``
+    (FuseChat), each present once its stage has a manifest.
+    """
+    name = recipe.target.name
+    candidates = {f"{name}+clm": stage_dir(recipe, "train", "clm"),
+                  f"{name}+fused": stage_dir(recipe, "train", "fused"),
+                  **{f"{name}+pair:{s.name}": stage_dir(recipe, "pairs", s.name, "train") for s in recipe.sources}}
+    rows = {row: path for row, path in candidates.items() if (path / "manifest.json").is_file()}
+    if (stage_dir(recipe, "merge") / "manifest.json").is_file():
+        rows[f"{name}+fusechat"] = stage_dir(recipe, "merge", "model")
+    return rows
 
 
 def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
@@ -360,11 +431,8 @@ def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
 
     opts = recipe.eval
     models = resolve_models(recipe)
-    for run_name, suffix in TRAINED_ROWS.items():
-        path = stage_dir(recipe, "train", run_name)
-        if (path / "manifest.json").is_file():
-            models += resolve_all([(recipe.target.name + suffix, str(path.resolve()), None, None)],
-                                  world_dir=recipe.world)
+    for row, path in trained_rows(recipe).items():
+        models += resolve_all([(row, str(path.resolve()), None, None)], world_dir=recipe.world)
     corpus = data_dir(recipe.data.eval, recipe.world)
     texts: dict | None = None
     results = {}
@@ -397,8 +465,16 @@ STAGES: dict[str, Callable[..., StageResult | dict[str, StageResult]]] = {
     "align": align_stage,
     "fuse": fuse_stage,
     "train": train_stage,
+    "pairs": pairs_stage,
+    "merge": merge_stage,
     "eval": eval_stage,
 }
+
+MODE_STAGES: dict[str, tuple[str, ...]] = {
+    "fusellm": ("blocks", "capture", "vocab", "align", "fuse", "train", "eval"),
+    "fusechat": ("blocks", "capture", "vocab", "align", "pairs", "merge", "eval"),
+}
+"""The stages ``polyfuse run`` runs for each recipe ``mode``, in order."""
 
 
 def run_recipe(recipe: Recipe, *, only: Sequence[str] | None = None, force: bool = False,
@@ -407,7 +483,7 @@ def run_recipe(recipe: Recipe, *, only: Sequence[str] | None = None, force: bool
 
     Returns every artifact's result keyed ``stage`` or ``stage/<model>``.
     """
-    names = list(only) if only else list(STAGES)
+    names = list(only) if only else list(MODE_STAGES[recipe.mode])
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise RecipeError(f"unknown stage {', '.join(unknown)}; stages: {', '.join(STAGES)}")

@@ -342,8 +342,22 @@ class TrainSection(Section):
         return self
 
 
+class MergeSection(Section):
+    """FuseChat's last step: merging the pairwise targets in parameter space (mode fusechat)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "varm"] = Field(
+        "sce", description="merge method (mergekit names), sce as FuseChat-2.0 or varm as FuseChat-1.0")
+    parameters: dict[str, float | str | bool] = Field(
+        default_factory=lambda: {"select_topk": 1.0, "sce_variant": "fusechat"},
+        description="method parameters as in a mergekit config, e.g. select_topk or sce_variant")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged model")
+
+
 class Recipe(Section):
     """A whole recipe: models, data and one section per stage."""
+
+    mode: Literal["fusellm", "fusechat"] = Field(
+        "fusellm", description="fusellm (fuse all sources at once) or fusechat (pairwise targets then a merge)")
 
     workdir: str = Field(
         "runs/recipe", min_length=1, description="directory where stage artifact directories are written"
@@ -365,6 +379,7 @@ class Recipe(Section):
     align: AlignSection = Field(default_factory=AlignSection, description="token alignment")
     fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
     train: TrainSection = Field(default_factory=TrainSection, description="continual training")
+    merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
 
     @field_validator("sources")
     @classmethod
