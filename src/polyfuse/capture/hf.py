@@ -18,8 +18,9 @@ Per shard of ``shard_size`` blocks (block order as given; shard s holds blocks
 5. write the shard atomically (:class:`polyfuse.capture.store.StoreWriter`).
 
 Before the first batch a probe compares the chunked head with ``model(...).logits`` on one short
-sequence, so an architecture with an unknown logit transform fails loudly instead of storing
-wrong numbers.
+sequence (the first ``_PROBE_TOKENS`` tokens of the longest block; one forward pass that keeps the
+head's input and lets the head run), so an architecture with an unknown logit transform fails
+loudly instead of storing wrong numbers.
 
 **Resume.** A shard file exists only once complete, so a rerun (same arguments, same directory)
 skips the shards already there and produces the same bytes for the rest: batching depends only
@@ -65,7 +66,7 @@ __all__ = ["capture", "capture_meta", "head_logits", "topk_of_hidden"]
 logger = logging.getLogger(__name__)
 
 _HEAD_CHUNK_ELEMENTS = 1 << 26  # [chunk, V] float32 logits per head chunk: 256 MiB
-_PROBE_TOKENS = 64
+_PROBE_TOKENS = 16
 _FP16_MIN = float(torch.finfo(torch.float16).min)
 _POLL_S = 1.0
 
@@ -121,8 +122,8 @@ def topk_of_hidden(
 
 
 @contextmanager
-def _head_input(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, the output head records its input under ``"hidden"`` and computes nothing."""
+def _head_input(model: PreTrainedModel, *, skip_head: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the output head records its input under ``"hidden"`` and (``skip_head``) computes nothing."""
     head = model.get_output_embeddings()
     if head is None:
         raise PolyfuseError(
@@ -131,9 +132,9 @@ def _head_input(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
         )
     seen: dict[str, torch.Tensor] = {}
 
-    def keep_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def keep_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         seen["hidden"] = args[0]  # [B, T, d]
-        return (args[0][..., :0, :], *args[1:])  # the head runs on [B, 0, d]
+        return (args[0][..., :0, :], *args[1:]) if skip_head else None  # the head runs on [B, 0, d]
 
     handle = head.register_forward_pre_hook(keep_input)
     try:
@@ -163,10 +164,14 @@ def _input_device(model: PreTrainedModel) -> torch.device:
 def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
     """Check the hook + chunked head against ``model(...).logits`` on one short sequence."""
     x = torch.as_tensor(ids[:_PROBE_TOKENS], device=_input_device(model))[None]  # [1, T]
-    mask = torch.ones_like(x)
-    ref = model(input_ids=x, attention_mask=mask, use_cache=False).logits[0].float()  # [T, V]
-    hidden = _hidden_states(model, x, mask)[0]  # [T, d]
-    ours = head_logits(model, hidden)  # [T, V]
+    with _head_input(model, skip_head=False) as seen:  # one pass: the head's input and its logits
+        ref = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits[0].float()  # [T, V]
+    if "hidden" not in seen:
+        raise PolyfuseError(
+            f"{type(model).__name__}.forward never called its output head; "
+            "capture supports causal LMs whose forward applies get_output_embeddings()"
+        )
+    ours = head_logits(model, seen["hidden"][0])  # [T, V]
     ref = ref.to(ours.device)
     err = (ours - ref).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
