@@ -245,16 +245,20 @@ def test_rewrite_is_byte_identical(tmp_path: Path) -> None:
     assert not mismatch and not errors
 
 
-def test_ids_column_is_memory_mapped_and_packed(tmp_path: Path) -> None:
-    """The ids column of a mapped shard holds exactly ceil(P * k * bits / 8) bytes per block."""
+def test_ids_column_holds_packed_bits(tmp_path: Path) -> None:
+    """The ids column of a shard holds exactly ceil(P * k * bits / 8) bytes per block; metadata names them."""
+    import pyarrow as pa
+
     rng = np.random.default_rng(12)
-    rows = [random_block(rng, i, P, 10, 151_936) for i, P in enumerate((1, 7, 2047))]
-    reader = write_store(tmp_path / "s", [rows], k=10, vocab=151_936)
-    view = reader._batches[0]
-    off, raw = view.binary["topk_ids"]
-    assert np.diff(off).tolist() == [-(-P * 10 * 18 // 8) for P in (1, 7, 2047)]
-    lp_off, lp_raw = view.binary["topk_logprobs"]
-    assert np.shares_memory(reader[2].logprobs, lp_raw)  # the reader's view is the mapped buffer itself
+    sizes = (1, 7, 2047)
+    rows = [random_block(rng, i, P, 10, 151_936) for i, P in enumerate(sizes)]
+    write_store(tmp_path / "s", [rows], k=10, vocab=151_936)
+    with pa.ipc.open_stream(pa.memory_map(str(tmp_path / "s" / shard_name(0)), "r")) as stream:
+        table = stream.read_all()
+    lengths = [len(v) for v in table.column("topk_ids").to_pylist()]
+    assert lengths == [-(-P * 10 * 18 // 8) for P in sizes]
+    info = json.loads(table.schema.metadata[b"polyfuse.topk"])
+    assert info == {"format_version": 2, "id_bits": 18, "k": 10}
 
 
 def test_writer_validates_rows(tmp_path: Path) -> None:
