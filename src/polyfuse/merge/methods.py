@@ -104,7 +104,10 @@ class Chunk:
     def deltas(self) -> Tensor:
         """Task vectors of the chunk: [K, rows, ...]."""
         assert self.base is not None
-        return torch.stack([m - self.base for m in self.models])
+        out = torch.empty((len(self.models), *self.base.shape), dtype=torch.float32)
+        for i, m in enumerate(self.models):
+            torch.sub(m, self.base, out=out[i])
+        return out
 
 
 @dataclass(frozen=True)
@@ -394,27 +397,31 @@ class _TaskArithmetic:
 
     def merge(self, chunk: Chunk) -> Tensor:
         assert chunk.base is not None
-        deltas = chunk.deltas()
+        weighted = chunk.deltas()  # [K, rows, ...], updated in place below
         if self.sparsify:
-            deltas = deltas * self._keep(chunk, deltas)
+            weighted.mul_(self._keep(chunk, weighted))
             if any(s != 1.0 for s in self.scale):
-                deltas = deltas * _per_model(self.scale, deltas)
-        weights = _per_model(self.weights, deltas)
-        weighted = deltas * weights
+                weighted.mul_(_per_model(self.scale, weighted))
+        weighted.mul_(_per_model(self.weights, weighted))
         if self.consensus:
-            agree = _sign_consensus(weighted)
-            mixed = (weighted * agree).sum(0)
-            divisor = (weights * agree).sum(0)
-            divisor[divisor == 0] = 1
+            # entries agreeing with the elected sign s: s * wᵢδᵢ > 0; their sum is s * Σ relu(s * wᵢδᵢ)
+            sign = (weighted.sum(0) >= 0).to(torch.float32).mul_(2).sub_(1)
+            weighted.mul_(sign)
+            agree = weighted > 0
+            mixed = weighted.clamp_(min=0).sum(0).mul_(sign)
+            divisor = torch.zeros_like(mixed)
+            for i, w in enumerate(self.weights):
+                divisor.add_(agree[i], alpha=w)
+            divisor.masked_fill_(divisor == 0, 1)
         else:
             mixed = weighted.sum(0)
             total = sum(self.weights)
             divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
         if self.job.params["normalize"]:
-            mixed = mixed / divisor
+            mixed.div_(divisor)
         if self.job.params["lambda"] != 1:
-            mixed = mixed * self.job.params["lambda"]
-        return chunk.base + mixed
+            mixed.mul_(self.job.params["lambda"])
+        return mixed.add_(chunk.base)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,8 +162,13 @@ class TopK:
             elif mode == "none":
                 keep[s] = False
             elif self._quota[s] < self._ties[s]:  # only the first `quota` ties are kept
+                if self._seen[s] >= self._quota[s]:  # quota used up: no more ties
+                    keep[s] = values[s] > self.threshold[s]
+                    continue
                 tie = values[s] == self.threshold[s]
-                rank = tie.cumsum(0) + self._seen[s]
-                keep[s] &= ~tie | (rank <= self._quota[s])
-                self._seen[s] = int(rank[-1]) if rank.numel() else self._seen[s]
+                count = int(tie.sum())
+                if self._seen[s] + count > self._quota[s]:  # the chunk where the quota runs out
+                    rank = tie.cumsum(0) + self._seen[s]
+                    keep[s] &= ~tie | (rank <= self._quota[s])
+                self._seen[s] += count
         return keep

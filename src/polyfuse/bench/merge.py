@@ -1,0 +1,272 @@
+"""The ``merge`` bench suite: streaming TIES merge of Llama-shaped checkpoints, side by side with mergekit.
+
+=================================  ================================================================
+key                                what is measured
+=================================  ================================================================
+merge_input_gb                     tensor bytes read: three merged models + the base (fp32, 32k vocab,
+                                   ~1.08 GB each; quick: tiny)
+merge_seconds                      wall seconds of ``polyfuse merge`` (a child process: the CLI as a
+                                   user runs it, imports included)
+merge_gb_per_s                     merge_input_gb / merge_seconds
+merge_peak_rss_gb                  the child's peak RSS (``os.wait4``); goal < 0.6
+merge_peak_rss_vs_largest_input    merge_peak_rss_gb / the largest input model's size
+mergekit_ties_seconds              wall seconds of ``mergekit-yaml`` 0.1.5 on the same YAML and inputs
+mergekit_peak_rss_gb               its peak RSS
+merge_speedup_vs_mergekit          mergekit_ties_seconds / merge_seconds; goal >= 1
+merge_max_abs_diff_vs_mergekit     largest |polyfuse - mergekit| over every output entry
+machine_load_1min                  the 1-minute load average when the runs started (shared cores)
+=================================  ================================================================
+
+mergekit is never a dependency of polyfuse: it is installed (once, from the package registry) into
+a throw-away venv under ``workdir/mergekit-venv`` layered over this environment's packages; where
+that fails its figures are NaN. The inputs are generated once under ``workdir/inputs`` (reused while
+their spec matches) with the streaming shard writer, so generating them needs little memory too.
+Both merges read from a warm page cache (every input file is read once before each run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from polyfuse.bench import Figure
+
+__all__ = ["LlamaShape", "ensure_mergekit", "run", "write_llama_checkpoints"]
+
+logger = logging.getLogger(__name__)
+
+MERGEKIT = "mergekit==0.1.5"
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The tensor shapes of a Llama checkpoint (untied head)."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, shape) in the order transformers writes them."""
+        h, i = self.hidden, self.intermediate
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(p + "input_layernorm.weight", (h,)), (p + "mlp.down_proj.weight", (h, i)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "post_attention_layernorm.weight", (h,))]
+            out += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "kvqo"]
+        return out + [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+
+    def config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": self.vocab,
+                "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "num_key_value_heads": self.heads, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False, "dtype": "float32", "hidden_act": "silu"}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * 4 for _, shape in self.tensors())
+
+
+FULL = LlamaShape(vocab=32000, hidden=1024, intermediate=2816, layers=16, heads=16)  # 1.08 GB in fp32
+QUICK = LlamaShape(vocab=512, hidden=64, intermediate=176, layers=2, heads=4)
+
+
+def write_llama_checkpoints(root: Path, shape: LlamaShape, names: list[str], *, seed: int = 0,
+                            delta: float = 2e-3, shards: int = 2) -> dict[str, Path]:
+    """Write ``names[0]`` (the base, N(0, 0.02²) entries) and the others (base + N(0, delta²) noise).
+
+    Each is a directory with ``config.json`` and ``shards`` safetensors files plus an index; all are
+    generated row chunk by row chunk, in lockstep, so memory stays small for any size. Reused when
+    ``root/spec.json`` matches.
+    """
+    from polyfuse.merge.shards import StreamingShardWriter
+
+    spec = {"shape": asdict(shape), "names": names, "seed": seed, "delta": delta, "shards": shards}
+    paths = {n: root / n for n in names}
+    spec_file = root / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    tensors = shape.tensors()
+    per_shard = math.ceil(len(tensors) / shards)
+    groups = [tensors[i:i + per_shard] for i in range(0, len(tensors), per_shard)]
+    files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for path in paths.values():
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        weight_map = {name: file for group, file in zip(groups, files, strict=True) for name, _ in group}
+        index = {"metadata": {"total_size": shape.nbytes}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for t, (group, file) in enumerate(zip(groups, files, strict=True)):
+        entries = [(name, torch.float32, s) for name, s in group]
+        writers = [StreamingShardWriter(p / file, entries) for p in paths.values()]
+        for j, (name, s) in enumerate(group):
+            generators = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (t * 1000 + j) + m)
+                          for m in range(len(names))]
+            rows = s[0]
+            step = max(1, (1 << 22) // max(1, math.prod(s[1:])))
+            for r0 in range(0, rows, step):
+                chunk = (min(rows, r0 + step) - r0, *s[1:])
+                base = torch.randn(chunk, generator=generators[0]) * 0.02
+                if name.endswith("norm.weight"):
+                    base += 1.0
+                writers[0].write(name, base)
+                for m, writer in enumerate(writers[1:], start=1):
+                    writer.write(name, base + torch.randn(chunk, generator=generators[m]) * delta)
+        for writer in writers:
+            writer.close()
+    spec_file.write_text(json.dumps(spec))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# mergekit in a throw-away venv
+
+
+def ensure_mergekit(venv: Path, *, timeout: float = 900) -> tuple[Path | None, str]:
+    """A python with mergekit 0.1.5 importable, in a venv layered over this environment's packages.
+
+    The venv sees this environment's site-packages (and polyfuse) through a ``.pth`` file, so only
+    mergekit and its few missing dependencies are installed, into the venv; nothing here changes.
+    Returns ``(python or None, why not)``.
+    """
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import mergekit.merge_methods, polyfuse"]
+    if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python, ""
+    shutil.rmtree(venv, ignore_errors=True)
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    made = subprocess.run([base_python, "-m", "venv", str(venv)], capture_output=True, text=True)
+    if made.returncode != 0:
+        return None, f"python -m venv failed: {made.stderr.strip()[-200:]}"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True).stdout.strip()
+    import polyfuse
+
+    layers = [sysconfig.get_paths()["purelib"], str(Path(polyfuse.__file__).resolve().parents[1])]
+    Path(site, "polyfuse_layer.pth").write_text("\n".join(layers) + "\n")
+    try:
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", MERGEKIT], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"pip install {MERGEKIT} timed out"
+    if pip.returncode != 0 or subprocess.run(check, capture_output=True).returncode != 0:
+        return None, f"pip install {MERGEKIT} failed: {(pip.stderr or pip.stdout).strip()[-200:]}"
+    return python, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _warm(paths: list[Path]) -> None:
+    """Read every input file once so both merges start from a warm page cache."""
+    for path in paths:
+        for file in path.glob("*.safetensors"):
+            with file.open("rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def _run_child(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, exit code) of one child process."""
+    with log.open("w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return seconds, usage.ru_maxrss * 1024 / 1e9, proc.returncode
+
+
+def _max_abs_diff(a: Path, b: Path) -> float:
+    """Largest |a - b| over every tensor of two checkpoint directories, read in row chunks."""
+    from polyfuse.merge.shards import read_index, read_rows
+
+    left, right = read_index(a), read_index(b)
+    if left.keys() != right.keys():
+        return math.inf
+    worst = 0.0
+    for name, info in left.items():
+        rows = info.shape[0] if info.shape else 1
+        step = max(1, (1 << 22) // max(1, info.numel // max(1, rows)))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            x = read_rows(info, r0, r1).to(torch.float32)
+            y = read_rows(right[name], r0, r1).to(torch.float32)
+            worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
+    return worst
+
+
+def run(*, quick: bool, workdir: Path) -> list[Figure]:
+    """Generate the inputs, merge them with polyfuse and (when it can be installed) mergekit; report."""
+    shape = QUICK if quick else FULL
+    names = ["base", "a", "b", "c"]
+    size = "quick" if quick else "full"
+    logger.info("bench merge: generating %s inputs (%.2f GB each) under %s", size, shape.nbytes / 1e9, workdir)
+    paths = write_llama_checkpoints(workdir / f"inputs-{size}", shape, names)
+    config = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
+              "models": [{"model": str(paths[n]), "parameters": {"weight": 1 / 3, "density": 0.5}} for n in names[1:]],
+              "parameters": {"normalize": True}}
+    config_file = workdir / "ties.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    input_gb = len(names) * shape.nbytes / 1e9
+    load = os.getloadavg()[0]
+    note = f"2 shared cores, load {load:.1f} at start"
+    figures = [Figure("merge_input_gb", input_gb, "GB", f"TIES of 3 models onto a base, {shape}"),
+               Figure("machine_load_1min", load, "", "1-minute load average: other jobs share the cores")]
+
+    out = workdir / "out-polyfuse"
+    _warm(list(paths.values()))
+    cmd = [sys.executable, "-m", "polyfuse.cli", "merge", str(config_file), str(out), "--seed", "0"]
+    seconds, rss, code = _run_child(cmd, workdir / "polyfuse.log")
+    if code != 0:
+        raise RuntimeError(f"polyfuse merge failed (exit {code}); see {workdir / 'polyfuse.log'}")
+    figures += [Figure("merge_seconds", seconds, "s", f"polyfuse merge CLI, {note}"),
+                Figure("merge_gb_per_s", input_gb / seconds, "GB/s", "input bytes read / wall seconds"),
+                Figure("merge_peak_rss_gb", rss, "GB", "peak RSS of the polyfuse merge process (goal < 0.6)"),
+                Figure("merge_peak_rss_vs_largest_input", rss / (shape.nbytes / 1e9), "x",
+                       "peak RSS / one input model's size")]
+
+    python, why = ensure_mergekit(workdir / "mergekit-venv")
+    if python is None:
+        logger.warning("bench merge: no mergekit comparison: %s", why)
+        nan = float("nan")
+        return figures + [Figure(k, nan, u, why) for k, u in (
+            ("mergekit_ties_seconds", "s"), ("mergekit_peak_rss_gb", "GB"), ("merge_speedup_vs_mergekit", "x"),
+            ("merge_max_abs_diff_vs_mergekit", ""))]
+    mk_out = workdir / "out-mergekit"
+    shutil.rmtree(mk_out, ignore_errors=True)
+    _warm(list(paths.values()))
+    cmd = [str(python), "-m", "mergekit.scripts.run_yaml", str(config_file), str(mk_out), "--no-copy-tokenizer",
+           "--random-seed", "0"]
+    mk_seconds, mk_rss, code = _run_child(cmd, workdir / "mergekit.log")
+    if code != 0:
+        raise RuntimeError(f"mergekit-yaml failed (exit {code}); see {workdir / 'mergekit.log'}")
+    diff = _max_abs_diff(out, mk_out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(mk_out, ignore_errors=True)
+    return figures + [
+        Figure("mergekit_ties_seconds", mk_seconds, "s", f"{MERGEKIT} mergekit-yaml, same YAML, {note}"),
+        Figure("mergekit_peak_rss_gb", mk_rss, "GB", "peak RSS of the mergekit process"),
+        Figure("merge_speedup_vs_mergekit", mk_seconds / seconds, "x", "mergekit seconds / polyfuse seconds (goal >= 1)"),
+        Figure("merge_max_abs_diff_vs_mergekit", diff, "", "largest |polyfuse - mergekit| over all output entries"),
+    ]
