@@ -189,3 +189,22 @@ def test_parse_size():
     assert parse_size("1.5GB") == 1_500_000_000
     assert parse_size("1KiB") == 1024
     assert parse_size("123") == 123
+
+
+def test_integer_and_scalar_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    base = {"w": torch.zeros(3, 2), "scale": torch.tensor(1.0), "ids": torch.arange(4)}
+    paths = [write_checkpoint(tmp_path / "base", base)]
+    for i in (1, 2):
+        paths.append(write_checkpoint(tmp_path / f"m{i}", {"w": torch.full((3, 2), float(i)),
+                                                           "scale": torch.tensor(1.0 + i), "ids": torch.arange(4) * i}))
+    data = {"merge_method": "task_arithmetic", "base_model": str(paths[0]),
+            "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in paths[1:]]}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run_merge(path, tmp_path / "out", progress=False)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["w"].tolist() == [[1.5, 1.5]] * 3  # 0.5 * 1 + 0.5 * 2
+    assert out["scale"].shape == () and float(out["scale"]) == 2.5
+    assert torch.equal(out["ids"], torch.arange(4))  # not floating point: copied from the base

@@ -219,3 +219,18 @@ def test_streaming_topk_matches_a_stable_sort_with_ties(small_bytes):
             expected = torch.zeros(n, dtype=torch.bool)
             expected[torch.argsort(values[s], descending=True, stable=True)[: max(0, min(ks[s], n))]] = True
             assert torch.equal(got[s], expected), (trial, s)
+
+
+def test_sums_do_not_depend_on_the_chunking():
+    from polyfuse.merge.methods import _RowSums
+
+    values = torch.randn(3, 10_000, generator=torch.Generator().manual_seed(5))  # a 1-D tensor, 3 models
+    totals = []
+    for sizes in ([10_000], [1, 4095, 5904], [7] * 1428 + [4], [4096, 4096, 1808]):
+        sums, offset = _RowSums(), 0
+        for size in sizes:
+            sums.add(values[:, offset:offset + size])
+            offset += size
+        totals.append(sums.total())
+    assert all(torch.equal(totals[0], t) for t in totals[1:])
+    torch.testing.assert_close(totals[0], values.double().sum(1))

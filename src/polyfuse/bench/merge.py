@@ -1,21 +1,22 @@
 """The ``merge`` bench suite: streaming TIES merge of Llama-shaped checkpoints, side by side with mergekit.
 
-=================================  ================================================================
-key                                what is measured
-=================================  ================================================================
-merge_input_gb                     tensor bytes read: three merged models + the base (fp32, 32k vocab,
-                                   ~1.08 GB each; quick: tiny)
-merge_seconds                      wall seconds of ``polyfuse merge`` (a child process: the CLI as a
-                                   user runs it, imports included)
-merge_gb_per_s                     merge_input_gb / merge_seconds
-merge_peak_rss_gb                  the child's peak RSS (``os.wait4``); goal < 0.6
-merge_peak_rss_vs_largest_input    merge_peak_rss_gb / the largest input model's size
-mergekit_ties_seconds              wall seconds of ``mergekit-yaml`` 0.1.5 on the same YAML and inputs
-mergekit_peak_rss_gb               its peak RSS
-merge_speedup_vs_mergekit          mergekit_ties_seconds / merge_seconds; goal >= 1
-merge_max_abs_diff_vs_mergekit     largest |polyfuse - mergekit| over every output entry
-machine_load_1min                  the 1-minute load average when the runs started (shared cores)
-=================================  ================================================================
+=====================================  ================================================================
+key                                    what is measured
+=====================================  ================================================================
+merge_input_gb                         tensor bytes read: three merged models + the base (fp32, 32k vocab,
+                                       ~1.08 GB each; quick: tiny)
+merge_seconds                          wall seconds of ``polyfuse merge`` (a child process: the CLI as a
+                                       user runs it, imports included)
+merge_gb_per_s                         merge_input_gb / merge_seconds
+merge_peak_rss_gb                      the child's peak RSS (``os.wait4``); goal < 0.6
+merge_peak_rss_vs_largest_input        merge_peak_rss_gb / the largest input model's size
+mergekit_ties_seconds                  wall seconds of ``mergekit-yaml`` 0.1.5 on the same YAML and inputs
+mergekit_peak_rss_gb                   its peak RSS
+merge_speedup_vs_mergekit              mergekit_ties_seconds / merge_seconds; goal >= 1
+merge_max_abs_diff_vs_mergekit         largest |polyfuse - mergekit| over every output entry
+merge_entries_differing_vs_mergekit    how many entries differ (tie-breaks at the TIES threshold)
+machine_load_1min                      the 1-minute load average when the runs started (shared cores)
+=====================================  ================================================================
 
 mergekit is never a dependency of polyfuse: it is installed (once, from the package registry) into
 a throw-away venv under ``workdir/mergekit-venv`` layered over this environment's packages; where
@@ -195,23 +196,24 @@ def _run_child(cmd: list[str], log: Path) -> tuple[float, float, int]:
     return seconds, usage.ru_maxrss * 1024 / 1e9, proc.returncode
 
 
-def _max_abs_diff(a: Path, b: Path) -> float:
-    """Largest |a - b| over every tensor of two checkpoint directories, read in row chunks."""
+def _compare(a: Path, b: Path) -> tuple[float, int]:
+    """(largest |a - b|, number of differing entries) over two checkpoint directories, in row chunks."""
     from polyfuse.merge.shards import read_index, read_rows
 
     left, right = read_index(a), read_index(b)
     if left.keys() != right.keys():
-        return math.inf
-    worst = 0.0
+        return math.inf, -1
+    worst, differing = 0.0, 0
     for name, info in left.items():
         rows = info.shape[0] if info.shape else 1
         step = max(1, (1 << 22) // max(1, info.numel // max(1, rows)))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            x = read_rows(info, r0, r1).to(torch.float32)
-            y = read_rows(right[name], r0, r1).to(torch.float32)
-            worst = max(worst, float((x - y).abs().max()) if x.numel() else 0.0)
-    return worst
+            diff = (read_rows(info, r0, r1).to(torch.float32) - read_rows(right[name], r0, r1).to(torch.float32)).abs()
+            if diff.numel():
+                worst = max(worst, float(diff.max()))
+                differing += int((diff > 0).sum())
+    return worst, differing
 
 
 def run(*, quick: bool, workdir: Path) -> list[Figure]:
@@ -252,7 +254,7 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
         nan = float("nan")
         return figures + [Figure(k, nan, u, why) for k, u in (
             ("mergekit_ties_seconds", "s"), ("mergekit_peak_rss_gb", "GB"), ("merge_speedup_vs_mergekit", "x"),
-            ("merge_max_abs_diff_vs_mergekit", ""))]
+            ("merge_max_abs_diff_vs_mergekit", ""), ("merge_entries_differing_vs_mergekit", ""))]
     mk_out = workdir / "out-mergekit"
     shutil.rmtree(mk_out, ignore_errors=True)
     _warm(list(paths.values()))
@@ -261,7 +263,7 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
     mk_seconds, mk_rss, code = _run_child(cmd, workdir / "mergekit.log")
     if code != 0:
         raise RuntimeError(f"mergekit-yaml failed (exit {code}); see {workdir / 'mergekit.log'}")
-    diff = _max_abs_diff(out, mk_out)
+    diff, differing = _compare(out, mk_out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(mk_out, ignore_errors=True)
     return figures + [
@@ -269,4 +271,7 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
         Figure("mergekit_peak_rss_gb", mk_rss, "GB", "peak RSS of the mergekit process"),
         Figure("merge_speedup_vs_mergekit", mk_seconds / seconds, "x", "mergekit seconds / polyfuse seconds (goal >= 1)"),
         Figure("merge_max_abs_diff_vs_mergekit", diff, "", "largest |polyfuse - mergekit| over all output entries"),
+        Figure("merge_entries_differing_vs_mergekit", differing, "",
+               "entries that differ: TIES keeps exactly k entries; where several |delta| equal the k-th largest, "
+               "mergekit's argsort keeps an arbitrary subset, polyfuse the first by position"),
     ]

@@ -254,19 +254,35 @@ def _per_model(values: Sequence[float], like: Tensor) -> Tensor:
 
 
 class _RowSums:
-    """Per-model sums of a chunked tensor, accumulated row by row in float64 (chunking-independent)."""
+    """Per-model sums of a chunked tensor, in float64, independent of the chunking.
 
-    def __init__(self) -> None:
+    Each row (or, for 1-D tensors, each block of ``block`` consecutive elements — a carry holds a
+    partial block between chunks) is summed on its own; the row sums are summed once at the end.
+    Memory: one float64 per row (per block) and model.
+    """
+
+    def __init__(self, block: int = 4096) -> None:
         self._parts: list[Tensor] = []
+        self._block = block
+        self._carry: Tensor | None = None
 
     def add(self, values: Tensor) -> None:
-        """Add the values [K, rows, ...] of one chunk."""
-        k, rows = values.shape[0], values.shape[1] if values.dim() > 1 else 1
-        self._parts.append(values.to(torch.float64).reshape(k, rows, -1).sum(-1))
+        """Add the values [K, rows, ...] of one chunk (chunks in order)."""
+        values = values.to(torch.float64)
+        if values.dim() > 2:
+            self._parts.append(values.reshape(values.shape[0], values.shape[1], -1).sum(-1))
+            return
+        if self._carry is not None:
+            values = torch.cat([self._carry, values], dim=1)
+        full = values.shape[1] // self._block * self._block
+        if full:
+            self._parts.append(values[:, :full].reshape(values.shape[0], -1, self._block).sum(-1))
+        self._carry = values[:, full:].clone()
 
     def total(self) -> Tensor:
         """[K] float64 sums over every chunk added so far."""
-        return torch.cat(self._parts, dim=1).sum(1)
+        parts = self._parts + ([self._carry.sum(1, keepdim=True)] if self._carry is not None else [])
+        return torch.cat(parts, dim=1).sum(1)
 
 
 def _stream_seed(seed: int, tensor: str, model: int) -> int:
