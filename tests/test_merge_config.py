@@ -208,3 +208,11 @@ def test_integer_and_scalar_tensors(tmp_path):
     assert out["w"].tolist() == [[1.5, 1.5]] * 3  # 0.5 * 1 + 0.5 * 2
     assert out["scale"].shape == () and float(out["scale"]) == 2.5
     assert torch.equal(out["ids"], torch.arange(4))  # not floating point: copied from the base
+
+
+def test_an_input_directory_is_never_the_output(tmp_path, models):
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config(models)))
+    with pytest.raises(PolyfuseError, match=r"is \(inside\) the input models\[0\]"):
+        run_merge(path, models["a"], progress=False)
+    assert (models["a"] / "model.safetensors").is_file()

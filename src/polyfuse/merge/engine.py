@@ -37,7 +37,7 @@ from polyfuse.errors import ModelLoadError, PolyfuseError
 from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
-from polyfuse.merge.shards import StreamingShardWriter, TensorInfo, read_index, read_rows
+from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
 
 __all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
 
@@ -123,8 +123,8 @@ class MergePlan:
 
     @property
     def input_bytes(self) -> int:
-        """Bytes of tensor data in all inputs (each distinct model counted once)."""
-        models = ([self.base] if self.base else []) + self.inputs
+        """Bytes of tensor data read: every merged input, plus the base for methods that use it."""
+        models = ([self.base] if self.base and self.method.needs_base else []) + self.inputs
         return sum(info.nbytes for m in {m.path: m for m in models}.values() for info in m.tensors.values())
 
 
@@ -294,13 +294,10 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
         tasks.append(TensorTask(name, info.shape, out_dtype or _torch_dtype(info),
                                 base.tensors[name] if method.needs_base and base else None, sources, job))
     tokenizer_dir = _tokenizer_dir(config, reference, listed + ([base] if base else []), world_dir)
-    return MergePlan(config, method, base, inputs, tasks, seed,
-                     reference.path, tokenizer_dir)
+    return MergePlan(config, method, base, inputs, tasks, seed, reference.path, tokenizer_dir)
 
 
 def _torch_dtype(info: TensorInfo) -> torch.dtype:
-    from polyfuse.merge.shards import DTYPES
-
     try:
         return DTYPES[info.dtype]
     except KeyError:
@@ -366,8 +363,12 @@ def _assign_shards(tasks: list[TensorTask], shard_bytes: int) -> list[list[Tenso
     return shards
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace a directory that is not empty and not an earlier merge output."""
+def _check_out_dir(out_dir: Path, plan: MergePlan) -> None:
+    """Refuse to replace an input, a file, or a directory that is not empty and not an earlier merge output."""
+    target = out_dir.resolve()
+    for model in ([plan.base] if plan.base else []) + plan.inputs:
+        if target == model.path or model.path in target.parents:
+            raise PolyfuseError(f"output {out_dir} is (inside) the input {model.label} ({model.ref}); choose another directory")
     if out_dir.is_file():
         raise PolyfuseError(f"output {out_dir} is a file; give a directory path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
@@ -434,7 +435,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     from polyfuse.progress import progress_bar
 
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    _check_out_dir(out_dir, plan)
     if chunk_mb <= 0:
         raise PolyfuseError(f"--chunk-mb: must be positive, got {chunk_mb}")
     budget = int(chunk_mb * 1e6)
