@@ -129,9 +129,9 @@ class TopK:
             self._low = torch.zeros(self.streams * _BINS, dtype=torch.int64)
         bits = _bits(values)
         inside = (bits >> 16) == self._bin.unsqueeze(1)
-        low = bits & 0xFFFF
-        low += torch.arange(self.streams, dtype=torch.int32).unsqueeze(1) * _BINS
-        _count(self._low, low[inside])
+        picked = bits[inside]  # stream-major: the values of stream 0 first; few in all
+        stream = torch.repeat_interleave(torch.arange(self.streams, dtype=torch.int32), inside.sum(1))
+        _count(self._low, (picked & 0xFFFF) + stream * _BINS)
 
     def finish(self) -> None:
         """After phase 2: the exact threshold of every stream."""
