@@ -1,0 +1,297 @@
+"""Sample N responses per prompt from every source (the ``sample`` stage of FuseChat-3.0).
+
+Input: prompt rows ``{"prompt_id", "prompt": str | [messages], ...}`` (gold fields ``answer``, ``tests``,
+``entry_point``, ``category`` and ``task`` are carried into the records for the ``score`` stage). Output:
+one JSONL record per response::
+
+    {"prompt_id", "prompt": [messages], "source", "sample_index", "response", "params": {...}}
+
+* **Per source**: its own sampling parameters (:class:`SamplingParams`: ``n``, temperature, top-p,
+  repetition penalty, max new tokens) and its own chat template -- the tokenizer's, else the one given in
+  :class:`SourceSpec`, else :data:`polyfuse.implicit.train.DEFAULT_CHAT_TEMPLATE` (the template the
+  ``sft`` stage trains with, so a trained target samples in its own format).
+* **Backends**: ``hf`` (default): batched ``generate`` with left padding, ``num_return_sequences=n``;
+  ``vllm`` (optional, GPU): :class:`VLLMBackend`, a small adapter over ``vllm.LLM.chat``. The vLLM path is
+  not exercised by the test suite (no GPU there).
+* **Seeded**: every batch is seeded from ``(seed, source, batch index)``, so the same prompts, batch size and
+  seed give the same responses on CPU whatever was already done before.
+* **Resumable**: records are appended to ``<out>.partial.jsonl`` after each finished batch of prompts
+  (flushed and fsynced); a rerun skips every batch whose (prompt_id, source) pairs all have their ``n``
+  records with the same parameters, and redoes the others. When everything is done the records are written
+  atomically to ``out`` in (source, prompt) order and the partial file is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from polyfuse.errors import DataError, PolyfuseError
+from polyfuse.progress import progress_bar
+from polyfuse.workspace import atomic_write_text
+
+__all__ = ["BACKENDS", "GOLD_FIELDS", "HFBackend", "SamplingParams", "SourceSpec", "VLLMBackend", "as_messages",
+           "batch_seed", "make_backend", "partial_path", "sample_prompts"]
+
+log = logging.getLogger(__name__)
+
+#: Prompt-row fields copied into every sample record (what the ``score`` stage verifies against).
+GOLD_FIELDS = ("answer", "tests", "entry_point", "category", "task")
+BACKENDS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one source samples. ``temperature == 0`` is greedy decoding (then ``n`` must be 1)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise PolyfuseError(f"sample.n={self.n}: need at least one response per prompt")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise PolyfuseError(f"sampling parameters {asdict(self)}: need temperature >= 0, 0 < top_p <= 1 and "
+                                "repetition_penalty > 0")
+        if self.temperature == 0 and self.n > 1:
+            raise PolyfuseError(f"temperature 0 (greedy) with n={self.n} gives the same response {self.n} times; "
+                                "set a temperature above 0 or n=1")
+        if self.max_new_tokens < 1:
+            raise PolyfuseError(f"max_new_tokens={self.max_new_tokens}: need at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A model to sample from: its record name, a loadable location (directory or hub id) and its settings."""
+
+    name: str
+    model: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    chat_template: str | None = None
+    """Jinja text or a ``.jinja`` file, used only when the tokenizer has no template of its own."""
+    revision: str | None = None
+
+
+class Backend(Protocol):
+    """Generates ``params.n`` responses for each of a batch of chat prompts."""
+
+    def generate(self, prompts: Sequence[list[dict[str, str]]], params: SamplingParams, seed: int
+                 ) -> list[list[str]]: ...
+
+
+def as_messages(prompt: Any, where: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn; a list must hold ``{role, content}`` strings."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if (isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt)):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise DataError(f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages")
+
+
+def batch_seed(seed: int, source: str, batch_index: int) -> int:
+    """The seed of one batch: depends on nothing but the run seed, the source name and the batch index."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source}:{batch_index}".encode()).digest()[:4], "little")
+
+
+# --------------------------------------------------------------------------------------------------
+# backends
+
+
+def _tokenizer_with_template(location: str, revision: str | None, template: str | None) -> Any:
+    from polyfuse.implicit.train import ensure_chat_template
+    from polyfuse.models import load_tokenizer, resolve_model_ref
+
+    resolved = resolve_model_ref(location, revision=revision, kind="tokenizer")
+    tokenizer = load_tokenizer(resolved)
+    ensure_chat_template(tokenizer, None if getattr(tokenizer, "chat_template", None) else template)
+    return tokenizer
+
+
+class HFBackend:
+    """Batched Hugging Face ``generate`` with left padding; decodes only the new tokens."""
+
+    def __init__(self, spec: SourceSpec, *, device: str = "auto", dtype: str = "auto"):
+        from polyfuse.models import load_model, resolve_model_ref
+
+        self.tokenizer = _tokenizer_with_template(spec.model, spec.revision, spec.chat_template)
+        self.tokenizer.padding_side = "left"
+        self.model = load_model(resolve_model_ref(spec.model, revision=spec.revision), device=device, dtype=dtype)
+
+    def encode(self, prompt: list[dict[str, str]]) -> list[int]:
+        """Token ids of the prompt rendered by the chat template with the generation prompt (as in training)."""
+        return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+
+    def generate(self, prompts: Sequence[list[dict[str, str]]], params: SamplingParams, seed: int
+                 ) -> list[list[str]]:
+        """``params.n`` responses per prompt, in prompt order."""
+        import torch
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        batch = tok.pad({"input_ids": [self.encode(p) for p in prompts]}, padding=True, return_tensors="pt")
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}  # input_ids, attention_mask: [B, T]
+        greedy = params.temperature == 0
+        config = GenerationConfig(
+            do_sample=not greedy, num_return_sequences=params.n, max_new_tokens=params.max_new_tokens,
+            repetition_penalty=params.repetition_penalty, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            **({} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(**batch, generation_config=config)  # [B * n, T + new]
+        texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [[t.strip() for t in texts[i * params.n:(i + 1) * params.n]] for i in range(len(prompts))]
+
+
+class VLLMBackend:
+    """``vllm.LLM.chat`` with per-request seeds (optional extra; needs a GPU, untested here)."""
+
+    def __init__(self, spec: SourceSpec, *, device: str = "auto", dtype: str = "auto"):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise PolyfuseError("sample.backend=vllm needs the vllm package (pip install vllm, on a CUDA "
+                                "machine); or use sample.backend=hf") from None
+        from polyfuse.models import resolve_model_ref
+
+        self.tokenizer = _tokenizer_with_template(spec.model, spec.revision, spec.chat_template)
+        resolved = resolve_model_ref(spec.model, revision=spec.revision)
+        self.llm = LLM(model=resolved.location, revision=resolved.revision, dtype=dtype)
+
+    def generate(self, prompts: Sequence[list[dict[str, str]]], params: SamplingParams, seed: int
+                 ) -> list[list[str]]:
+        from vllm import SamplingParams as VParams
+
+        vparams = VParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                          repetition_penalty=params.repetition_penalty, max_tokens=params.max_new_tokens, seed=seed)
+        outputs = self.llm.chat(list(prompts), vparams, chat_template=self.tokenizer.chat_template, use_tqdm=False)
+        return [[c.text.strip() for c in o.outputs] for o in outputs]
+
+
+def make_backend(name: str, spec: SourceSpec, *, device: str = "auto", dtype: str = "auto") -> Backend:
+    """The backend ``name`` (``hf`` or ``vllm``) loaded for one source."""
+    if name == "hf":
+        return HFBackend(spec, device=device, dtype=dtype)
+    if name == "vllm":
+        return VLLMBackend(spec, device=device, dtype=dtype)
+    raise PolyfuseError(f"sample.backend={name!r}: choose hf (default) or vllm")
+
+
+# --------------------------------------------------------------------------------------------------
+# resumable driver
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where records are appended until the run finishes: ``<out>.partial.jsonl``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def _read_partial(path: Path) -> list[dict[str, Any]]:
+    """Records already appended; a torn last line (a killed write) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _batches(n_items: int, size: int) -> Iterator[tuple[int, range]]:
+    for b, lo in enumerate(range(0, n_items, size)):
+        yield b, range(lo, min(lo + size, n_items))
+
+
+def _record(row: Mapping[str, Any], messages: list[dict[str, str]], source: str, index: int, response: str,
+            params: dict[str, Any]) -> dict[str, Any]:
+    rec = {"prompt_id": row["prompt_id"], "prompt": messages, "source": source, "sample_index": index,
+           "response": response, "params": params}
+    rec.update({k: row[k] for k in GOLD_FIELDS if row.get(k) is not None})
+    return rec
+
+
+def _params_record(spec: SourceSpec, seed: int, backend: str) -> dict[str, Any]:
+    return {**spec.params.to_dict(), "seed": seed, "backend": backend}
+
+
+def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[SourceSpec], out: str | Path, *,
+                   backend: str = "hf", batch_size: int = 16, seed: int = 0, device: str = "auto",
+                   dtype: str = "auto", progress: bool = True, backends: Mapping[str, Backend] | None = None
+                   ) -> dict[str, Any]:
+    """Sample every source on every prompt into ``out`` (JSONL, atomic), resuming from ``<out>.partial.jsonl``.
+
+    ``backends`` maps a source name to an already-built backend (tests, reuse); others are built with
+    :func:`make_backend`. Returns statistics: records, batches done and skipped, seconds per source.
+    """
+    if batch_size < 1:
+        raise PolyfuseError(f"sample.batch_size={batch_size}: need at least 1")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names) or not names:
+        raise PolyfuseError(f"sample sources {names}: need at least one, each with a unique name")
+    messages = [as_messages(row.get("prompt"), f"prompt {row.get('prompt_id')!r}") for row in prompts]
+    ids = [row.get("prompt_id") for row in prompts]
+    if any(i is None for i in ids) or len({str(i) for i in ids}) != len(ids):
+        raise DataError("prompts: every row needs a prompt_id, unique across the file")
+    out, part = Path(out), partial_path(out)
+    part.parent.mkdir(parents=True, exist_ok=True)
+
+    done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for rec in _read_partial(part):
+        done.setdefault((str(rec.get("prompt_id")), str(rec.get("source"))), {})[rec.get("sample_index")] = rec
+    stats: dict[str, Any] = {"records": 0, "batches_done": 0, "batches_skipped": 0, "seconds": {}}
+    kept: list[dict[str, Any]] = []
+    n_batches = (len(prompts) + batch_size - 1) // batch_size
+    with part.open("a", encoding="utf-8") as sink, \
+            progress_bar("sample", total=n_batches * len(sources), enabled=progress) as advance:
+        for spec in sources:
+            params = _params_record(spec, seed, backend)
+            started, engine = time.perf_counter(), (backends or {}).get(spec.name)
+            for b, idx in _batches(len(prompts), batch_size):
+                have = [done.get((str(ids[i]), spec.name), {}) for i in idx]
+                if all(len(h) == spec.params.n and all(r.get("params") == params for r in h.values())
+                       and set(h) == set(range(spec.params.n)) for h in have):
+                    kept.extend(h[k] for h in have for k in range(spec.params.n))
+                    stats["batches_skipped"] += 1
+                    advance()
+                    continue
+                if engine is None:
+                    engine = make_backend(backend, spec, device=device, dtype=dtype)
+                responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
+                recs = [_record(prompts[i], messages[i], spec.name, k, text, params)
+                        for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+                sink.flush()
+                os.fsync(sink.fileno())
+                kept.extend(recs)
+                stats["batches_done"] += 1
+                advance(source=spec.name)
+            stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+            del engine
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    part.unlink(missing_ok=True)
+    stats["records"] = len(kept)
+    log.info("sample: %d records from %d sources on %d prompts -> %s (%d batches run, %d reused)", len(kept),
+             len(sources), len(prompts), out, stats["batches_done"], stats["batches_skipped"])
+    return stats
