@@ -192,9 +192,15 @@ def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> Non
              "eval.max_bytes_per_domain=1500"]
     assert main(["demo", "--preset", "test", "--world", str(tiny_world), "--out", str(tmp_path / "d"), *small]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert set(results["models"]) == {"target", "prose", "code", "math", "target+clm", "target+fused"}
+    assert set(results["models"]) == {"target", "prose", "code", "math", "target+clm", "target+fused",
+                                      "target+pair:prose", "target+pair:code", "target+pair:math",
+                                      "target+fusechat"}
     out = capsys.readouterr().out
     assert "bits per byte" in out and "results:" in out
+    report = tmp_path / "d" / "report.html"
+    assert f"report:  {report}" in " ".join(out.split()) or str(report) in out
+    html = report.read_text()
+    assert "target+fusechat" in html and "data:image/png;base64," in html
 
 
 def test_world_checks_are_computed() -> None:
@@ -224,3 +230,17 @@ def test_fusion_check_compares_fused_with_clm() -> None:
     assert dict(world_checks(results, world))["t+fused beats t+clm on the mixed held-out set"] is True
     results["models"]["t+fused"]["bpb"]["all"] = 1.95
     assert dict(world_checks(results, world))["t+fused beats t+clm on the mixed held-out set"] is False
+
+
+def test_fusechat_check_compares_merge_with_mean_of_pairs() -> None:
+    from polyfuse.demo.run import world_checks
+
+    world = {"domains": ["a"], "models": {"s": {"role": "source", "emphasis": "a"},
+                                          "t": {"role": "target", "emphasis": "general"}}}
+    results = {"models": {"s": {"bpb": {"a": 1.0, "all": 1.0}}, "t": {"bpb": {"a": 2.0, "all": 2.0}},
+                          "t+pair:s": {"bpb": {"all": 1.8}}, "t+pair:u": {"bpb": {"all": 2.0}},
+                          "t+fusechat": {"bpb": {"all": 1.85}}}}
+    verdict = [ok for text, ok in world_checks(results, world) if text.startswith("t+fusechat")]
+    assert verdict == [True]                                            # 1.85 <= mean(1.8, 2.0) = 1.9
+    results["models"]["t+fusechat"]["bpb"]["all"] = 1.95
+    assert [ok for text, ok in world_checks(results, world) if text.startswith("t+fusechat")] == [False]

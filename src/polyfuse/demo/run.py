@@ -28,23 +28,45 @@ def world_checks(results: dict, world: dict) -> list[tuple[str, bool]]:
     for dom in world["domains"]:
         best_source = min(bpb[n][dom] for n, i in world["models"].items() if i["role"] == "source")
         checks.append((f"target is behind the best source on {dom}", bpb[target][dom] > best_source))
-    trained = {n: r["bpb"]["all"] for n, r in results["models"].items() if n in (f"{target}+clm", f"{target}+fused")}
-    if len(trained) == 2:
+    trained = {n: r["bpb"]["all"] for n, r in results["models"].items() if n.startswith(f"{target}+")}
+    if {f"{target}+clm", f"{target}+fused"} <= set(trained):
         checks.append((f"{target}+fused beats {target}+clm on the mixed held-out set",
                        trained[f"{target}+fused"] < trained[f"{target}+clm"]))
+    pairs = [v for n, v in trained.items() if n.startswith(f"{target}+pair:")]
+    if pairs and f"{target}+fusechat" in trained:
+        mean = sum(pairs) / len(pairs)
+        checks.append((f"{target}+fusechat (merged) is at least as good as the mean of the pairwise targets "
+                       f"({trained[f'{target}+fusechat']:.4f} vs {mean:.4f})", trained[f"{target}+fusechat"] <= mean))
     return checks
+
+
+FAMILIES = ("fusellm", "fusechat")
+"""What ``polyfuse demo`` runs on the tiny world, in order (stages shared between them run once)."""
 
 
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
              budget: float = 1.0, preset: str = "demo", overrides: list[str] | None = None,
-             progress: bool = True) -> dict:
-    """Build the world, evaluate every model, and return the results file's contents."""
-    from polyfuse.demo.world import build_world
+             progress: bool = True, families: tuple[str, ...] = FAMILIES, report: bool = True) -> dict:
+    """Build the world, run each fusion family, evaluate every model, write the report.
 
+    Returns the results file's contents plus ``world_checks`` and, with ``report``, ``report``
+    (the path of ``report.html``).
+    """
+    from polyfuse.demo.world import build_world
+    from polyfuse.errors import PolyfuseError
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise PolyfuseError(f"unknown demo family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
-    recipe = load_recipe(demo_recipe_path(),
-                         [f"workdir={out}", f"world={world_dir}", f"seed={seed}", *(overrides or [])])
-    run_recipe(recipe, progress=progress)
+    base = [f"workdir={out}", f"world={world_dir}", f"seed={seed}"]
+    for family in families:
+        recipe = load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])])
+        run_recipe(recipe, progress=progress)
     results = read_results(Path(out) / "results.json")
     results["world_checks"] = world_checks(results, world)
+    if report:
+        from polyfuse.evaluate.report import write_report
+
+        results["report"] = str(write_report([out])[1])
     return results
