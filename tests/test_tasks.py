@@ -29,8 +29,10 @@ def solve(question: str) -> str:
         return items[0]
     if question.startswith("What is the last letter"):
         return items[-1]
-    if question.startswith("How many letters"):
+    if question.startswith("How many digits"):
         return str(len(items))
+    if question.startswith("What is the second digit"):
+        return items[1]
     if question.startswith("What is the largest digit"):
         return str(max(int(d) for d in items))
     raise AssertionError(f"unknown question {question!r}")

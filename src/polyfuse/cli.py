@@ -169,17 +169,21 @@ def demo(
     seed: Annotated[int, typer.Option(help="world and training seed")] = 0,
     budget: Annotated[float, typer.Option(help="world training budget (1.0 is about 4 minutes on 2 cores)")] = 1.0,
     preset: Annotated[str, typer.Option(help="world preset: demo or test")] = "demo",
+    family: Annotated[list[str] | None, typer.Option(help="fusion families to run: fusellm, fusechat (default: all)")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Build (or reuse) the tiny world, fuse the sources into the target (FuseLLM) and print the table."""
-    from polyfuse.demo.run import run_demo
+    """Build (or reuse) the tiny world, run FuseLLM and FuseChat on it, print the table, write the report."""
+    from polyfuse.demo.run import FAMILIES, run_demo
     from polyfuse.evaluate.bpb import format_bpb_table
 
-    results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset, overrides=overrides)
-    out.print(format_bpb_table(results["models"], title="bits per byte on held-out text (lower is better)"))
+    results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset, overrides=overrides,
+                       families=tuple(family or FAMILIES))
+    bpb_rows = {name: row for name, row in results["models"].items() if "bpb" in row}
+    out.print(format_bpb_table(bpb_rows, title="bits per byte on held-out text (lower is better)"))
     for text, ok in results["world_checks"]:
         out.print(f"  [{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {text}")
     out.print(f"results: {out_dir / 'results.json'}")
+    out.print(f"report:  {results['report']}")
 
 
 @app.command()
@@ -231,6 +235,35 @@ def report(
 
     md, page = write_report(run_dirs, out_dir)
     out.print(f"report: {page}\n        {md}")
+
+
+def _implicit_command(stage: str, doc: str) -> None:
+    """Register ``polyfuse STAGE RECIPE [key=value ...]`` running one stage of an implicit (FuseChat-3.0) recipe."""
+
+    def command(
+        recipe: Annotated[Path, typer.Argument(help="implicit recipe YAML (mode: implicit)")],
+        overrides: Overrides = None,
+        force: Annotated[bool, typer.Option(help="rerun even when the manifest is current")] = False,
+    ) -> None:
+        from polyfuse.implicit.pipeline import run_implicit
+        from polyfuse.implicit.recipe import load_implicit_recipe
+
+        for name, res in run_implicit(load_implicit_recipe(recipe, overrides or []), only=[stage], force=force).items():
+            out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
+
+    command.__doc__ = doc
+    app.command(stage)(command)
+
+
+for _stage, _doc in {
+    "sample": "Sample N responses per prompt from every source and the target (resumable).",
+    "score": "Score the samples: reward model or verifier verdict, maths answers, sandboxed code tests.",
+    "build": "Build SFT, DPO and WRPO data by the FuseChat-3.0 rules and print the statistics.",
+    "sft": "Fine-tune the target on the best responses (target+sft).",
+    "dpo": "DPO or length-normalised DPO of the SFT model (target+sft+dpo).",
+    "wrpo": "WRPO of the SFT model: the best source and target answers against the worst (target+sft+wrpo).",
+}.items():
+    _implicit_command(_stage, _doc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 Each problem is one user turn and one checkable final answer; the reference response states it as
 ``The answer is X.``, which :func:`polyfuse.implicit.verify.verify_math` reads back (the answer phrase,
 spaces and case ignored). The tasks are small on purpose: each one is learnt by a tiny world model in a
-couple of hundred SFT steps on a CPU, and each needs a different skill (attend to the start, to the end, or
-compare every item)::
+couple of hundred SFT steps on a CPU, and each needs a different skill (attend to the start, to the end,
+count every item, or pick a position or compare every item)::
 
-    first  What is the first letter of: d a f c?   -> d
-    last   What is the last letter of: d a f c?    -> c
-    max    What is the largest digit in: 3 8 5?    -> 8
+    first   What is the first letter of: d a f c?   -> d
+    last    What is the last letter of: d a f c?    -> c
+    count   How many digits are in: 3 8 5 1?        -> 4
+    second  What is the second digit of: 3 8 5 1?   -> 8
+    max     What is the largest digit in: 3 8 5?    -> 8
 
 **Splits.** Whether a problem is held out depends only on its content (``sha256`` of a canonical key such
 as ``max:385``; one in :data:`HELDOUT_BUCKETS` of 10), never on the seed or the order of generation: a
@@ -38,10 +40,12 @@ from typing import Any
 from polyfuse.errors import DataError
 from polyfuse.workspace import atomic_write_text
 
-__all__ = ["HELDOUT_BUCKETS", "SPLITS", "TASKS", "Problem", "answer_text", "generate_problems", "heldout",
+__all__ = ["HELDOUT_BUCKETS", "SPLITS", "TASKS", "TASKS_VERSION", "Problem", "answer_text", "generate_problems", "heldout",
            "mixed_problems", "read_problems", "task_names", "write_problems"]
 
 SPLITS = ("train", "heldout")
+#: Bumped whenever a generator changes what it draws (part of the chat world's stage config).
+TASKS_VERSION = 1
 #: Problems whose key hashes to bucket 0 of 10 are held out (about 10 %).
 HELDOUT_BUCKETS = 10
 LETTERS = "abcdefghij"
@@ -77,8 +81,15 @@ def _last(rng: random.Random) -> Problem:
 
 
 def _count(rng: random.Random) -> Problem:
-    word = _letters(rng, 2, 7)
-    return Problem("count", f"count:{''.join(word)}", f"How many letters are in: {' '.join(word)}?", str(len(word)))
+    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(2, 9))]
+    return Problem("count", f"count:{''.join(digits)}", f"How many digits are in: {' '.join(digits)}?",
+                   str(len(digits)))
+
+
+def _second(rng: random.Random) -> Problem:
+    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 5))]
+    return Problem("second", f"second:{''.join(digits)}", f"What is the second digit of: {' '.join(digits)}?",
+                   digits[1])
 
 
 def _max(rng: random.Random) -> Problem:
@@ -88,7 +99,7 @@ def _max(rng: random.Random) -> Problem:
 
 
 #: Task name -> generator of one random problem.
-TASKS: dict[str, Callable[[random.Random], Problem]] = {"first": _first, "last": _last, "count": _count,
+TASKS: dict[str, Callable[[random.Random], Problem]] = {"first": _first, "last": _last, "count": _count, "second": _second,
                                                         "max": _max}
 
 

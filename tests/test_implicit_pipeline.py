@@ -1,0 +1,192 @@
+"""The implicit recipe end to end on the test world: sample -> score -> build -> sft -> dpo -> wrpo -> accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from polyfuse.demo.implicit import build_chat_world, implicit_recipe_path, run_implicit_demo
+from polyfuse.errors import DataError, RecipeError
+from polyfuse.implicit import pipeline
+from polyfuse.implicit.recipe import ImplicitRecipe, load_implicit_recipe, parse_implicit_recipe
+from polyfuse.recipe import Section
+
+TASKS = {"first", "last", "count"}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the test world with its chat models (the session world must not be modified)."""
+    path = tmp_path_factory.mktemp("chatworld") / "world"
+    shutil.copytree(tiny_world, path)
+    build_chat_world(path, preset="test", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("implicit") / "run"
+    return out, run_implicit_demo(out, world, seed=0, preset="test", progress=False)
+
+
+def recipe_for(world: Path, out: Path, *extra: str) -> ImplicitRecipe:
+    from polyfuse.demo.implicit import _test_overrides
+
+    return load_implicit_recipe(implicit_recipe_path(), [f"workdir={out}", f"world={world}", *_test_overrides(),
+                                                         *extra])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_chat_world_layout_and_reuse(world: Path) -> None:
+    info = json.loads((world / "chat.json").read_text())
+    assert info["skills"] == {"prose": "first", "code": "last", "math": "count"}
+    for name in ("prose", "code", "math", "target"):
+        model = world / "models" / f"chat-{name}"
+        assert (model / "manifest.json").is_file() and (model / "model.safetensors").is_file()
+        assert "### Assistant" in json.loads((model / "tokenizer_config.json").read_text()).get("chat_template", "") \
+            or (model / "chat_template.jinja").is_file()
+    train, held = read_jsonl(world / "tasks" / "train.jsonl"), read_jsonl(world / "tasks" / "heldout.jsonl")
+    assert {r["task"] for r in train} == {r["task"] for r in held} == TASKS
+    assert not {r["key"] for r in train} & {r["key"] for r in held}
+    sft_keys = {m["messages"][0]["content"] for m in read_jsonl(world / "tasks" / "sft" / "math.jsonl")}
+    assert not sft_keys & {r["prompt"][0]["content"] for r in train}  # pipeline prompts unseen in tuning
+    tasks = [m["task"] for m in read_jsonl(world / "tasks" / "sft" / "math.jsonl")]
+    assert tasks.count("count") / len(tasks) == pytest.approx(0.8, abs=0.01)
+    stamp = (world / "models" / "chat-math" / "manifest.json").stat().st_mtime_ns
+    build_chat_world(world, preset="test", progress=False)  # current: nothing retrained
+    assert (world / "models" / "chat-math" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_end_to_end_rows_and_data(demo: tuple[Path, dict]) -> None:
+    out, results = demo
+    rows = results["models"]
+    for name in ("prose", "code", "math", "target", "target+sft", "target+sft+dpo", "target+sft+wrpo"):
+        acc = rows[name]["accuracy"]
+        assert set(acc) == TASKS | {"all"} and all(0.0 <= v <= 1.0 for v in acc.values())
+        answers = read_jsonl(out / "accuracy" / name / "responses.jsonl")
+        assert acc["all"] == pytest.approx(sum(r["correct"] for r in answers) / len(answers), abs=1e-4)
+        for task in TASKS:
+            mine = [r["correct"] for r in answers if r["task"] == task]
+            assert acc[task] == pytest.approx(sum(mine) / len(mine), abs=1e-4)
+    samples = read_jsonl(out / "sample" / "samples.jsonl")
+    assert len(samples) == 24 * 4 * 4  # prompts x (3 sources + target) x n
+    scored = read_jsonl(out / "score" / "scored.jsonl")
+    assert all(r["reward"] == (1.0 if r["correct"] else 0.0) for r in scored)
+    stats = json.loads((out / "build" / "stats.json").read_text())["total"]
+    sft, dpo = read_jsonl(out / "build" / "sft.jsonl"), read_jsonl(out / "build" / "dpo.jsonl")
+    assert stats["sft_kept"] == len(sft) > 0 and stats["dpo_pairs"] == len(dpo) > 0
+    correct = {(r["prompt_id"], r["source"], r["response"]) for r in scored if r["correct"]}
+    assert all((r["prompt_id"], r["source"], r["messages"][-1]["content"]) in correct for r in sft)
+    assert all(r["source"] != "target" for r in sft + dpo)
+    assert all(r["score_chosen"] == 1.0 and r["score_rejected"] == 0.0 for r in dpo)
+    for stage in ("sft", "dpo", "wrpo"):
+        assert json.loads((out / stage / "train_result.json").read_text())["global_step"] > 0
+    assert json.loads((out / "results.json").read_text())["meta"]["target"] == "target"
+    assert {text for text, _ in results["implicit_checks"]} >= {
+        "target+sft+dpo is more accurate than target on held-out prompts"}
+
+
+def test_rerun_skips_and_a_changed_setting_reruns_only_what_depends_on_it(demo: tuple[Path, dict],
+                                                                         world: Path) -> None:
+    out, _ = demo
+    again = pipeline.run_implicit(recipe_for(world, out), progress=False)
+    assert again and all(r.skipped for r in again.values())
+    changed = pipeline.run_implicit(recipe_for(world, out, "dpo.beta=0.2"), progress=False)
+    rerun = sorted(k for k, r in changed.items() if not r.skipped)
+    assert rerun == ["accuracy/target+sft+dpo", "dpo"]
+    back = pipeline.run_implicit(recipe_for(world, out), only=["dpo", "accuracy"], progress=False)
+    assert sorted(k for k, r in back.items() if not r.skipped) == ["accuracy/target+sft+dpo", "dpo"]
+
+
+def test_sample_stage_resumes_after_a_failure(world: Path, demo: tuple[Path, dict], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyfuse.implicit.sample import HFBackend
+
+    calls: list[int] = []
+    original = HFBackend.generate
+
+    def failing(self, prompts, params, seed):  # noqa: ANN001, ANN202
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        calls.append(seed)
+        return original(self, prompts, params, seed)
+
+    monkeypatch.setattr(HFBackend, "generate", failing)
+    recipe = recipe_for(world, tmp_path / "run", "sample.batch_size=8")
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.sample_stage(recipe, progress=False)
+    assert not (tmp_path / "run" / "sample" / "manifest.json").exists()
+    calls.clear()
+    monkeypatch.setattr(HFBackend, "generate", lambda self, p, q, s: (calls.append(s), original(self, p, q, s))[1])
+    result = pipeline.sample_stage(recipe, progress=False)
+    assert len(calls) == 4 * 3 - 5 and result.manifest.outputs["batches_skipped"] == 5
+    # the same bytes as the demo's uninterrupted run (same seed and prompts; batch size is part of the seed
+    # schedule, so compare against a fresh uninterrupted run with batch size 8)
+    fresh = pipeline.sample_stage(recipe_for(world, tmp_path / "fresh", "sample.batch_size=8"), progress=False)
+    assert (result.path / "samples.jsonl").read_text() == (fresh.path / "samples.jsonl").read_text()
+
+
+def test_verifier_rewards_need_a_verdict() -> None:
+    rows = [{"prompt_id": "a", "correct": True}, {"prompt_id": "b", "correct": False}]
+    pipeline._verifier_rewards(rows)
+    assert [r["reward"] for r in rows] == [1.0, 0.0]
+    with pytest.raises(DataError, match="'c'.*score.reward_model"):
+        pipeline._verifier_rewards([{"prompt_id": "c", "correct": None}])
+
+
+def test_missing_inputs_name_the_stage_to_run(world: Path, tmp_path: Path) -> None:
+    recipe = recipe_for(world, tmp_path / "empty")
+    with pytest.raises(DataError, match="polyfuse sample"):
+        pipeline.score_stage(recipe, progress=False)
+    with pytest.raises(RecipeError, match="unknown stage merge"):
+        pipeline.run_implicit(recipe, only=["merge"])
+    bad = recipe_for(tmp_path, tmp_path / "x")  # a world without tasks
+    with pytest.raises(DataError, match="tiny-world tasks"):
+        pipeline.sample_stage(bad, progress=False)
+
+
+def test_recipe_validation_and_help_texts() -> None:
+    recipe = load_implicit_recipe(implicit_recipe_path())
+    assert recipe.mode == "implicit" and [m.name for m in recipe.models()] == ["target", "prose", "code", "math"]
+    assert recipe.sources[2].sample.temperature == 0.8
+    base = {"target": {"model": "world:chat-target"}, "sources": [{"name": "a", "model": "world:chat-prose"}]}
+    with pytest.raises(RecipeError, match=r"recipe: dpo\.loss: expected one of 'sigmoid', 'sigmoid_norm'"):
+        parse_implicit_recipe(base, ["dpo.loss=ipo"])
+    with pytest.raises(RecipeError, match=r"sample\.temprature: unknown key, did you mean 'temperature'"):
+        parse_implicit_recipe(base, ["sample.temprature=1"])
+    with pytest.raises(RecipeError, match=r"sources\.0\.sample\.n: expected an integer >= 1"):
+        parse_implicit_recipe({**base, "sources": [{"name": "a", "model": "m/x", "sample": {"n": 0}}]})
+    with pytest.raises(RecipeError, match="build.split: .*non-negative"):
+        parse_implicit_recipe(base, ["build.split=[0, 0]"])
+    with pytest.raises(RecipeError, match="mode: expected one of 'implicit'"):
+        parse_implicit_recipe({**base, "mode": "fusellm"})
+
+    def fields(model: type) -> Iterator[tuple[str, Any]]:
+        for name, field in model.model_fields.items():
+            yield name, field
+            ann = field.annotation
+            for sub in (ann, *getattr(ann, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, Section):
+                    yield from fields(sub)
+
+    for name, field in fields(ImplicitRecipe):
+        assert field.description and ";" not in field.description and "\n" not in field.description, name
+
+
+def test_cli_stage_commands(demo: tuple[Path, dict], world: Path, capsys: pytest.CaptureFixture) -> None:
+    from polyfuse.cli import main
+
+    out, _ = demo
+    for stage in ("sample", "score", "build", "sft", "dpo", "wrpo"):
+        assert main([stage, str(implicit_recipe_path()), f"workdir={out}", f"world={world}",
+                     "sample.max_new_tokens=8", "sft.max_steps=8", "dpo.max_steps=4", "wrpo.max_steps=4"]) == 0
+        assert f"{stage}: up to date" in capsys.readouterr().out
+    assert main(["build", str(implicit_recipe_path()), "build.nope=1"]) == 2
