@@ -360,6 +360,19 @@ def test_format_bpb_table_marks_best_per_column() -> None:
     assert cells["all"] == ["1.2000", "[bold]1.1500[/bold]"]
 
 
+def test_format_table_of_accuracy_bolds_the_highest_and_skips_rows_without_it() -> None:
+    results = {
+        "t": {"accuracy": {"first": 0.25, "all": 0.5}, "bpb": {"all": 3.0}},
+        "t+sft": {"accuracy": {"first": 0.75, "all": 0.25}},
+        "src": {"bpb": {"all": 2.0}},
+    }
+    table = format_bpb_table(results, metric="accuracy", digits=3, lower_is_better=False, title="acc")
+    cells = {c.header: list(c.cells) for c in table.columns}
+    assert cells["model"] == ["t", "t+sft"]
+    assert cells["first"] == ["0.250", "[bold]0.750[/bold]"]
+    assert cells["all"] == ["[bold]0.500[/bold]", "0.250"]
+
+
 # ---- load_domain_texts -------------------------------------------------------------------------
 
 

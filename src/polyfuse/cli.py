@@ -169,17 +169,25 @@ def demo(
     seed: Annotated[int, typer.Option(help="world and training seed")] = 0,
     budget: Annotated[float, typer.Option(help="world training budget (1.0 is about 4 minutes on 2 cores)")] = 1.0,
     preset: Annotated[str, typer.Option(help="world preset: demo or test")] = "demo",
-    family: Annotated[list[str] | None, typer.Option(help="fusion families to run: fusellm, fusechat (default: all)")] = None,
+    family: Annotated[list[str] | None, typer.Option(
+        help="fusion families to run: fusellm, fusechat, implicit (default: all)")] = None,
+    implicit_set: Annotated[list[str] | None, typer.Option(
+        "--implicit-set", help="KEY=VALUE override of the implicit recipe (implicit.yaml); repeatable")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Build (or reuse) the tiny world, run FuseLLM and FuseChat on it, print the table, write the report."""
+    """Build (or reuse) the tiny world, run FuseLLM, FuseChat and implicit fusion on it, print the tables,
+    write the report. KEY=VALUE arguments override the explicit recipe (tiny.yaml)."""
     from polyfuse.demo.run import FAMILIES, run_demo
     from polyfuse.evaluate.bpb import format_bpb_table
 
     results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset, overrides=overrides,
-                       families=tuple(family or FAMILIES))
-    bpb_rows = {name: row for name, row in results["models"].items() if "bpb" in row}
-    out.print(format_bpb_table(bpb_rows, title="bits per byte on held-out text (lower is better)"))
+                       families=tuple(family or FAMILIES), implicit_overrides=implicit_set)
+    models = results["models"]
+    if any("bpb" in row for row in models.values()):
+        out.print(format_bpb_table(models, title="bits per byte on held-out text (lower is better)"))
+    if any("accuracy" in row for row in models.values()):
+        out.print(format_bpb_table(models, metric="accuracy", digits=3, lower_is_better=False,
+                                   title="accuracy on held-out task prompts (higher is better)"))
     for text, ok in results["world_checks"]:
         out.print(f"  [{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {text}")
     out.print(f"results: {out_dir / 'results.json'}")

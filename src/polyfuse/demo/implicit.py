@@ -180,8 +180,8 @@ def chat_world_checks(accuracy: dict[str, dict[str, float]], target: str = TARGE
 
 
 def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path = "runs/world", seed: int = 0,
-                      preset: str = "demo", *, overrides: list[str] | None = None, progress: bool = True
-                      ) -> dict[str, Any]:
+                      preset: str = "demo", *, budget: float = 1.0, overrides: list[str] | None = None,
+                      progress: bool = True) -> dict[str, Any]:
     """Build (or reuse) the world and the chat world, run ``implicit.yaml`` into ``out_dir``; returns results.
 
     The returned dict is ``results.json`` plus ``implicit_checks``: ``(text, ok)`` pairs saying whether each
@@ -193,7 +193,7 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
     from polyfuse.implicit.recipe import load_implicit_recipe
 
     started = time.perf_counter()
-    build_world(world_dir, preset=preset, seed=seed)
+    build_world(world_dir, preset=preset, seed=seed, budget=budget)
     build_chat_world(world_dir, preset=preset, seed=seed, progress=progress)
     extra = [] if preset == "demo" else _test_overrides()
     recipe = load_implicit_recipe(implicit_recipe_path(), [f"workdir={out_dir}", f"world={world_dir}",

@@ -28,7 +28,8 @@ def world_checks(results: dict, world: dict) -> list[tuple[str, bool]]:
     for dom in world["domains"]:
         best_source = min(bpb[n][dom] for n, i in world["models"].items() if i["role"] == "source")
         checks.append((f"target is behind the best source on {dom}", bpb[target][dom] > best_source))
-    trained = {n: r["bpb"]["all"] for n, r in results["models"].items() if n.startswith(f"{target}+")}
+    trained = {n: r["bpb"]["all"] for n, r in results["models"].items()
+               if n.startswith(f"{target}+") and "bpb" in r}
     if {f"{target}+clm", f"{target}+fused"} <= set(trained):
         checks.append((f"{target}+fused beats {target}+clm on the mixed held-out set",
                        trained[f"{target}+fused"] < trained[f"{target}+clm"]))
@@ -40,16 +41,20 @@ def world_checks(results: dict, world: dict) -> list[tuple[str, bool]]:
     return checks
 
 
-FAMILIES = ("fusellm", "fusechat")
-"""What ``polyfuse demo`` runs on the tiny world, in order (stages shared between them run once)."""
+FAMILIES = ("fusellm", "fusechat", "implicit")
+"""What ``polyfuse demo`` runs on the tiny world, in order (stages shared between them run once): explicit
+fusion (``tiny.yaml``), FuseChat (the same recipe with ``mode=fusechat``) and implicit fusion on the chat
+world's verifiable tasks (``implicit.yaml``, :func:`polyfuse.demo.implicit.run_implicit_demo`)."""
 
 
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
              budget: float = 1.0, preset: str = "demo", overrides: list[str] | None = None,
-             progress: bool = True, families: tuple[str, ...] = FAMILIES, report: bool = True) -> dict:
+             progress: bool = True, families: tuple[str, ...] = FAMILIES, report: bool = True,
+             implicit_overrides: list[str] | None = None) -> dict:
     """Build the world, run each fusion family, evaluate every model, write the report.
 
-    Returns the results file's contents plus ``world_checks`` and, with ``report``, ``report``
+    ``overrides`` apply to the explicit recipe (``tiny.yaml``), ``implicit_overrides`` to ``implicit.yaml``.
+    Returns the results file's contents plus ``world_checks`` (the implicit demo's checks included) and, with ``report``, ``report``
     (the path of ``report.html``).
     """
     from polyfuse.demo.world import build_world
@@ -61,10 +66,17 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
     base = [f"workdir={out}", f"world={world_dir}", f"seed={seed}"]
     for family in families:
-        recipe = load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])])
-        run_recipe(recipe, progress=progress)
+        if family != "implicit":
+            recipe = load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])])
+            run_recipe(recipe, progress=progress)
+    implicit_checks = []
+    if "implicit" in families:
+        from polyfuse.demo.implicit import run_implicit_demo
+
+        implicit_checks = run_implicit_demo(out, world_dir, seed=seed, preset=preset, budget=budget,
+                                            overrides=implicit_overrides, progress=progress)["implicit_checks"]
     results = read_results(Path(out) / "results.json")
-    results["world_checks"] = world_checks(results, world)
+    results["world_checks"] = world_checks(results, world) + implicit_checks
     if report:
         from polyfuse.evaluate.report import write_report
 

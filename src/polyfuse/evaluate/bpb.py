@@ -438,21 +438,26 @@ def _read_texts(path: Path, max_bytes: int | None) -> list[str]:
 
 
 def format_bpb_table(
-    results: Mapping[str, Mapping[str, Mapping[str, float]]], title: str | None = None
+    results: Mapping[str, Mapping[str, Mapping[str, float]]], title: str | None = None, *,
+    metric: str = "bpb", digits: int = 4, lower_is_better: bool = True,
 ) -> Table:
-    """A rich table of :func:`evaluate_bpb` results: one row per model, one column per domain then
-    ``all``; the lowest (best) value of each column is bold. Pure: nothing is printed."""
+    """A rich table of per-model figures (``results[model][metric][column]``, by default the
+    :func:`evaluate_bpb` results): one row per model that has ``metric``, one column per domain or task
+    then ``all``; the best value of each column (lowest, or highest with ``lower_is_better=False``) is
+    bold. Pure: nothing is printed."""
     from rich.table import Table
 
+    results = {name: res for name, res in results.items() if metric in res}
     domains: list[str] = []
     for res in results.values():
-        domains += [d for d in res["bpb"] if d != "all" and d not in domains]
+        domains += [d for d in res[metric] if d != "all" and d not in domains]
     columns = [*domains, "all"]
     best = {}
+    pick = min if lower_is_better else max
     for col in columns:
-        values = [res["bpb"].get(col, math.nan) for res in results.values()]
+        values = [res[metric].get(col, math.nan) for res in results.values()]
         finite = [v for v in values if not math.isnan(v)]
-        best[col] = min(finite) if finite else None
+        best[col] = pick(finite) if finite else None
 
     table = Table(title=title or "bits per byte (lower is better)")
     table.add_column("model")
@@ -461,11 +466,11 @@ def format_bpb_table(
     for name, res in results.items():
         cells = [name]
         for col in columns:
-            value = res["bpb"].get(col, math.nan)
+            value = res[metric].get(col, math.nan)
             if math.isnan(value):
                 cells.append("-")
             else:
-                text = f"{value:.4f}"
+                text = f"{value:.{digits}f}"
                 cells.append(f"[bold]{text}[/bold]" if value == best[col] else text)
         table.add_row(*cells)
     return table
