@@ -190,3 +190,13 @@ def test_cli_stage_commands(demo: tuple[Path, dict], world: Path, capsys: pytest
                      "sample.max_new_tokens=8", "sft.max_steps=8", "dpo.max_steps=4", "wrpo.max_steps=4"]) == 0
         assert f"{stage}: up to date" in capsys.readouterr().out
     assert main(["build", str(implicit_recipe_path()), "build.nope=1"]) == 2
+
+
+def test_load_recipe_dispatches_on_mode_implicit(tmp_path: Path) -> None:
+    from polyfuse.recipe import Recipe, load_recipe
+
+    recipe = load_recipe(implicit_recipe_path(), [f"workdir={tmp_path}"])
+    assert isinstance(recipe, ImplicitRecipe) and recipe.workdir == str(tmp_path)
+    from polyfuse.demo.run import demo_recipe_path
+
+    assert isinstance(load_recipe(demo_recipe_path()), Recipe)

@@ -146,3 +146,18 @@ def test_metrics_are_cleaned_and_a_headline_picked():
         _pick_headline(metrics, higher, "f1")
     scores = LmEvalScores(metrics={"a": {"acc": 0.5}, "b": {"bleu": 31.0}}, headline={"a": "acc", "b": "bleu"})
     assert scores.accuracy == {"a": 0.5}  # only fractions are accuracies
+
+
+@needs_lm_eval
+def test_eval_command_runs_a_local_task_into_the_run(bridged, tiny_world, tmp_path, capsys):
+    """`polyfuse eval MODEL --lm-eval TASK --include-path DIR --run RUN` gives the bridge's score."""
+    from polyfuse.cli import main
+
+    _, _, results = bridged
+    run = tmp_path / "run"
+    tasks = write_task(tmp_path / "t")
+    assert main(["eval", "--world", str(tiny_world), "t=world:target", "--lm-eval", TASK, "--include-path",
+                 str(tasks), "--run", str(run), "--device", "cpu", "--batch-size", "4"]) == 0
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["models"]["t"]["accuracy"][TASK] == pytest.approx(results["models"]["target"]["accuracy"][TASK])
+    assert "task accuracy" in capsys.readouterr().out

@@ -79,25 +79,54 @@ def eval_cmd(
     data: Annotated[str, typer.Option(help="corpus directory with <split>/<domain>.jsonl, or world:corpus")] = "world:corpus",
     split: Annotated[str, typer.Option(help="split to evaluate")] = "heldout",
     world_dir: Annotated[Path, typer.Option("--world", help="where world:NAME references resolve")] = Path("runs/world"),
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(help="windows (or prompts) per forward pass")] = 8,
     max_length: Annotated[int, typer.Option(help="window length in tokens")] = 512,
     stride: Annotated[int | None, typer.Option(help="tokens between window starts (default: max-length)")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="cap on held-out bytes per domain")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        help="task accuracy instead of bits per byte: JSONL of {prompt_id, prompt, answer | tests} (maths "
+             "answers checked, code run against its tests in the sandbox)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="greedy answer length for --prompts")] = 256,
+    lm_eval: Annotated[list[str] | None, typer.Option(
+        "--lm-eval", help="lm-evaluation-harness task instead of bits per byte (repeatable; needs polyfuse[eval])")] = None,
+    include_path: Annotated[Path | None, typer.Option(help="directory of local lm-eval task YAMLs")] = None,
+    limit: Annotated[float | None, typer.Option(help="lm-eval: at most this many documents per task")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: few-shot examples")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run", help="also merge the figures into RUN/results.json (one row per model name)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout")] = False,
 ) -> None:
-    """Tokenizer-neutral bits per byte per domain for any list of models."""
+    """Evaluate any list of models: tokenizer-neutral bits per byte per domain (default), task accuracy on a
+    verifiable prompt set (--prompts), or lm-evaluation-harness tasks (--lm-eval)."""
     from polyfuse.evaluate.bpb import format_bpb_table
-    from polyfuse.evaluate.runner import evaluate_refs
+    from polyfuse.evaluate.runner import evaluate_refs, evaluate_task_refs
 
-    results = evaluate_refs(models or [], recipe=recipe, data=data, split=split, world_dir=world_dir,
-                            batch_size=batch_size, max_length=max_length, stride=stride,
-                            max_bytes=max_bytes, device=device, dtype=dtype, progress=not as_json)
-    if as_json:
-        out.print_json(json.dumps({"models": {n: {"bpb": r["bpb"]} for n, r in results.items()}}))
+    if prompts is not None and lm_eval:
+        raise PolyfuseError("give either --prompts or --lm-eval, not both (run polyfuse eval twice)")
+    if prompts is not None or lm_eval:
+        results = evaluate_task_refs(models or [], world_dir=world_dir, prompts=prompts, lm_eval_tasks=lm_eval,
+                                     include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                                     dtype=dtype, run_dir=run_dir, progress=not as_json)
+        metric, title, digits, lower = "accuracy", "task accuracy (higher is better)", 4, False
     else:
-        out.print(format_bpb_table(results, title="bits per byte (lower is better)"))
+        results = evaluate_refs(models or [], recipe=recipe, data=data, split=split, world_dir=world_dir,
+                                batch_size=batch_size, max_length=max_length, stride=stride,
+                                max_bytes=max_bytes, device=device, dtype=dtype, progress=not as_json)
+        metric, title, digits, lower = "bpb", "bits per byte (lower is better)", 4, True
+        if run_dir is not None:
+            from polyfuse.evaluate.results import RESULTS_NAME, update_results
+
+            update_results(run_dir / RESULTS_NAME, {n: {"bpb": r["bpb"]} for n, r in results.items()})
+    if as_json:
+        out.print_json(json.dumps({"models": {n: {k: r[k] for k in (metric, "tasks") if k in r}
+                                              for n, r in results.items()}}))
+    else:
+        out.print(format_bpb_table(results, metric=metric, digits=digits, lower_is_better=lower, title=title))
+        if run_dir is not None:
+            out.print(f"results: {run_dir / 'results.json'}")
 
 
 @app.command()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from polyfuse.errors import RecipeError
 from polyfuse.recipe import Recipe
 from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
+
+if TYPE_CHECKING:
+    from polyfuse.implicit.recipe import ImplicitRecipe
 
 
 def resolve_models(recipe: Recipe) -> list:
@@ -477,12 +481,17 @@ MODE_STAGES: dict[str, tuple[str, ...]] = {
 """The stages ``polyfuse run`` runs for each recipe ``mode``, in order."""
 
 
-def run_recipe(recipe: Recipe, *, only: Sequence[str] | None = None, force: bool = False,
+def run_recipe(recipe: Recipe | ImplicitRecipe, *, only: Sequence[str] | None = None, force: bool = False,
                progress: bool = True) -> dict[str, StageResult]:
     """Run every stage of the recipe (or ``only`` these), skipping the ones whose manifest is current.
 
-    Returns every artifact's result keyed ``stage`` or ``stage/<model>``.
+    Returns every artifact's result keyed ``stage`` or ``stage/<model>``. An implicit recipe
+    (``mode: implicit``) runs through :func:`polyfuse.implicit.pipeline.run_implicit`.
     """
+    if recipe.mode == "implicit":
+        from polyfuse.implicit.pipeline import run_implicit
+
+        return run_implicit(recipe, only=only, force=force, progress=progress)  # type: ignore[arg-type]
     names = list(only) if only else list(MODE_STAGES[recipe.mode])
     unknown = [n for n in names if n not in STAGES]
     if unknown:

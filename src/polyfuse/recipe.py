@@ -23,7 +23,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -38,6 +38,9 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from polyfuse.errors import RecipeError
+
+if TYPE_CHECKING:
+    from polyfuse.implicit.recipe import ImplicitRecipe
 
 __all__ = [
     "AlignSection",
@@ -752,8 +755,11 @@ def parse_recipe(data: Mapping[str, Any], overrides: Sequence[str] = (), *, sour
     return _validate(merged, source, notes)
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe | ImplicitRecipe:
     """Read a recipe YAML, apply `key=value` / `~key` overrides (they win) and validate it.
+
+    A recipe with `mode: implicit` (after overrides) is an implicit-fusion recipe and comes back as
+    :class:`polyfuse.implicit.recipe.ImplicitRecipe`; every other mode gives a :class:`Recipe`.
 
     Raises RecipeError (one line) for a missing file, invalid YAML, a malformed override or any
     validation problem (all problems at once).
@@ -781,4 +787,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         return _validate(data, str(path), {})
     merged, notes = _apply_overrides(data, overrides)
+    if merged.get("mode") == "implicit":
+        from polyfuse.implicit.recipe import parse_implicit_recipe
+
+        return parse_implicit_recipe(data, overrides, source=str(path))
     return _validate(merged, str(path), notes)

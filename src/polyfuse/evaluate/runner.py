@@ -75,3 +75,49 @@ def evaluate_refs(models: Sequence[str], *, recipe: str | Path | None = None, da
     texts = load_domain_texts(data_dir(data, world_dir), split, None, max_bytes)
     return evaluate_bpb(entries, texts, batch_size=batch_size, max_length=max_length,
                         stride=stride, progress=progress)
+
+
+def evaluate_task_refs(models: Sequence[str], *, world_dir: str | Path = "runs/world",
+                       prompts: str | Path | None = None, lm_eval_tasks: Sequence[str] | None = None,
+                       include_path: str | Path | None = None, limit: float | None = None,
+                       num_fewshot: int | None = None, batch_size: int = 8, max_new_tokens: int = 256,
+                       device: str = "auto", dtype: str = "auto", run_dir: str | Path | None = None,
+                       progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Task accuracy of ``models`` on a verifiable prompt set (``prompts``) or on lm-eval tasks.
+
+    Returns ``{name: {"accuracy": {task: float, ...}}}`` (lm-eval rows also carry ``tasks``: every metric
+    the harness reported); with ``run_dir`` the figures are merged into its ``results.json``. Every model
+    reference and the prompt file are checked before any model is loaded.
+    """
+    from polyfuse.evaluate.results import RESULTS_NAME, update_results
+
+    if not models:
+        raise RecipeError("no models to evaluate: give model references (e.g. world:target)")
+    resolved = resolve_all([(n, r, None, None) for n, r in parse_model_args(models)], world_dir=world_dir)
+    results: dict[str, dict[str, Any]] = {}
+    if prompts is not None:
+        from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
+
+        problems = read_problems(prompts)
+        for name, res, _ in resolved:
+            acc, _records = evaluate_accuracy(str(res), problems, batch_size=batch_size,
+                                              max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+                                              progress=progress)
+            results[name] = {"accuracy": acc}
+            if run_dir is not None:
+                update_results(Path(run_dir) / RESULTS_NAME, {name: results[name]},
+                               meta={"accuracy": {"prompts": str(prompts), "decoding": "greedy",
+                                                  "n_prompts": len(problems)}})
+        return results
+    if not lm_eval_tasks:
+        raise RecipeError("nothing to evaluate: give --prompts FILE or --lm-eval TASK")
+    from polyfuse.evaluate.lm_eval_bridge import record_scores, run_lm_eval
+
+    for name, res, _ in resolved:
+        scores = run_lm_eval(str(res), lm_eval_tasks, include_path=include_path, limit=limit,
+                             num_fewshot=num_fewshot, batch_size=batch_size,
+                             device=None if device == "auto" else device, dtype=dtype)
+        results[name] = {"accuracy": scores.accuracy, "tasks": scores.metrics}
+        if run_dir is not None:
+            record_scores(run_dir, name, scores)
+    return results

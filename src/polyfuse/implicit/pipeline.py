@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from polyfuse.errors import DataError, RecipeError
+from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
 from polyfuse.implicit.recipe import ImplicitRecipe, SamplingOverrides, _TrainSection
 from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, run_stage
 
 __all__ = ["IMPLICIT_STAGES", "STAGE_FUNCTIONS", "accuracy_stage", "build_stage", "dpo_stage", "eval_prompts_path",
-           "evaluate_accuracy", "prompts_path", "row_models", "run_implicit", "sample_stage", "score_stage",
+           "prompts_path", "row_models", "run_implicit", "sample_stage", "score_stage",
            "sft_stage", "wrpo_stage"]
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,6 @@ def eval_prompts_path(recipe: ImplicitRecipe) -> Path | None:
     if p is None:
         return None
     return _world_tasks(recipe, "heldout.jsonl") if p == WORLD_TASKS else Path(p)
-
-
-def _read_rows(path: Path, limit: int | None) -> list[dict[str, Any]]:
-    from polyfuse.implicit.score import read_prompts
-
-    if not path.is_file():
-        raise DataError(f"{path}: prompts file not found; give a JSONL of {{prompt_id, prompt, answer}} rows "
-                        "or world:tasks")
-    rows = list(read_prompts(path).values())
-    return rows[:limit] if limit else rows
 
 
 def _location(recipe: ImplicitRecipe, spec: Any) -> str:
@@ -120,7 +110,7 @@ def sample_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool 
     inputs = {"prompts": prompts, **{f"model:{s.name}": s.model for s in specs}}
 
     def build(out: Path) -> dict[str, Any]:
-        rows = _read_rows(prompts, recipe.prompts.max_prompts)
+        rows = read_problems(prompts, recipe.prompts.max_prompts)
         o = recipe.sample
         stats = sample_prompts(rows, specs, out / "samples.jsonl", backend=o.backend, batch_size=o.batch_size,
                                seed=recipe.seed, device=o.device, dtype=o.dtype, progress=progress)
@@ -272,43 +262,6 @@ def row_models(recipe: ImplicitRecipe) -> dict[str, tuple[str, str | None]]:
     return rows
 
 
-def evaluate_accuracy(model: str, problems: Sequence[Mapping[str, Any]], *, batch_size: int = 32,
-                      max_new_tokens: int = 32, device: str = "auto", dtype: str = "auto",
-                      chat_template: str | None = None, progress: bool = False
-                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Greedy answers of ``model`` to ``problems`` (rows with ``prompt`` and ``answer``), checked exactly.
-
-    Returns ``({task: accuracy, "all": accuracy}, one record per problem)``; a row's task is its ``task``
-    (else its ``category``, else ``all``). ``all`` pools every problem.
-    """
-    from polyfuse.implicit.sample import HFBackend, SamplingParams, SourceSpec, as_messages
-    from polyfuse.implicit.verify import verify_math
-    from polyfuse.progress import progress_bar
-
-    missing = [p.get("prompt_id") for p in problems if p.get("answer") is None]
-    if missing:
-        raise DataError(f"held-out prompt {missing[0]!r} has no answer; the accuracy stage needs a gold answer "
-                        "per prompt")
-    backend = HFBackend(SourceSpec("eval", model, chat_template=chat_template), device=device, dtype=dtype)
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-    records, hits, totals = [], defaultdict(int), defaultdict(int)
-    with progress_bar("accuracy", total=-(-len(problems) // batch_size), enabled=progress) as advance:
-        for lo in range(0, len(problems), batch_size):
-            part = problems[lo:lo + batch_size]
-            msgs = [as_messages(p["prompt"], f"prompt {p.get('prompt_id')!r}") for p in part]
-            for row, (text,) in zip(part, backend.generate(msgs, params, seed=0), strict=True):
-                verdict = verify_math(text, str(row["answer"]))
-                task = str(row.get("task") or row.get("category") or "all")
-                hits[task] += verdict.correct
-                totals[task] += 1
-                records.append({"prompt_id": row.get("prompt_id"), "task": task, "answer": str(row["answer"]),
-                                "response": text, "extracted": verdict.extracted, "correct": verdict.correct})
-            advance()
-    accuracy = {task: round(hits[task] / totals[task], 4) for task in sorted(totals)}
-    accuracy["all"] = round(sum(hits.values()) / max(1, sum(totals.values())), 4)
-    return accuracy, records
-
-
 def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Held-out accuracy of every row, each its own stage (``accuracy/<row>``), merged into ``results.json``."""
     from polyfuse.evaluate.results import update_results
@@ -325,7 +278,7 @@ def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: boo
 
         def build(out: Path, location: str = location, template: str | None = template) -> dict[str, Any]:
             nonlocal rows
-            rows = rows if rows is not None else _read_rows(held, recipe.prompts.max_eval_prompts)
+            rows = rows if rows is not None else read_problems(held, recipe.prompts.max_eval_prompts)
             acc, records = evaluate_accuracy(location, rows, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
                                              device=o.device, dtype=o.dtype, chat_template=template, progress=progress)
             _write_jsonl(out / "responses.jsonl", records)
