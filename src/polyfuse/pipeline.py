@@ -53,23 +53,25 @@ def _contexts(recipe: Recipe) -> list[int]:
 def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Documents of the fusion corpus → blocks that fit every participating tokenizer."""
     from polyfuse.corpus.blocks import make_blocks, write_blocks
-    from polyfuse.corpus.documents import domain_path, list_domains, read_documents
+    from polyfuse.corpus.documents import domain_path, list_domains, read_documents, render_key
     from polyfuse.evaluate.runner import data_dir
 
     corpus = data_dir(recipe.corpus.path, recipe.world)
     resolved = resolve_models(recipe)
     cfg = {"corpus": recipe.section_dict("corpus"), "blocks": recipe.section_dict("blocks"),
-           "tokenizers": {name: str(res) for name, res, _ in resolved}}
+           "tokenizers": {name: str(res) for name, res, _ in resolved}, "chat_render": render_key()}
     inputs = {"corpus": corpus, **{f"tokenizer:{name}": res.location for name, res, _ in resolved}}
 
     def build(out: Path) -> dict:
         c = recipe.corpus
         domains = c.domains or list_domains(corpus, c.split)
+        toks = _tokenizers(recipe)
 
         def docs():
             for domain in domains:
                 budget = c.max_bytes_per_domain
-                for doc in read_documents(domain_path(corpus, c.split, domain)):
+                for doc in read_documents(domain_path(corpus, c.split, domain), format=c.format,
+                                          tokenizer=toks[recipe.target.name]):
                     size = len(doc.text.encode("utf-8"))
                     if budget is not None and size > budget:
                         break
@@ -79,7 +81,7 @@ def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) 
 
         max_tokens = min([recipe.blocks.max_tokens, *_contexts(recipe)])
         stats = write_blocks(out / "blocks.jsonl",
-                             make_blocks(docs(), list(_tokenizers(recipe).values()), max_tokens))
+                             make_blocks(docs(), list(toks.values()), max_tokens))
         return {**stats, "domains": domains, "max_tokens": max_tokens}
 
     return run_stage(stage_dir(recipe, "blocks"), "blocks", cfg, inputs, build, force=force)
@@ -101,7 +103,7 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
     if opts.backend != "hf":
         raise RecipeError(f"capture.backend {opts.backend!r} is not available yet; use capture.backend=hf")
     blocks = _blocks(recipe)
-    pairs = [(b.block_id, b.text) for b in blocks]
+    pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
     results = {}
     for name, res, tok in resolve_models(recipe):
         cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION}
@@ -267,7 +269,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                     t_row = own[b.block_id]
                     fused = fuse_block(_teachers(recipe, t_row, [a[b.block_id] for a in aligned]),
                                        strategy=opts.strategy, level=opts.level, k_out=opts.top_k,
-                                       n_bytes=len(b.text.encode("utf-8")))
+                                       n_bytes=b.metric_bytes)
                     stats = fused.stats if stats is None else stats + fused.stats
                     rows.append(_fused_row(b.block_id, fused, t_row, opts.top_k))
                     advance()
@@ -298,11 +300,12 @@ def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
 
     from polyfuse.capture.store import StoreReader
     from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.fuse.trainer import training_row
 
     blocks = _blocks(recipe)
     tok = _tokenizers(recipe)[recipe.target.name]
     encoded = encode_blocks(tok, [b.text for b in blocks])
-    rows = [{"input_ids": enc.ids} for enc in encoded]
+    rows = [training_row(enc, b.response_spans) for enc, b in zip(encoded, blocks, strict=True)]
     if fuse_dir is not None:
         fused = StoreReader(fuse_dir)
         for row, b in zip(rows, blocks, strict=True):

@@ -261,10 +261,22 @@ class EvalSection(Section):
 
 
 class CorpusSection(Section):
-    """The text fusion trains on (FuseLLM's continual-training corpus)."""
+    """The text fusion trains on (FuseLLM's continual-training corpus, FuseChat's conversations).
+
+    Rows are text (``{"id", "text"}``) or chat: ``{"id", "messages": [{"role", "content"}, ...]}`` or
+    ShareGPT ``{"id", "conversations": [{"from", "value"}, ...]}``. ``format: auto`` (default) reads
+    each row by its keys (``text`` wins when a row has both); ``text`` or ``chat`` insist on one kind.
+    Chat rows are rendered with the target tokenizer's chat template (polyfuse's default when it has
+    none), the same text for every model, and only the assistant responses count: the sequence
+    metric of capture and both training losses cover the positions that predict a response token
+    (see polyfuse.corpus.documents and polyfuse.corpus.spans).
+    """
 
     path: str = Field("world:corpus", min_length=1,
                       description="directory holding <split>/<domain>.jsonl files, or world:corpus")
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto", description="auto (each row by its keys), text ({id, text} rows) or chat (messages / "
+        "conversations rows, rendered with the target's chat template, responses-only metric and loss)")
     split: str = Field("train", min_length=1, description="split subdirectory to read")
     domains: list[str] | None = Field(None, min_length=1, description="domains to keep (null: all)")
     max_bytes_per_domain: int | None = Field(

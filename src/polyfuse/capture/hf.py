@@ -15,12 +15,24 @@ Per shard of ``shard_size`` blocks (block order as given; shard s holds blocks
    model's forward reads from its config (``logit_scale``, ``logits_scaling``,
    ``final_logit_softcapping``); in float32: log-softmax, top-k, the log-prob of the actual next
    token and its NLL;
-5. write the shard atomically (:class:`polyfuse.capture.store.StoreWriter`).
+5. the block's sequence metric ``nll_sum``: the sum of the NLLs at every position, or, for a
+   block with response spans (chat; see below), at the response positions only;
+6. write the shard atomically (:class:`polyfuse.capture.store.StoreWriter`).
 
 Before the first batch a probe compares the chunked head with ``model(...).logits`` on one short
 sequence (the first ``_PROBE_TOKENS`` tokens of the longest block; one forward pass that keeps the
 head's input and lets the head run), so an architecture with an unknown logit transform fails
 loudly instead of storing wrong numbers.
+
+**Chat blocks.** A block given as ``(block_id, text, response_spans)`` with spans not None has its
+``nll_sum`` summed over the positions whose next token is a response token
+(:func:`polyfuse.corpus.spans.response_positions`, the one token rule): the teacher's NLL of the
+responses given their prompts, FuseChat's ``--mask_instruction`` metric. It stays a total, not
+FuseChat's per-token mean, because totals are what fusion compares across tokenizers
+(:mod:`polyfuse.fuse.strategies`). A block with no response token gets ``nll_sum = 0.0`` for every
+teacher (defined, never NaN): the sequence-level choice ties and falls to teacher 0, and the block
+adds nothing to training anyway (all its labels are masked). The stored top-k rows, target
+log-probs and everything else stay for every position: alignment and fusion need them.
 
 **Resume.** A shard file exists only once complete, so a rerun (same arguments, same directory)
 skips the shards already there and produces the same bytes for the rest: batching depends only
@@ -51,6 +63,7 @@ import numpy as np
 import torch
 
 from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, shard_name
+from polyfuse.corpus.spans import Spans, normalise_spans, response_positions
 from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.models import bos_context_id, context_length, pick_device, pick_dtype, vocab_facts
@@ -188,8 +201,14 @@ def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
 # one batch, one shard
 
 
-def _capture_batch(model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int) -> list[tuple]:
-    """Per block: ``(ids [P, k] int64, logprobs [P, k] f16, target_logprob [P] f16, nll_sum)``."""
+def _capture_batch(
+    model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int, spans: Sequence[Spans | None] | None = None
+) -> list[tuple]:
+    """Per block: ``(ids [P, k] int64, logprobs [P, k] f16, target_logprob [P] f16, nll_sum)``.
+
+    ``nll_sum`` covers the response positions of blocks whose ``spans`` are not None, else all.
+    """
+    spans = [None] * len(encoded) if spans is None else spans
     lengths = [len(e) for e in encoded]
     T = max(lengths)
     device = _input_device(model)
@@ -210,10 +229,13 @@ def _capture_batch(model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: i
     top_ids_np = top_ids.cpu().numpy()
     target32 = target_lp.cpu().numpy()
     out, start = [], 0
-    for n in lengths:
+    for n, enc, block_spans in zip(lengths, encoded, spans, strict=True):
         P = max(n - 1, 0)
         sl = slice(start, start + P)
-        nll = float(-target32[sl].astype(np.float64).sum())
+        counted = target32[sl].astype(np.float64)
+        if block_spans is not None:
+            counted = counted[response_positions(enc, block_spans)]
+        nll = float(-counted.sum())
         out.append((top_ids_np[sl], values16[sl], target32[sl].astype(np.float16), nll))
         start += P
     return out
@@ -227,8 +249,10 @@ def _capture_shard(
     k: int,
     batch_size: int,
     advance: Callable[..., None],
+    spans: Sequence[Spans | None] | None = None,
 ) -> list[BlockTopK]:
     """Rows of one shard, in the given block order (batched by length, longest first)."""
+    spans = [None] * len(encoded) if spans is None else spans
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[tuple | None] = [None] * len(encoded)
     empty = (np.zeros((0, k), np.int64), np.zeros((0, k), np.float16), np.zeros(0, np.float16), 0.0)
@@ -238,7 +262,8 @@ def _capture_shard(
         for i in batch:
             results[i] = empty
         if scored:
-            for i, row in zip(scored, _capture_batch(model, [encoded[i] for i in scored], k), strict=True):
+            rows = _capture_batch(model, [encoded[i] for i in scored], k, [spans[i] for i in scored])
+            for i, row in zip(scored, rows, strict=True):
                 results[i] = row
         for i in batch:
             advance(tokens=max(len(encoded[i]) - 1, 0))
@@ -306,11 +331,24 @@ def _wait_for_shards(writer: StoreWriter, n_shards: int, wait_s: float) -> None:
 # the entry point
 
 
-def _blocks_digest(blocks: Sequence[tuple[int, str]]) -> str:
+def _block_parts(blocks: Sequence[tuple]) -> list[tuple[int, str, Spans | None]]:
+    """``(block_id, text)`` or ``(block_id, text, response_spans)`` tuples as triples (spans checked)."""
+    out = []
+    for n, block in enumerate(blocks):
+        if len(block) not in (2, 3):
+            raise DataError(f"capture: block {n} must be (block_id, text) or (block_id, text, response_spans); "
+                            f"got {len(block)} items")
+        out.append((int(block[0]), block[1], normalise_spans(block[2]) if len(block) == 3 else None))
+    return out
+
+
+def _blocks_digest(blocks: Sequence[tuple[int, str, Spans | None]]) -> str:
     digest = hashlib.sha256()
-    for block_id, text in blocks:
+    for block_id, text, spans in blocks:
         digest.update(f"{int(block_id)}\0{len(text)}\0".encode())
         digest.update(text.encode("utf-8"))
+        if spans is not None:  # text blocks hash as they always have
+            digest.update(f"\0spans{list(spans)}".encode())
     return digest.hexdigest()
 
 
@@ -348,7 +386,7 @@ def _place(model: PreTrainedModel, device: str | torch.device | None, fallback: 
 def capture(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    blocks: Sequence[tuple[int, str]],
+    blocks: Sequence[tuple[int, str] | tuple[int, str, Spans | None]],
     out_dir: str | Path,
     *,
     k: int = 10,
@@ -368,7 +406,9 @@ def capture(
             accelerate's device) differs from the model's, the model is moved there in place, in
             bf16 on CUDA and fp32 on CPU (:func:`polyfuse.models.pick_dtype`).
         tokenizer: the model's tokenizer (fast; see :func:`polyfuse.corpus.tokens.encode_blocks`).
-        blocks: ``(block_id, text)`` pairs, in store order; block ids must be unique.
+        blocks: ``(block_id, text)`` pairs or ``(block_id, text, response_spans)`` triples, in store
+            order; block ids must be unique. Spans (not None) restrict ``nll_sum`` to the response
+            positions (module docstring).
         out_dir: the store directory; a rerun with the same arguments resumes.
         k: log-probs kept per position.
         batch_size: blocks per forward pass.
@@ -393,7 +433,8 @@ def capture(
     rank, world_size, barrier, state_device = _ranks(rank, world_size)
     _place(model, device, state_device)
     model.eval()
-    ids_seen = [int(b) for b, _ in blocks]
+    blocks = _block_parts(blocks)
+    ids_seen = [b for b, _, _ in blocks]
     if len(set(ids_seen)) != len(ids_seen):
         raise DataError("capture: block ids are not unique; give each block its own id")
     vocab_facts(model, tokenizer).check(str(getattr(model, "name_or_path", "") or type(model).__name__))
@@ -426,10 +467,10 @@ def capture(
 
         for s in todo:
             chunk = blocks[s * shard_size : (s + 1) * shard_size]
-            encoded = encode_blocks(tokenizer, [text for _, text in chunk])
+            encoded = encode_blocks(tokenizer, [text for _, text, _ in chunk])
             too_long = [
                 (bid, len(e))
-                for (bid, _), e in zip(chunk, encoded, strict=True)
+                for (bid, _, _), e in zip(chunk, encoded, strict=True)
                 if max_len is not None and len(e) > max_len
             ]
             if too_long:
@@ -444,7 +485,8 @@ def capture(
                     _probe(model, longest.ids)
                     probed = True
             rows = _capture_shard(
-                model, encoded, [bid for bid, _ in chunk], k=k, batch_size=batch_size, advance=step
+                model, encoded, [bid for bid, _, _ in chunk], k=k, batch_size=batch_size, advance=step,
+                spans=[spans for _, _, spans in chunk],
             )
             writer.write_shard(s, rows)
     seconds = time.perf_counter() - start

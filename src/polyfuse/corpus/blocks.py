@@ -10,6 +10,10 @@ whole document that lie inside ``[start, end)`` number at most ``max_tokens - ma
 the end back to the last newline, else the last whitespace, in the second half of the
 candidate (so words are not split when avoidable); then re-tokenize the substring with each
 tokenizer and shrink by 10% until it fits. A document shorter than the limit is one block.
+
+A chat document's response spans (:mod:`polyfuse.corpus.spans`) go with its blocks, clipped to
+each block's character range and made relative to the block's start; a block of a text document
+has ``response_spans = None`` (every token counts), and its JSON row has no such key.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from polyfuse.corpus.documents import Document
+from polyfuse.corpus.spans import Spans, clip_spans, normalise_spans, span_bytes
 from polyfuse.corpus.tokens import encode_blocks
 from polyfuse.errors import DataError
 
 
 @dataclass(frozen=True)
 class Block:
-    """One block: ``text == document.text[start:end]``."""
+    """One block: ``text == document.text[start:end]``; ``response_spans`` relative to ``text`` (chat only)."""
 
     block_id: int
     doc_id: str
@@ -37,6 +42,28 @@ class Block:
     start: int
     end: int
     text: str
+    response_spans: Spans | None = None
+
+    def __post_init__(self) -> None:
+        spans = normalise_spans(self.response_spans)
+        if spans is not None and any(b > len(self.text) for _, b in spans):
+            raise DataError(f"block {self.block_id}: a response span ends past the block's {len(self.text)} "
+                            "characters; rebuild the blocks")
+        object.__setattr__(self, "response_spans", spans)
+
+    @property
+    def metric_bytes(self) -> int:
+        """UTF-8 bytes the sequence metric covers: the response characters, or the whole text."""
+        return span_bytes(self.text, self.response_spans)
+
+    def to_json(self) -> dict:
+        """The JSON row (``response_spans`` only for chat blocks, so text blocks read as before)."""
+        row = asdict(self)
+        if self.response_spans is None:
+            del row["response_spans"]
+        else:
+            row["response_spans"] = [list(s) for s in self.response_spans]
+        return row
 
 
 def _token_ends(tok: PreTrainedTokenizerBase, text: str) -> np.ndarray:
@@ -93,7 +120,8 @@ def make_blocks(docs: Iterable[tuple[str, Document]], tokenizers: Sequence[PreTr
     block_id = 0
     for domain, doc in docs:
         for start, end in split_document(doc.text, tokenizers, max_tokens):
-            yield Block(block_id, doc.id, domain, start, end, doc.text[start:end])
+            yield Block(block_id, doc.id, domain, start, end, doc.text[start:end],
+                        clip_spans(doc.response_spans, start, end))
             block_id += 1
 
 
@@ -102,7 +130,7 @@ def write_blocks(path: Path, blocks: Iterable[Block]) -> dict[str, int]:
     n = chars = 0
     with path.open("w", encoding="utf-8") as fh:
         for block in blocks:
-            fh.write(json.dumps(asdict(block), ensure_ascii=False) + "\n")
+            fh.write(json.dumps(block.to_json(), ensure_ascii=False) + "\n")
             n += 1
             chars += len(block.text)
     return {"blocks": n, "chars": chars}
@@ -118,6 +146,6 @@ def read_blocks(path: str | Path) -> list[Block]:
         for lineno, line in enumerate(fh, start=1):
             try:
                 out.append(Block(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as exc:
+            except (json.JSONDecodeError, TypeError, DataError) as exc:
                 raise DataError(f"{path}:{lineno}: not a block row ({exc}); rerun the blocks stage") from None
     return out

@@ -26,6 +26,14 @@ Two readings of the teacher's K entries (``mass``):
   only (the tail of a tempered teacher was not captured).
 
 No ``temperature**2`` factor is applied (FuseLLM trains at temperature 1).
+
+**Which positions count.** Position t counts when its shifted label (label t+1) is not
+``IGNORE_INDEX``; the distillation part also needs a valid teacher entry there. Response-only
+training (FuseChat, chat corpora) is therefore nothing but labels: the training rows carry
+``IGNORE_INDEX`` on every token that is not an assistant response token
+(:func:`polyfuse.corpus.spans.response_labels`), which zeroes both the CLM and the distillation
+mask at the positions that predict them. A batch where nothing counts has loss 0, never NaN (the
+normaliser is at least 1, ``num_items`` included).
 """
 
 from __future__ import annotations
@@ -163,12 +171,18 @@ def _teacher_terms(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
     return _distill_per_position(logq, p, logp, kind), has_entry
 
 
+def _denominator(count: torch.Tensor, num_items: torch.Tensor | int | None) -> torch.Tensor | int:
+    """``num_items`` (default: ``count``), at least 1: a batch where nothing counts gives 0, not NaN."""
+    if num_items is None:
+        return count.clamp(min=1)
+    return num_items.clamp(min=1) if isinstance(num_items, torch.Tensor) else max(int(num_items), 1)
+
+
 def _reduce(per_position: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | int | None) -> SparseLoss:
-    """Masked sum over positions divided by ``num_items`` (default: the masked count, at least 1)."""
+    """Masked sum over positions divided by ``num_items`` (default: the masked count), at least 1."""
     count = mask.sum()
     total = torch.where(mask, per_position, 0.0).sum()
-    denominator = count.clamp(min=1) if num_items is None else num_items
-    return SparseLoss(total / denominator, count)
+    return SparseLoss(total / _denominator(count, num_items), count)
 
 
 def distill_loss(
@@ -248,7 +262,7 @@ def fusion_loss(
     z = _upcast(logits)
     target = shift_labels(labels, ignore_index) if shifted_labels is None else shifted_labels  # [B, T]
     mask = target != ignore_index
-    denominator = mask.sum().clamp(min=1) if num_items is None else num_items
+    denominator = _denominator(mask.sum(), num_items)
     logp = torch.log_softmax(z, dim=-1)                                 # [B, T, V]
     if teacher_ids is None or teacher_logprobs is None:
         clm = _reduce(-logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1), mask, denominator)

@@ -13,6 +13,12 @@ baseline uses the same data, steps and seed.
 Both parts are summed over supervised positions and divided by the number of supervised tokens in
 the whole accumulated batch (``num_items_in_batch``, counted across devices), so the result does not
 depend on how a batch is split into micro-batches or devices.
+
+**Response-only training** (chat corpora, FuseChat): give each row ``labels`` with -100 on every
+token that is not an assistant response token (:func:`training_row` builds them from a block's
+response spans with :func:`polyfuse.corpus.spans.response_labels`, the one token rule). A position
+is supervised, for the CLM part *and* the distillation part, exactly when its next token's label is
+not -100; an accumulated batch without a single response token has loss 0 (not NaN).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from polyfuse.corpus.spans import Spans, response_labels
+from polyfuse.corpus.tokens import EncodedBlock
 from polyfuse.errors import DataError
 from polyfuse.fuse.losses import IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
 from polyfuse.fuse.strategies import STRATEGIES
@@ -37,7 +45,7 @@ from polyfuse.fuse.strategies import STRATEGIES
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-__all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "lm_weight_at", "train_fusion"]
+__all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "lm_weight_at", "train_fusion", "training_row"]
 
 DISTILL_LOSSES = ("ce", "kl")
 SCHEDULES = ("hard", "hard_and_decay")
@@ -139,7 +147,8 @@ class FusionCollator:
     """Pads rows to the longest in the batch; teacher entries are padded to ``[B, T, K]``.
 
     Each example has ``input_ids`` [n] (a BOS context token first), optionally ``labels`` [n]
-    (default: ``input_ids``) and optionally ``teacher_ids`` [P, k] / ``teacher_logprobs`` [P, k] with
+    (default: ``input_ids``; -100 on tokens not trained on, e.g. everything but the responses of a
+    chat block, see :func:`training_row`) and optionally ``teacher_ids`` [P, k] / ``teacher_logprobs`` [P, k] with
     ``P <= n`` (entry t predicts token t+1; normally ``P = n - 1``). The batch holds ``input_ids``,
     ``attention_mask``, ``labels`` (-100 on padding), ``shift_labels`` (label t+1 at t, which the
     ``Trainer`` uses to count supervised tokens) and, when some example has entries,
@@ -208,6 +217,18 @@ class FusionCollator:
                 teacher_logprobs[i, : tlp.shape[0], : tlp.shape[1]] = torch.from_numpy(tlp)
         batch["teacher_ids"], batch["teacher_logprobs"] = teacher_ids, teacher_logprobs
         return batch
+
+
+def training_row(enc: EncodedBlock, response_spans: Spans | None = None) -> dict[str, np.ndarray]:
+    """A training example of one encoded block: ``input_ids`` and, for a chat block, response-only ``labels``.
+
+    ``response_spans`` None (plain text): no ``labels`` key, every token is trained on. Otherwise
+    ``labels`` is :func:`polyfuse.corpus.spans.response_labels` (-100 off the responses).
+    """
+    row = {"input_ids": np.asarray(enc.ids, dtype=np.int64)}
+    if response_spans is not None:
+        row["labels"] = response_labels(enc, response_spans)
+    return row
 
 
 def _as_1d(example: Mapping[str, Any], key: str, length: int | None = None) -> np.ndarray:
