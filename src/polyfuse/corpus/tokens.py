@@ -37,9 +37,9 @@ def _cover_combining_marks(text: str, off: np.ndarray) -> np.ndarray:
 
     Tokenizers with an NFC normaliser (MPT, Qwen2) compose ``e`` + U+0301 into one ``é`` whose offsets
     cover only the ``e``; the mark then belongs to no token and a span-based alignment could not see
-    that the source's ``é`` and the target's ``e`` + mark stand for the same text. A gap made only of
-    combining marks (Unicode categories Mn, Mc, Me) after a token's end is added to that token; other
-    gaps (spaces a tokenizer leaves out) stay as they are.
+    that the source's ``é`` and the target's ``e`` + mark stand for the same text. The run of combining
+    marks (Unicode categories Mn, Mc, Me) that starts an uncovered gap after a token is added to that
+    token; the rest of a gap (spaces a tokenizer leaves out) stays uncovered.
     """
     import unicodedata
 
@@ -54,8 +54,10 @@ def _cover_combining_marks(text: str, off: np.ndarray) -> np.ndarray:
     off = off.copy()
     for g in gaps:
         a, b = int(ends[g]), int(nexts[g])
-        if all(unicodedata.category(ch).startswith("M") for ch in text[a:b]):
-            off[real[g], 1] = b
+        end = a
+        while end < b and unicodedata.category(text[end]).startswith("M"):
+            end += 1
+        off[real[g], 1] = end
     return off
 
 
