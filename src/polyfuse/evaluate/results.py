@@ -63,12 +63,25 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 
 def update_results(path: str | Path, models: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict:
-    """Deep-merge per-model figures (and optional meta) into the results file, atomically."""
-    data = read_results(path)
-    _merge(data.setdefault("models", {}), models)
-    if meta:
-        _merge(data.setdefault("meta", {}), meta)
-    atomic_write_json(Path(path), data)
+    """Deep-merge per-model figures (and optional meta) into the results file, atomically.
+
+    The read-merge-write runs under an exclusive lock on ``<file>.lock``, so processes that update the
+    same run at once (ranks, parallel evaluations) never lose each other's rows.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = read_results(path)
+            _merge(data.setdefault("models", {}), models)
+            if meta:
+                _merge(data.setdefault("meta", {}), meta)
+            atomic_write_json(path, data)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return data
 
 
