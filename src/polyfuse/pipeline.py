@@ -100,8 +100,11 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
     from polyfuse.models import load_model, load_tokenizer
 
     opts = recipe.capture
-    if opts.backend != "hf":
-        raise RecipeError(f"capture.backend {opts.backend!r} is not available yet; use capture.backend=hf")
+    if opts.backend == "vllm":  # fail fast, naming the extra, when vLLM is not installed
+        from polyfuse.capture.vllm import capture as vllm_capture
+        from polyfuse.capture.vllm import import_vllm
+
+        import_vllm()
     blocks = _blocks(recipe)
     pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
     results = {}
@@ -109,6 +112,10 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
         cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION}
 
         def build(out: Path, res=res, tok=tok) -> dict:
+            if opts.backend == "vllm":
+                return vllm_capture(res, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
+                                    shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
+                                    dtype=opts.dtype, device=opts.device, seed=recipe.seed)
             model = load_model(res, dtype=opts.dtype, device=opts.device)
             return capture(model, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
                            shard_size=opts.shard_size, progress=progress, meta={"model": str(res)})

@@ -38,6 +38,9 @@ log-probs and everything else stay for every position: alignment and fusion need
 skips the shards already there and produces the same bytes for the rest: batching depends only
 on the shard's blocks.
 
+**Shared with the ``vllm`` backend** (:mod:`polyfuse.capture.common`): the rows of step 5, the
+shard loop, resume, ranks and finalize, so both backends write the same store.
+
 **Several processes.** Under ``accelerate launch`` / ``torchrun`` (``torch.distributed``
 initialised, or ``WORLD_SIZE`` > 1 in the environment, then via ``accelerate.PartialState``) rank r
 captures the shards s with ``s % world_size == r``; all ranks meet at a barrier, rank 0 writes
@@ -50,10 +53,7 @@ finalizes any incomplete store.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,12 +62,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from polyfuse.capture.store import BlockTopK, StoreReader, StoreWriter, shard_name
-from polyfuse.corpus.spans import Spans, normalise_spans, response_positions
-from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
-from polyfuse.errors import DataError, PolyfuseError
+from polyfuse.capture.common import (
+    block_parts,
+    block_rows,
+    blocks_digest,
+    check_unique,
+    empty_row,
+    fp16_logprobs,
+    ranks,
+    run_shards,
+)
+from polyfuse.capture.store import BlockTopK, StoreWriter  # noqa: F401  (StoreWriter: importable here as before)
+from polyfuse.corpus.spans import Spans
+from polyfuse.corpus.tokens import EncodedBlock
+from polyfuse.errors import PolyfuseError
 from polyfuse.models import bos_context_id, context_length, pick_device, pick_dtype, vocab_facts
-from polyfuse.progress import progress_bar
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,8 +89,6 @@ logger = logging.getLogger(__name__)
 
 _HEAD_CHUNK_ELEMENTS = 1 << 26  # [chunk, V] float32 logits per head chunk: 256 MiB
 _PROBE_TOKENS = 16
-_FP16_MIN = float(torch.finfo(torch.float16).min)
-_POLL_S = 1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,21 +231,7 @@ def _capture_batch(
     real = hidden[where]  # [N, d], block by block, position order
     targets = ids_t[:, 1:].to(hidden.device)[where[:, :-1]]  # [N]
     values, top_ids, target_lp = topk_of_hidden(model, real, targets, k)  # [N, k], [N, k], [N]
-    # the smallest finite fp16 for real entries: -inf marks padding in a store (probability 0 either way)
-    values16 = values.clamp(min=_FP16_MIN).to(torch.float16).cpu().numpy()
-    top_ids_np = top_ids.cpu().numpy()
-    target32 = target_lp.cpu().numpy()
-    out, start = [], 0
-    for n, enc, block_spans in zip(lengths, encoded, spans, strict=True):
-        P = max(n - 1, 0)
-        sl = slice(start, start + P)
-        counted = target32[sl].astype(np.float64)
-        if block_spans is not None:
-            counted = counted[response_positions(enc, block_spans)]
-        nll = float(-counted.sum())
-        out.append((top_ids_np[sl], values16[sl], target32[sl].astype(np.float16), nll))
-        start += P
-    return out
+    return block_rows(encoded, spans, top_ids.cpu().numpy(), fp16_logprobs(values), target_lp.cpu().numpy())
 
 
 def _capture_shard(
@@ -255,7 +248,7 @@ def _capture_shard(
     spans = [None] * len(encoded) if spans is None else spans
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[tuple | None] = [None] * len(encoded)
-    empty = (np.zeros((0, k), np.int64), np.zeros((0, k), np.float16), np.zeros(0, np.float16), 0.0)
+    empty = empty_row(k)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         scored = [i for i in batch if len(encoded[i]) > 1]
@@ -275,82 +268,7 @@ def _capture_shard(
 
 
 # --------------------------------------------------------------------------------------------------
-# processes
-
-
-def _ranks(
-    rank: int | None, world_size: int | None
-) -> tuple[int, int, Callable[[], None] | None, torch.device | None]:
-    """``(rank, world_size, barrier or None, this rank's device or None)``.
-
-    Explicit arguments win (no barrier). Otherwise, under a launcher (``WORLD_SIZE`` > 1)
-    ``accelerate.PartialState()`` sets up the process group if nobody has yet, and rank and
-    world size come from ``torch.distributed`` (accelerate reports a CPU-only torchrun as one
-    process although it initialises the group); without accelerate the ``RANK`` / ``WORLD_SIZE``
-    environment is used, without a barrier.
-    """
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None or not 0 <= rank < world_size:
-            raise ValueError(
-                f"give both rank and world_size with 0 <= rank < world_size (got {rank}, {world_size})"
-            )
-        return rank, world_size, None, None
-    import torch.distributed as dist
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = None
-    if launched and not (dist.is_available() and dist.is_initialized()):
-        try:
-            from accelerate import PartialState
-        except ImportError:
-            return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]), None, None
-        device = PartialState().device
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if torch.cuda.is_available() and (device is None or device.type != "cuda"):
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return dist.get_rank(), dist.get_world_size(), dist.barrier, device
-    return 0, 1, None, None
-
-
-def _wait_for_shards(writer: StoreWriter, n_shards: int, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while True:
-        missing = sorted(set(range(n_shards)) - set(writer.existing_shards()))
-        if not missing:
-            return
-        if time.monotonic() >= deadline:
-            raise DataError(
-                f"{writer.out_dir}: rank 0 waited {wait_s:.0f}s but {len(missing)} shard(s) are still "
-                f"missing (first: {shard_name(missing[0])}); when the other ranks are done (or dead), rerun "
-                "the capture with world_size=1 to capture what is missing and finalize"
-            )
-        time.sleep(_POLL_S)
-
-
-# --------------------------------------------------------------------------------------------------
 # the entry point
-
-
-def _block_parts(blocks: Sequence[tuple]) -> list[tuple[int, str, Spans | None]]:
-    """``(block_id, text)`` or ``(block_id, text, response_spans)`` tuples as triples (spans checked)."""
-    out = []
-    for n, block in enumerate(blocks):
-        if len(block) not in (2, 3):
-            raise DataError(f"capture: block {n} must be (block_id, text) or (block_id, text, response_spans); "
-                            f"got {len(block)} items")
-        out.append((int(block[0]), block[1], normalise_spans(block[2]) if len(block) == 3 else None))
-    return out
-
-
-def _blocks_digest(blocks: Sequence[tuple[int, str, Spans | None]]) -> str:
-    digest = hashlib.sha256()
-    for block_id, text, spans in blocks:
-        digest.update(f"{int(block_id)}\0{len(text)}\0".encode())
-        digest.update(text.encode("utf-8"))
-        if spans is not None:  # text blocks hash as they always have
-            digest.update(f"\0spans{list(spans)}".encode())
-    return digest.hexdigest()
-
 
 def capture_meta(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What a store records about its teacher: model ref, revision, architecture, dtype, tokenizer."""
@@ -430,13 +348,11 @@ def capture(
     """
     if k < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError(f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})")
-    rank, world_size, barrier, state_device = _ranks(rank, world_size)
+    rank, world_size, barrier, state_device = ranks(rank, world_size)
     _place(model, device, state_device)
     model.eval()
-    blocks = _block_parts(blocks)
-    ids_seen = [b for b, _, _ in blocks]
-    if len(set(ids_seen)) != len(ids_seen):
-        raise DataError("capture: block ids are not unique; give each block its own id")
+    blocks = block_parts(blocks)
+    check_unique(blocks)
     vocab_facts(model, tokenizer).check(str(getattr(model, "name_or_path", "") or type(model).__name__))
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if k > vocab:
@@ -445,85 +361,27 @@ def capture(
         **capture_meta(model, tokenizer),
         "shard_size": shard_size,
         "batch_size": batch_size,
-        "blocks_sha256": _blocks_digest(blocks),
+        "blocks_sha256": blocks_digest(blocks),
         **(meta or {}),
     }
-    writer = StoreWriter(out_dir, k=k, vocab_size=vocab, meta=full_meta)
-    n_shards = (len(blocks) + shard_size - 1) // shard_size
-    mine = [s for s in range(n_shards) if s % world_size == rank]
-    todo = [s for s in mine if not writer.has_shard(s)]
-    n_todo = sum(len(blocks[s * shard_size : (s + 1) * shard_size]) for s in todo)
-    max_len = _max_positions(model)
-    name = Path(str(full_meta.get("model", ""))).name or "model"
+    probed = False
 
-    start, tokens, probed = time.perf_counter(), 0, False
-    with progress_bar(f"capture {name}", total=n_todo, enabled=progress) as advance:
+    def capture_shard(
+        encoded: Sequence[EncodedBlock],
+        block_ids: Sequence[int],
+        spans: Sequence[Spans | None],
+        advance: Callable[..., None],
+    ) -> list[BlockTopK]:
+        nonlocal probed
+        if not probed:
+            longest = max(encoded, key=len, default=None)
+            if longest is not None and len(longest) > 1:
+                _probe(model, longest.ids)
+                probed = True
+        return _capture_shard(model, encoded, block_ids, k=k, batch_size=batch_size, advance=advance, spans=spans)
 
-        def step(**fields: Any) -> None:
-            nonlocal tokens
-            tokens += fields["tokens"]
-            rate = tokens / max(time.perf_counter() - start, 1e-9)
-            advance(tok_s=f"{rate:,.0f}")
-
-        for s in todo:
-            chunk = blocks[s * shard_size : (s + 1) * shard_size]
-            encoded = encode_blocks(tokenizer, [text for _, text, _ in chunk])
-            too_long = [
-                (bid, len(e))
-                for (bid, _, _), e in zip(chunk, encoded, strict=True)
-                if max_len is not None and len(e) > max_len
-            ]
-            if too_long:
-                bid, n = too_long[0]
-                raise DataError(
-                    f"capture: block {bid} has {n} tokens (context token included) but the model's "
-                    f"context is {max_len}; rebuild the blocks with max_tokens <= {max_len}"
-                )
-            if not probed:
-                longest = max(encoded, key=len, default=None)
-                if longest is not None and len(longest) > 1:
-                    _probe(model, longest.ids)
-                    probed = True
-            rows = _capture_shard(
-                model, encoded, [bid for bid, _, _ in chunk], k=k, batch_size=batch_size, advance=step,
-                spans=[spans for _, _, spans in chunk],
-            )
-            writer.write_shard(s, rows)
-    seconds = time.perf_counter() - start
-
-    stats: dict[str, Any] = {
-        "blocks": n_todo,
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
-        "shards_written": len(todo),
-        "shards_skipped": len(mine) - len(todo),
-        "finalized": False,
-    }
-    if barrier is not None:
-        barrier()
-    if rank == 0:
-        if world_size > 1 and barrier is None:
-            _wait_for_shards(writer, n_shards, wait_s)
-        writer.finalize(n_shards)
-    if barrier is not None:
-        barrier()
-    if rank == 0 or barrier is not None:
-        reader = StoreReader(out_dir)
-        stats.update(
-            finalized=True,
-            store_blocks=len(reader),
-            store_tokens=reader.n_positions,
-            bytes_per_token=round(reader.bytes_per_token(), 3),
-        )
-    logger.info(
-        "capture %s: %d blocks, %d tokens in %.1fs (%s tok/s) -> %s%s",
-        name,
-        n_todo,
-        tokens,
-        seconds,
-        stats["tokens_per_s"],
-        out_dir,
-        f", {stats['bytes_per_token']} B/token" if stats["finalized"] else "",
+    return run_shards(
+        capture_shard, tokenizer, blocks, out_dir, k=k, vocab_size=vocab, shard_size=shard_size, meta=full_meta,
+        max_len=_max_positions(model), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
+        progress=progress, log=logger,
     )
-    return stats
