@@ -21,8 +21,10 @@ __all__ = ["BACKENDS", "BlockTopK", "StoreReader", "StoreWriter", "get_backend",
 
 BACKENDS: dict[str, str] = {
     "hf": "polyfuse.capture.hf:capture",
+    "vllm": "polyfuse.capture.vllm:capture",
 }
-"""Backend name -> ``module:function`` with the signature of :func:`polyfuse.capture.hf.capture`."""
+"""Backend name -> ``module:function`` with the signature of :func:`polyfuse.capture.hf.capture` (the
+``vllm`` backend takes a model reference instead of a loaded model and builds its own engine)."""
 
 
 def get_backend(name: str) -> Callable[..., dict[str, Any]]:
