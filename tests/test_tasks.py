@@ -14,11 +14,11 @@ from polyfuse.demo.tasks import (
     generate_problems,
     heldout,
     mixed_problems,
-    read_problems,
     task_names,
     write_problems,
 )
 from polyfuse.errors import DataError
+from polyfuse.evaluate.accuracy import read_problems
 from polyfuse.implicit.verify import verify_math
 
 
@@ -94,7 +94,7 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
         generate_problems("max", 3_000, "heldout")  # about 1,100 held-out digit strings exist
     bad = tmp_path / "p.jsonl"
     bad.write_text(json.dumps({"prompt_id": "a"}) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"{bad}:1: missing prompt")):
+    with pytest.raises(DataError, match=re.escape(f"{bad}:1: missing field 'prompt'")):
         read_problems(bad)
 
 

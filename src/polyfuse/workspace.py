@@ -252,6 +252,33 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
 
 
+def read_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be one JSON object"
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSONL file, each with its ``FILE:LINE`` (blank lines skipped).
+
+    Raises:
+        DataError: the file is absent (``"{path}: {missing}"``), or a line is not JSON or not an object
+            (``FILE:LINE`` named, then ``fix``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg}); {fix}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; {fix}")
+            rows.append((where, row))
+    return rows
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write `obj` as JSON (indent 2, sorted keys, trailing newline)."""
     return atomic_write_text(path, _dumps(obj))

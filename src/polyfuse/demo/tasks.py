@@ -41,7 +41,7 @@ from polyfuse.errors import DataError
 from polyfuse.workspace import atomic_write_text
 
 __all__ = ["HELDOUT_BUCKETS", "SPLITS", "TASKS", "TASKS_VERSION", "Problem", "answer_text", "generate_problems", "heldout",
-           "mixed_problems", "read_problems", "task_names", "write_problems"]
+           "mixed_problems", "task_names", "write_problems"]
 
 SPLITS = ("train", "heldout")
 #: Bumped whenever a generator changes what it draws (part of the chat world's stage config).
@@ -157,26 +157,3 @@ def mixed_problems(counts: Mapping[str, int], split: str, seed: int = 0) -> list
 def write_problems(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write prompt rows as JSONL (atomically)."""
     return atomic_write_text(Path(path), "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_problems(path: str | Path) -> list[dict[str, Any]]:
-    """Prompt rows of a JSONL file; each needs ``prompt_id``, ``prompt`` and ``answer`` (DataError with file:line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such prompts file; give a JSONL of {{prompt_id, prompt, answer}} rows "
-                        "or world:tasks")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in ("prompt_id", "prompt") if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing {', '.join(missing)}; each row needs prompt_id and "
-                                "prompt (a string or a list of {role, content} messages)")
-            rows.append(row)
-    return rows

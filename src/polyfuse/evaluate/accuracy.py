@@ -38,7 +38,7 @@ def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, 
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found; give a JSONL of {{prompt_id, prompt, answer | tests}} "
                         "rows (or world:tasks in a recipe)")
-    rows = list(read_prompts(path).values())
+    rows = list(read_prompts(path, ("prompt_id", "prompt")).values())
     return rows[:limit] if limit else rows
 
 

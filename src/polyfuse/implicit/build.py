@@ -71,7 +71,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from polyfuse.errors import DataError
-from polyfuse.workspace import atomic_write_json, atomic_write_text
+from polyfuse.workspace import atomic_write_json, atomic_write_text, read_jsonl
 
 __all__ = [
     "CATEGORIES",
@@ -205,23 +205,10 @@ class BuildResult:
 
 def read_scored(path: str | Path) -> list[dict[str, Any]]:
     """Read scored records from a JSONL file; a malformed line raises :class:`DataError` naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; run the score stage first (it writes scored JSONL)")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); {ROW_FIX}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: a {type(row).__name__}, not an object; {ROW_FIX}")
-            row["_where"] = f"{path}:{lineno}"
-            rows.append(row)
-    return rows
+    rows = read_jsonl(path, missing="no such file; run the score stage first (it writes scored JSONL)", fix=ROW_FIX)
+    for where, row in rows:
+        row["_where"] = where
+    return [row for _, row in rows]
 
 
 def _as_messages(prompt: Any, where: str) -> list[dict[str, str]]:

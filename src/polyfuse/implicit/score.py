@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from polyfuse.errors import DataError, ModelLoadError
 from polyfuse.implicit.verify import VerifierConfig, verify_code, verify_math
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import atomic_write_text
+from polyfuse.workspace import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -120,20 +120,8 @@ def _check_row(row: Any, where: str, required: Sequence[str]) -> dict[str, Any]:
 
 
 def _read_jsonl(path: str | Path, required: Sequence[str]) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; give the JSONL written by the previous stage")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            rows.append(_check_row(row, f"{path}:{lineno}", required))
-    return rows
+    return [_check_row(row, where, required) for where, row in
+            read_jsonl(path, missing="file not found; give the JSONL written by the previous stage")]
 
 
 def read_samples(path: str | Path) -> list[dict[str, Any]]:
@@ -145,7 +133,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     return _read_jsonl(path, REQUIRED_FIELDS)
 
 
-def read_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
+def read_prompts(path: str | Path, required: Sequence[str] = ("prompt_id",)) -> dict[str, dict[str, Any]]:
     """Read prompt records (JSONL, each with ``prompt_id`` and any of ``answer``, ``tests``, ``entry_point``,
     ``category``) into ``{str(prompt_id): record}``.
 
@@ -153,7 +141,7 @@ def read_prompts(path: str | Path) -> dict[str, dict[str, Any]]:
         DataError: a bad line or a duplicate ``prompt_id``.
     """
     out: dict[str, dict[str, Any]] = {}
-    for row in _read_jsonl(path, ("prompt_id",)):
+    for row in _read_jsonl(path, required):
         key = str(row["prompt_id"])
         if key in out:
             raise DataError(f"{path}: prompt_id {key!r} appears twice; prompt ids must be unique")

@@ -25,7 +25,6 @@ directory, ``world:NAME`` or a hub id already in the local cache), a JSONL file 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -39,7 +38,7 @@ import torch
 
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.models import load_tokenizer, resolve_model_ref
-from polyfuse.workspace import atomic_write_json
+from polyfuse.workspace import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -174,23 +173,13 @@ class WRPOTrainConfig(SFTTrainConfig):
 
 def read_jsonl_rows(path: str | Path, required: Sequence[str], stage: str) -> list[dict[str, Any]]:
     """Rows of a built JSONL file; each must hold the ``required`` keys (else :class:`DataError` with file:line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; run the build stage first (it writes sft/dpo/wrpo.jsonl)")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: {stage} rows need {', '.join(required)}; missing "
-                                f"{', '.join(missing)}")
-            rows.append(row)
+    for where, row in read_jsonl(path, missing="no such file; run the build stage first (it writes "
+                                 "sft/dpo/wrpo.jsonl)"):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{where}: {stage} rows need {', '.join(required)}; missing {', '.join(missing)}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows; the build stage kept nothing for {stage} (see its stats.json)")
     return rows
