@@ -55,6 +55,7 @@ __all__ = [
     "ModelRef",
     "ModelSpec",
     "Recipe",
+    "RecipeBase",
     "Section",
     "TargetSpec",
     "apply_overrides",
@@ -368,12 +369,12 @@ class MergeSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged model")
 
 
-class Recipe(Section):
-    """A whole recipe: models, data and one section per stage."""
+class RecipeBase(Section):
+    """What every recipe kind shares: where it writes, where world: references resolve, the seed, the
+    target and the sources (unique names), and the helpers manifests use. :class:`Recipe` is explicit
+    fusion and FuseChat; :class:`polyfuse.implicit.recipe.ImplicitRecipe` is implicit fusion."""
 
-    mode: Literal["fusellm", "fusechat"] = Field(
-        "fusellm", description="fusellm (fuse all sources at once) or fusechat (pairwise targets then a merge)")
-
+    mode: str = Field("fusellm", description="the recipe kind (each subclass narrows it)")
     workdir: str = Field(
         "runs/recipe", min_length=1, description="directory where stage artifact directories are written"
     )
@@ -385,16 +386,6 @@ class Recipe(Section):
     sources: list[ModelSpec] = Field(
         min_length=1, description="source models to fuse from, each {name: ..., model: ...}"
     )
-    data: DataSection = Field(default_factory=DataSection, description="held-out evaluation data")
-    eval: EvalSection = Field(default_factory=EvalSection, description="bits-per-byte evaluation settings")
-    corpus: CorpusSection = Field(default_factory=CorpusSection, description="the text fusion trains on")
-    blocks: BlocksSection = Field(default_factory=BlocksSection, description="block splitting")
-    capture: CaptureSection = Field(default_factory=CaptureSection, description="teacher top-k capture")
-    vocab: VocabSection = Field(default_factory=VocabSection, description="vocabulary mapping")
-    align: AlignSection = Field(default_factory=AlignSection, description="token alignment")
-    fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
-    train: TrainSection = Field(default_factory=TrainSection, description="continual training")
-    merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
 
     @field_validator("sources")
     @classmethod
@@ -410,7 +401,7 @@ class Recipe(Section):
         return value
 
     @model_validator(mode="after")
-    def _target_name_not_a_source(self) -> Recipe:
+    def _target_name_not_a_source(self) -> RecipeBase:
         if any(s.name == self.target.name for s in self.sources):
             raise ValueError(
                 f"target.name {self.target.name!r} is also a source name, rename the target or the source"
@@ -443,6 +434,24 @@ class Recipe(Section):
         """The recipe as YAML; with `exclude_defaults` only what differs from the defaults is written."""
         data = self.model_dump(mode="json", exclude_defaults=exclude_defaults)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+class Recipe(RecipeBase):
+    """A whole recipe: models, data and one section per stage."""
+
+    mode: Literal["fusellm", "fusechat"] = Field(
+        "fusellm", description="fusellm (fuse all sources at once) or fusechat (pairwise targets then a merge)")
+
+    data: DataSection = Field(default_factory=DataSection, description="held-out evaluation data")
+    eval: EvalSection = Field(default_factory=EvalSection, description="bits-per-byte evaluation settings")
+    corpus: CorpusSection = Field(default_factory=CorpusSection, description="the text fusion trains on")
+    blocks: BlocksSection = Field(default_factory=BlocksSection, description="block splitting")
+    capture: CaptureSection = Field(default_factory=CaptureSection, description="teacher top-k capture")
+    vocab: VocabSection = Field(default_factory=VocabSection, description="vocabulary mapping")
+    align: AlignSection = Field(default_factory=AlignSection, description="token alignment")
+    fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
+    train: TrainSection = Field(default_factory=TrainSection, description="continual training")
+    merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
 
 
 # --------------------------------------------------------------------------------------------------

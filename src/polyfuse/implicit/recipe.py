@@ -28,10 +28,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
 from polyfuse.errors import RecipeError
-from polyfuse.recipe import ModelSpec, Section, TargetSpec, apply_overrides, format_validation_error
+from polyfuse.recipe import (
+    ModelSpec,
+    RecipeBase,
+    Section,
+    TargetSpec,
+    apply_overrides,
+    format_validation_error,
+)
 
 __all__ = ["AccuracySection", "BuildSection", "DPOSection", "ImplicitModelSpec", "ImplicitRecipe",
            "ImplicitTargetSpec", "PromptsSection", "SampleSection", "SamplingOverrides", "ScoreSection",
@@ -199,13 +206,11 @@ class AccuracySection(Section):
     dtype: Dtype = Field("auto", description="model dtype")
 
 
-class ImplicitRecipe(Section):
+class ImplicitRecipe(RecipeBase):
     """An implicit-fusion recipe: sample, score, build, sft, dpo and wrpo, then held-out accuracy."""
 
     mode: Literal["implicit"] = Field("implicit", description="implicit (FuseChat-3.0 / WRPO)")
     workdir: str = Field("runs/implicit", min_length=1, description="directory where stage artifact directories are written")
-    world: str = Field("runs/world", min_length=1, description="directory where world:NAME references resolve")
-    seed: int = Field(0, ge=0, description="random seed for every stage")
     target: ImplicitTargetSpec = Field(description="the model trained on the fused data, e.g. {model: world:chat-target}")
     sources: list[ImplicitModelSpec] = Field(min_length=1, description="models sampled from, each {name: ..., model: ...}")
     prompts: PromptsSection = Field(default_factory=PromptsSection, description="prompt and held-out files")
@@ -216,39 +221,6 @@ class ImplicitRecipe(Section):
     dpo: DPOSection = Field(default_factory=DPOSection, description="DPO or length-normalised DPO")
     wrpo: WRPOSection = Field(default_factory=WRPOSection, description="weighted-reward preference optimisation")
     accuracy: AccuracySection = Field(default_factory=AccuracySection, description="held-out accuracy")
-
-    @field_validator("sources")
-    @classmethod
-    def _unique_source_names(cls, value: list[ImplicitModelSpec]) -> list[ImplicitModelSpec]:
-        names = [s.name for s in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate source name {', '.join(map(repr, dupes))}, give each source a unique name")
-        return value
-
-    @model_validator(mode="after")
-    def _target_name_not_a_source(self) -> ImplicitRecipe:
-        if any(s.name == self.target.name for s in self.sources):
-            raise ValueError(f"target.name {self.target.name!r} is also a source name, rename the target or the source")
-        return self
-
-    def models(self) -> list[ModelSpec]:
-        """The target first, then the sources in recipe order."""
-        return [self.target, *self.sources]
-
-    @classmethod
-    def sections(cls) -> list[str]:
-        """Names of the settings sections (prompts, sample, ...); model entries are not sections."""
-        return [name for name, f in cls.model_fields.items()
-                if isinstance(f.annotation, type) and issubclass(f.annotation, Section)
-                and not issubclass(f.annotation, ModelSpec)]
-
-    def section_dict(self, name: str) -> dict[str, Any]:
-        """One top-level mapping as a JSON-ready dict with defaults, for manifests."""
-        value = getattr(self, name, None) if name in type(self).model_fields else None
-        if not isinstance(value, BaseModel):
-            raise KeyError(f"{name!r} is not a recipe section, sections: {', '.join(self.sections())}")
-        return value.model_dump(mode="json")
 
     def to_yaml(self, exclude_defaults: bool = True) -> str:
         """The recipe as YAML; with ``exclude_defaults`` only what differs from the defaults is written."""
