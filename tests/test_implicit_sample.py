@@ -143,3 +143,47 @@ def test_hf_sampling_is_seeded(hf: HFBackend, tmp_path: Path) -> None:
     one = sample_prompts(PROMPTS, [spec], tmp_path / "a.jsonl", batch_size=2, progress=False, backends={"target": hf})
     sample_prompts(PROMPTS, [spec], tmp_path / "b.jsonl", batch_size=2, progress=False, backends={"target": hf})
     assert one["records"] == 15 and (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_vllm_backend_against_a_stand_in_of_its_api(tiny_world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vLLM adapter (real vLLM needs a GPU): what it passes to ``LLM`` / ``LLM.chat`` and how it reads
+    ``RequestOutput``s, through a stand-in module with vLLM's call shapes."""
+    import sys
+    import types
+
+    calls: dict = {}
+
+    class Completion:
+        def __init__(self, text: str):
+            self.text = text
+
+    class Output:
+        def __init__(self, texts: list[str]):
+            self.outputs = [Completion(t) for t in texts]
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+
+        def chat(self, messages, sampling_params, *, chat_template=None, use_tqdm=True):
+            calls["chat"] = {"messages": messages, "params": sampling_params, "template": chat_template}
+            return [Output([f"  {m[-1]['content']} #{k} " for k in range(sampling_params.n)]) for m in messages]
+
+    class VParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, VParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    model = tiny_world / "models" / "target"
+    backend = make_backend("vllm", SourceSpec("t", str(model), chat_template=DEFAULT_CHAT_TEMPLATE), dtype="float32")
+    assert calls["llm"]["model"] == str(model.resolve()) and calls["llm"]["dtype"] == "float32"
+    prompts = [[{"role": "user", "content": "a?"}], [{"role": "user", "content": "b?"}]]
+    params = SamplingParams(n=2, temperature=0.7, top_p=0.8, repetition_penalty=1.05, max_new_tokens=9)
+    got = backend.generate(prompts, params, seed=123)
+    assert got == [["a? #0", "a? #1"], ["b? #0", "b? #1"]]  # one list per prompt, n each, stripped
+    sent = calls["chat"]["params"].__dict__
+    assert sent == {"n": 2, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05, "max_tokens": 9,
+                    "seed": 123}
+    assert calls["chat"]["messages"] == prompts and "Assistant" in calls["chat"]["template"]

@@ -161,7 +161,8 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """``vllm.LLM.chat`` with per-request seeds (optional extra; needs a GPU, untested here)."""
+    """``vllm.LLM.chat`` with per-request seeds (optional extra, needs a GPU; tested here only against a
+    stand-in of vLLM's API, see tests/test_implicit_sample.py)."""
 
     def __init__(self, spec: SourceSpec, *, device: str = "auto", dtype: str = "auto"):
         try:
