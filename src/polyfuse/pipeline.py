@@ -166,8 +166,9 @@ def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
     from polyfuse.align.vocab import count_aligned_pairs, stats_map
     from polyfuse.corpus.tokens import encode_blocks
 
-    texts = [b.text for b in _blocks(recipe)]
-    src_enc, tgt_enc = encode_blocks(src_tok, texts), encode_blocks(tgt_tok, texts)
+    blocks = _blocks(recipe)
+    texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+    src_enc, tgt_enc = encode_blocks(src_tok, texts, chat), encode_blocks(tgt_tok, texts, chat)
     alignments = (align_blocks(s, t, method="dtw", src_tokenizer=src_tok, tgt_tokenizer=tgt_tok)
                   for s, t in zip(src_enc, tgt_enc, strict=True))
     counts = count_aligned_pairs(src_enc, tgt_enc, alignments)
@@ -187,8 +188,8 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     toks = _tokenizers(recipe)
     target = recipe.target.name
     blocks = _blocks(recipe)
-    texts = [b.text for b in blocks]
-    tgt_enc = encode_blocks(toks[target], texts)
+    texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+    tgt_enc = encode_blocks(toks[target], texts, chat)
     shard = recipe.capture.shard_size
     results = {}
     for spec in recipe.sources:
@@ -201,7 +202,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             method = recipe.align.method
             vmap = VocabMap.load(stage_dir(recipe, "vocab", name))
             reader = StoreReader(stage_dir(recipe, "capture", name))
-            src_enc = encode_blocks(toks[name], texts)
+            src_enc = encode_blocks(toks[name], texts, chat)
             writer = StoreWriter(out, k=recipe.capture.top_k, vocab_size=len(toks[target]),
                                  meta={"kind": "aligned", "source": name, "target": target, "align": method,
                                        "vocab": vmap.method, "temperature": reader.temperature})
@@ -311,7 +312,7 @@ def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
 
     blocks = _blocks(recipe)
     tok = _tokenizers(recipe)[recipe.target.name]
-    encoded = encode_blocks(tok, [b.text for b in blocks])
+    encoded = encode_blocks(tok, [b.text for b in blocks], [b.response_spans is not None for b in blocks])
     rows = [training_row(enc, b.response_spans) for enc, b in zip(encoded, blocks, strict=True)]
     if fuse_dir is not None:
         fused = StoreReader(fuse_dir)

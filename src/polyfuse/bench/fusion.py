@@ -311,7 +311,8 @@ def _fused_rows(world: Path, workdir: Path, max_bytes: int) -> tuple[list[dict],
     tokenizer = load_tokenizer(str(world / "models" / recipe.target.name))
     fused = StoreReader(stage_dir(recipe, "fuse"))
     rows = []
-    for block, enc in zip(blocks, encode_blocks(tokenizer, [b.text for b in blocks]), strict=True):
+    encoded = encode_blocks(tokenizer, [b.text for b in blocks], [b.response_spans is not None for b in blocks])
+    for block, enc in zip(blocks, encoded, strict=True):
         top = fused[block.block_id]
         rows.append({"input_ids": enc.ids, "teacher_ids": np.asarray(top.ids),
                      "teacher_logprobs": top.logprobs.astype(np.float32)})

@@ -239,7 +239,8 @@ def run_shards(
 
         for s in todo:
             chunk = blocks[s * shard_size : (s + 1) * shard_size]
-            encoded = encode_blocks(tokenizer, [text for _, text, _ in chunk])
+            encoded = encode_blocks(tokenizer, [text for _, text, _ in chunk],
+                                    parse_special=[spans is not None for _, _, spans in chunk])
             too_long = [
                 (bid, len(e))
                 for (bid, _, _), e in zip(chunk, encoded, strict=True)

@@ -13,7 +13,9 @@ tokenizer and shrink by 10% until it fits. A document shorter than the limit is 
 
 A chat document's response spans (:mod:`polyfuse.corpus.spans`) go with its blocks, clipped to
 each block's character range and made relative to the block's start; a block of a text document
-has ``response_spans = None`` (every token counts), and its JSON row has no such key.
+has ``response_spans = None`` (every token counts), and its JSON row has no such key. Token counts
+follow :func:`~polyfuse.corpus.tokens.encode_blocks`: a chat document's special-token strings (its
+template's markers) count as special tokens, a text document's as text.
 """
 
 from __future__ import annotations
@@ -66,15 +68,15 @@ class Block:
         return row
 
 
-def _token_ends(tok: PreTrainedTokenizerBase, text: str) -> np.ndarray:
+def _token_ends(tok: PreTrainedTokenizerBase, text: str, parse_special: bool) -> np.ndarray:
     """Character end offset of every token of ``text`` (context token excluded)."""
-    enc = encode_blocks(tok, [text])[0]
+    enc = encode_blocks(tok, [text], parse_special)[0]
     ends = enc.offsets[1:, 1] if enc.has_context else enc.offsets[:, 1]
     return np.maximum.accumulate(ends) if len(ends) else ends
 
 
-def _n_tokens(tok: PreTrainedTokenizerBase, text: str) -> int:
-    return len(encode_blocks(tok, [text])[0])
+def _n_tokens(tok: PreTrainedTokenizerBase, text: str, parse_special: bool) -> int:
+    return len(encode_blocks(tok, [text], parse_special)[0])
 
 
 def _soft_cut(text: str, start: int, end: int) -> int:
@@ -88,13 +90,17 @@ def _soft_cut(text: str, start: int, end: int) -> int:
 
 
 def split_document(text: str, tokenizers: Sequence[PreTrainedTokenizerBase], max_tokens: int,
-                   margin: int = 8) -> list[tuple[int, int]]:
-    """Character spans ``[(start, end), ...]`` covering ``text`` whose blocks fit every tokenizer."""
+                   margin: int = 8, *, parse_special: bool = False) -> list[tuple[int, int]]:
+    """Character spans ``[(start, end), ...]`` covering ``text`` whose blocks fit every tokenizer.
+
+    ``parse_special``: count special-token strings as special tokens (chat documents; see
+    :func:`~polyfuse.corpus.tokens.encode_blocks`).
+    """
     if max_tokens <= margin + 2:
         raise ValueError(f"max_tokens {max_tokens} is too small; use at least {margin + 3}")
-    if all(_n_tokens(tok, text) <= max_tokens for tok in tokenizers):
+    if all(_n_tokens(tok, text, parse_special) <= max_tokens for tok in tokenizers):
         return [(0, len(text))] if text else []
-    ends = [_token_ends(tok, text) for tok in tokenizers]
+    ends = [_token_ends(tok, text, parse_special) for tok in tokenizers]
     budget = max_tokens - margin
     spans: list[tuple[int, int]] = []
     start = 0
@@ -107,7 +113,8 @@ def split_document(text: str, tokenizers: Sequence[PreTrainedTokenizerBase], max
                 candidate = min(candidate, int(e[last - 1]) if last > first else int(e[first]))
         end = candidate if candidate >= len(text) else _soft_cut(text, start, candidate)
         end = max(end, start + 1)
-        while end - start > 1 and any(_n_tokens(tok, text[start:end]) > max_tokens for tok in tokenizers):
+        while end - start > 1 and any(_n_tokens(tok, text[start:end], parse_special) > max_tokens
+                                           for tok in tokenizers):
             end = start + max(1, int((end - start) * 0.9))
         spans.append((start, end))
         start = end
@@ -119,7 +126,8 @@ def make_blocks(docs: Iterable[tuple[str, Document]], tokenizers: Sequence[PreTr
     """Blocks of ``(domain, document)`` pairs, numbered in order."""
     block_id = 0
     for domain, doc in docs:
-        for start, end in split_document(doc.text, tokenizers, max_tokens):
+        for start, end in split_document(doc.text, tokenizers, max_tokens,
+                                         parse_special=doc.response_spans is not None):
             yield Block(block_id, doc.id, domain, start, end, doc.text[start:end],
                         clip_spans(doc.response_spans, start, end))
             block_id += 1

@@ -11,7 +11,23 @@ A chat row is rendered to text with **one** chat template, the target tokenizer'
 :data:`polyfuse.implicit.train.DEFAULT_CHAT_TEMPLATE`), so every model scores the same text
 (FuseChat). A leading BOS string the template writes is dropped: the context token is the BOS
 already (:mod:`polyfuse.corpus.tokens`). The document keeps the character spans of its
-assistant contents (:mod:`polyfuse.corpus.spans`); a text document has none (every token counts).
+assistant responses (:mod:`polyfuse.corpus.spans`); a text document has none (every token counts).
+
+**A response span is the assistant's content plus its end-of-turn marker.** The span of each
+assistant content found in the rendered text (:func:`~polyfuse.corpus.spans.locate_responses`) is
+extended over the marker that *immediately* follows it, when the text there starts with one of the
+target tokenizer's special-token strings (:func:`special_strings`: ``all_special_tokens`` plus the
+added tokens flagged special; the longest match wins). So the target is trained to end its turn,
+as FuseChat's labels do::
+
+    ChatML   "<|im_start|>assistant\\nhi<|im_end|>\\n<|im_start|>user..."   span "hi<|im_end|>"
+    Llama-3  "...<|end_header_id|>\\n\\nhi<|eot_id|><|start_header_id|>..."  span "hi<|eot_id|>"
+    default  "### Assistant:\\nhi</s>"                                      span "hi</s>" (the EOS)
+
+Only one marker is taken (never the next turn's ``<|im_start|>``), and only when it touches the
+content: a template that writes whitespace first (Llama-2's ``content + ' ' + eos``) keeps the
+content alone. Chat blocks are tokenized with special tokens parsed
+(:func:`polyfuse.corpus.tokens.encode_blocks`), so the marker is one special token.
 
 The layout is readable with ``datasets.load_dataset("json", data_files=...)`` and by
 :func:`read_documents`, which reports a bad row with its file and line number.
@@ -30,7 +46,8 @@ from polyfuse.corpus.spans import Spans, locate_responses, normalise_spans
 from polyfuse.errors import DataError
 
 __all__ = ["CHAT_KEYS", "RENDER_VERSION", "Document", "DocumentFormat", "chat_template_of", "domain_path",
-           "list_domains", "read_documents", "render_chat", "render_key", "write_documents"]
+           "extend_over_markers", "list_domains", "read_documents", "render_chat", "render_key", "special_strings",
+           "write_documents"]
 
 ROW_FIX = ('each line must be one JSON object like {"id": "doc-1", "text": "..."} or, for chat, '
            '{"id": "c-1", "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}')
@@ -38,8 +55,9 @@ DocumentFormat = Literal["auto", "text", "chat"]
 CHAT_KEYS = ("messages", "conversations")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-RENDER_VERSION = 1
-"""Bumped whenever rendering or span location changes what a chat document becomes."""
+RENDER_VERSION = 2
+"""Bumped whenever rendering or span location changes what a chat document becomes (2: spans take the
+end-of-turn marker)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,28 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, where: str =
     if isinstance(bos, str) and bos and text.startswith(bos):
         text = text[len(bos):]
     spans = locate_responses(text, [(m["role"], m["content"]) for m in messages], where)
-    return text, spans
+    return text, extend_over_markers(text, spans, special_strings(tokenizer))
+
+
+def special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special-token strings, longest first: ``all_special_tokens`` and added tokens flagged special."""
+    found = {t for t in getattr(tokenizer, "all_special_tokens", None) or [] if isinstance(t, str)}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {t.content for t in decoder.values() if getattr(t, "special", False) and isinstance(t.content, str)}
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def extend_over_markers(text: str, spans: Spans, markers: Sequence[str]) -> Spans:
+    """Each span extended over the first of ``markers`` (longest first) that ``text`` has right at its end.
+
+        >>> extend_over_markers("hi<|im_end|>\\n<|im_start|>", ((0, 2),), ("<|im_start|>", "<|im_end|>"))
+        ((0, 12),)
+    """
+    out = []
+    for a, b in spans:
+        marker = next((m for m in markers if text.startswith(m, b)), "")
+        out.append((a, b + len(marker)))
+    return tuple(out)
 
 
 def _messages(row: dict, where: str) -> list[dict[str, str]]:

@@ -1,7 +1,8 @@
 """Response spans of chat documents and the one rule that maps them onto tokens.
 
 A response span is a half-open character range ``(start, end)`` of a document's (or block's) text
-that holds an assistant turn's content. ``None`` instead of a tuple of spans means *plain text*:
+that holds an assistant turn's content and the end-of-turn marker right after it, when the chat
+template writes one (:mod:`polyfuse.corpus.documents`). ``None`` instead of a tuple of spans means *plain text*:
 every token counts, as for any pretraining corpus. An empty tuple means a chat text with no
 response inside (e.g. a block cut from the prompt part of a conversation): no token counts.
 
@@ -114,6 +115,8 @@ def span_bytes(text: str, spans: Spans | None) -> int:
 
 def locate_responses(text: str, turns: Sequence[tuple[str, str]], where: str) -> Spans:
     """Character spans of the assistant contents of ``turns`` (``(role, content)``) in the rendered ``text``.
+
+    The contents alone: :func:`polyfuse.corpus.documents.render_chat` then adds the end-of-turn markers.
 
     The turns are searched in order, each from the end of the previous one found, so an assistant
     content is never matched inside an earlier turn (``"Say hi"`` → ``"hi"``). Other turns' contents

@@ -1,8 +1,18 @@
 """The one tokenization convention every stage shares (capture, align, fuse, train).
 
-A block's text is tokenized without special tokens and the model's context token (BOS, else
-EOS; see :func:`polyfuse.models.bos_context_id`) is put in front, so that every token of the
+A block's text is tokenized without adding special tokens and the model's context token (BOS,
+else EOS; see :func:`polyfuse.models.bos_context_id`) is put in front, so that every token of the
 text is predicted. Position ``t`` of a model's output predicts token ``t + 1``.
+
+Special-token strings inside the text: a **plain-text** block keeps them text (``"<s>"`` written in
+a document is the characters ``<``, ``s``, ``>``, not BOS; ``split_special_tokens=True``). A **chat**
+block (``parse_special``; every caller passes ``block.response_spans is not None``) parses them, so
+the markers its chat template wrote (``<|im_start|>``, ``<|im_end|>``, ``<|eot_id|>``, EOS) are the
+model's own special tokens, as when the model was chat-trained. A special token matched in the
+text has the offsets of its marker's characters (``"<|im_end|>"`` at 19..29 → ``[19, 29]``), so
+spans, response tokens and offset alignment treat it like any other token; a model whose
+tokenizer lacks that special reads the marker as text, in several tokens, so a target position
+predicting it has no one-to-one source token (:mod:`polyfuse.align.transfer`).
 
 Example (byte-level BPE, BOS id 0)::
 
@@ -61,15 +71,36 @@ def _cover_combining_marks(text: str, off: np.ndarray) -> np.ndarray:
     return off
 
 
-def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[EncodedBlock]:
-    """Encode texts in one batched call (fast tokenizers' offsets are character offsets)."""
+def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                  parse_special: bool | Sequence[bool] = False) -> list[EncodedBlock]:
+    """Encode texts in batched calls (fast tokenizers' offsets are character offsets).
+
+    ``parse_special``: one flag for all texts or one per text; True parses the tokenizer's
+    special-token strings in the text as special tokens (chat blocks), False keeps them text
+    (plain-text blocks; the module docstring).
+    """
     from polyfuse.models import bos_context_id
 
+    texts = list(texts)
+    if isinstance(parse_special, bool | np.bool_):
+        flags = [bool(parse_special)] * len(texts)
+    else:
+        flags = [bool(f) for f in parse_special]
+        if len(flags) != len(texts):
+            raise ValueError(f"parse_special has {len(flags)} flags for {len(texts)} texts; pass one per text")
     ctx = bos_context_id(tokenizer)
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False,
-                    split_special_tokens=True)  # "<s>" written in the text is text, not BOS
+    ids_of: list[list[int]] = [[] for _ in texts]
+    offsets_of: list[list] = [[] for _ in texts]
+    for parse in (False, True):
+        idx = [i for i, f in enumerate(flags) if f is parse]
+        if not idx:
+            continue
+        enc = tokenizer([texts[i] for i in idx], add_special_tokens=False, return_offsets_mapping=True,
+                        verbose=False, split_special_tokens=not parse)  # plain text: "<s>" is text, not BOS
+        for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"], strict=True):
+            ids_of[i], offsets_of[i] = ids, offsets
     out = []
-    for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"], strict=True):
+    for text, ids, offsets in zip(texts, ids_of, offsets_of, strict=True):
         ids_arr = np.asarray(ids, dtype=np.int64)
         off = _cover_combining_marks(text, np.asarray(offsets, dtype=np.int32).reshape(-1, 2))
         if ctx is not None:
@@ -79,6 +110,6 @@ def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> l
     return out
 
 
-def encode_block(tokenizer: PreTrainedTokenizerBase, text: str) -> EncodedBlock:
+def encode_block(tokenizer: PreTrainedTokenizerBase, text: str, parse_special: bool = False) -> EncodedBlock:
     """:func:`encode_blocks` for one text."""
-    return encode_blocks(tokenizer, [text])[0]
+    return encode_blocks(tokenizer, [text], parse_special)[0]
