@@ -59,6 +59,16 @@ def test_tokenizers_lossless_on_heldout(tiny_world: Path) -> None:
             assert tok.decode(ids) == text, name
 
 
+def test_special_token_strings_in_plain_text_stay_text(tiny_world: Path) -> None:
+    """ "<s>" written in a document is text to every world tokenizer (the Unigram trainer's control pieces
+    used to win the segmentation and turn it into BOS)."""
+    text = "if a <s> b and </s> or <unk> and <|endoftext|> then"
+    for name in ("prose", "code", "math", "target"):
+        tok = AutoTokenizer.from_pretrained(tiny_world / "models" / name)
+        ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert not set(ids) & set(tok.all_special_ids), (name, tok.convert_ids_to_tokens(ids))
+
+
 def test_heldout_never_shares_a_group_with_train(tiny_world: Path) -> None:
     corpus = tiny_world / "corpus"
     for dom in ("prose", "code", "math"):

@@ -19,6 +19,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 TokenizerKind = Literal["byte_bpe", "metaspace_bpe", "unigram"]
+#: Bumped when what a kind's trainer produces changes (part of the world's model stage config).
+#: unigram 2: <unk>, <s> and </s> can no longer encode plain text.
+TOKENIZER_VERSIONS: dict[str, int] = {"byte_bpe": 1, "metaspace_bpe": 1, "unigram": 2}
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
 
@@ -46,6 +49,12 @@ def _add_byte_fallback(tok: Tokenizer) -> Tokenizer:
         have = {piece for piece, _ in model["vocab"]}
         floor = min(score for _, score in model["vocab"]) - 1.0
         model["vocab"].extend([piece, floor] for piece in BYTE_TOKENS if piece not in have)
+        # The trainer gives the special pieces score 0 (the most likely piece), so "<s>" written in
+        # plain text would encode as BOS even with split_special_tokens. SentencePiece never emits
+        # control symbols for text: give <unk>, <s> and </s> a score no segmentation ever prefers
+        # (unknown characters get the model's own unk penalty, not this score).
+        for entry in model["vocab"][:n_special]:
+            entry[1] = floor - 1e3
     model["byte_fallback"] = True
     return Tokenizer.from_str(json.dumps(spec))
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 from polyfuse.corpus.documents import Document, domain_path, read_documents, write_documents
 from polyfuse.demo.corpus import split_documents
-from polyfuse.demo.tokenizers import TokenizerKind, to_transformers, train_tokenizer
+from polyfuse.demo.tokenizers import TOKENIZER_VERSIONS, TokenizerKind, to_transformers, train_tokenizer
 from polyfuse.progress import progress_bar
 from polyfuse.workspace import atomic_write_json, hash_path, run_stage
 
@@ -184,6 +184,8 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
                      "corpus": str(world / "corpus"), "models": {}}
     for i, plan in enumerate(spec.models):
         cfg = {"plan": asdict(plan), "preset": common, "seed": seed + i}
+        if TOKENIZER_VERSIONS[plan.tokenizer] > 1:  # version 1 is implied: worlds built before it stay current
+            cfg["tokenizer_version"] = TOKENIZER_VERSIONS[plan.tokenizer]
         res = run_stage(world / "models" / plan.name, "world.model", cfg, {"corpus": corpus_hash},
                         lambda out, plan=plan, i=i: build_model(out, plan, spec, world / "corpus", seed + i),
                         force=force)
