@@ -87,7 +87,8 @@ class FakeLLM:
         x = torch.tensor([ids])
         if self.mode == "hf":
             hidden = hf_capture._hidden_states(self.model, x, torch.ones_like(x))  # [1, T, d]
-            return torch.log_softmax(hf_capture.head_logits(self.model, hidden[0, :-1].contiguous()), dim=-1)
+            logits = hf_capture.head_logits(self.model, hidden[0, :-1].contiguous()).float()  # as hf computes them
+            return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         return torch.log_softmax(self.model(input_ids=x).logits[0, :-1].float(), dim=-1)  # [T-1, V]
 
     def generate(self, prompts: list[dict], sampling_params: SamplingParams, *, use_tqdm: bool = True) -> list:

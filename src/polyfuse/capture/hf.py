@@ -130,11 +130,14 @@ def topk_of_hidden(
     rows = max(1, _HEAD_CHUNK_ELEMENTS // vocab)
     values, ids, target_lp = [], [], []
     for start in range(0, hidden.shape[0], rows):
-        logprobs = torch.log_softmax(head_logits(model, hidden[start : start + rows]), dim=-1)  # [c, V]
-        top = torch.topk(logprobs, k, dim=-1)  # [c, k], sorted descending
-        values.append(top.values)
+        # top-k of the logits is the top-k of the log-probs; subtracting the log-partition from the
+        # k + 1 needed values avoids writing a second [c, V] tensor (log_softmax) and reading it again
+        logits = head_logits(model, hidden[start : start + rows]).float()  # [c, V]
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
+        top = torch.topk(logits, k, dim=-1)  # [c, k], sorted descending
+        values.append(top.values - lse)
         ids.append(top.indices)
-        target_lp.append(logprobs.gather(-1, targets[start : start + rows, None])[:, 0])  # [c]
+        target_lp.append((logits.gather(-1, targets[start : start + rows, None]) - lse)[:, 0])  # [c]
     if not values:
         empty = hidden.new_zeros((0, k), dtype=torch.float32)
         return empty, empty.long(), hidden.new_zeros((0,), dtype=torch.float32)
