@@ -38,7 +38,7 @@ import platform
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum
@@ -252,9 +252,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
 
 
-def read_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be one JSON object"
-               ) -> list[tuple[str, dict[str, Any]]]:
-    """The objects of a JSONL file, each with its ``FILE:LINE`` (blank lines skipped).
+def iter_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be one JSON object"
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream the objects of a JSONL file, each with its ``FILE:LINE`` (blank lines skipped).
 
     Raises:
         DataError: the file is absent (``"{path}: {missing}"``), or a line is not JSON or not an object
@@ -263,7 +263,6 @@ def read_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {missing}")
-    rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -274,9 +273,14 @@ def read_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be 
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg}); {fix}") from None
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}; {fix}")
-            rows.append((where, row))
-    return rows
+                raise DataError(f"{where}: expected a JSON object, got a {type(row).__name__}; {fix}")
+            yield where, row
+
+
+def read_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be one JSON object"
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """:func:`iter_jsonl` as a list."""
+    return list(iter_jsonl(path, missing=missing, fix=fix))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from polyfuse.corpus.spans import Spans, locate_responses, normalise_spans
 from polyfuse.errors import DataError
+from polyfuse.workspace import iter_jsonl
 
 __all__ = ["CHAT_KEYS", "RENDER_VERSION", "Document", "DocumentFormat", "chat_template_of", "domain_path",
            "extend_over_markers", "list_domains", "read_documents", "render_chat", "render_key", "special_strings",
@@ -174,34 +175,22 @@ def read_documents(path: str | Path, *, format: DocumentFormat = "auto", tokeniz
     target's; see the module docstring), which chat rows therefore need.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected <corpus>/<split>/<domain>.jsonl")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); {ROW_FIX}") from None
-            doc_id = str(row.get("id", f"{path.stem}-{lineno}")) if isinstance(row, dict) else ""
-            chat = isinstance(row, dict) and any(k in row for k in CHAT_KEYS) and format != "text"
-            if chat and not (format == "auto" and isinstance(row.get("text"), str)):
-                if tokenizer is None:
-                    raise DataError(f"{where}: a chat row needs the target tokenizer to render it; pass tokenizer=")
-                text, spans = render_chat(_messages(row, where), tokenizer, where)
-                yield Document(id=doc_id, text=text, response_spans=normalise_spans(spans))
-                continue
-            if format == "chat":
-                raise DataError(f"{where}: corpus.format is chat but the row has no 'messages' or 'conversations'; "
-                                f"{ROW_FIX}")
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                got = "no 'text' key" if isinstance(row, dict) else f"a {type(row).__name__}"
-                if isinstance(row, dict) and "text" in row:
-                    got = f"'text' is a {type(row['text']).__name__}"
-                raise DataError(f"{where}: {got}; {ROW_FIX}")
-            yield Document(id=doc_id, text=row["text"])
+    for where, row in iter_jsonl(path, missing="no such file; expected <corpus>/<split>/<domain>.jsonl", fix=ROW_FIX):
+        doc_id = str(row.get("id", f"{path.stem}-{where.rsplit(':', 1)[1]}"))
+        chat = any(k in row for k in CHAT_KEYS) and format != "text"
+        if chat and not (format == "auto" and isinstance(row.get("text"), str)):
+            if tokenizer is None:
+                raise DataError(f"{where}: a chat row needs the target tokenizer to render it; pass tokenizer=")
+            text, spans = render_chat(_messages(row, where), tokenizer, where)
+            yield Document(id=doc_id, text=text, response_spans=normalise_spans(spans))
+            continue
+        if format == "chat":
+            raise DataError(f"{where}: corpus.format is chat but the row has no 'messages' or 'conversations'; "
+                            f"{ROW_FIX}")
+        if not isinstance(row.get("text"), str):
+            got = f"'text' is a {type(row['text']).__name__}" if "text" in row else "no 'text' key"
+            raise DataError(f"{where}: {got}; {ROW_FIX}")
+        yield Document(id=doc_id, text=row["text"])
 
 
 def list_domains(root: str | Path, split: str) -> list[str]:
