@@ -110,12 +110,12 @@ def eval_cmd(
                                      include_path=include_path, limit=limit, num_fewshot=num_fewshot,
                                      batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
                                      dtype=dtype, run_dir=run_dir, progress=not as_json)
-        metric, title, digits, lower = "accuracy", "task accuracy (higher is better)", 4, False
+        metric, title, lower = "accuracy", "task accuracy (higher is better)", False
     else:
         results = evaluate_refs(models or [], recipe=recipe, data=data, split=split, world_dir=world_dir,
                                 batch_size=batch_size, max_length=max_length, stride=stride,
                                 max_bytes=max_bytes, device=device, dtype=dtype, progress=not as_json)
-        metric, title, digits, lower = "bpb", "bits per byte (lower is better)", 4, True
+        metric, title, lower = "bpb", "bits per byte (lower is better)", True
         if run_dir is not None:
             from polyfuse.evaluate.results import RESULTS_NAME, update_results
 
@@ -124,9 +124,14 @@ def eval_cmd(
         out.print_json(json.dumps({"models": {n: {k: r[k] for k in (metric, "tasks") if k in r}
                                               for n, r in results.items()}}))
     else:
-        out.print(format_bpb_table(results, metric=metric, digits=digits, lower_is_better=lower, title=title))
+        out.print(format_bpb_table(results, metric=metric, lower_is_better=lower, title=title))
         if run_dir is not None:
             out.print(f"results: {run_dir / 'results.json'}")
+
+
+def _print_stage_results(results: dict) -> None:
+    for name, res in results.items():
+        out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
 
 
 @app.command()
@@ -142,12 +147,12 @@ def run(
 
     r = load_recipe(recipe, overrides or [])
     logging.getLogger("polyfuse").info("recipe %s resolved:\n%s", recipe, r.to_yaml(exclude_defaults=False))
-    for name, res in run_recipe(r, only=only, force=force).items():
-        out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
+    _print_stage_results(run_recipe(r, only=only, force=force))
 
 
 def _stage_command(stage: str, doc: str) -> None:
-    """Register ``polyfuse STAGE RECIPE [key=value ...]`` running one stage of a recipe."""
+    """Register ``polyfuse STAGE RECIPE [key=value ...]`` running one stage of a recipe (any mode:
+    ``load_recipe`` / ``run_recipe`` dispatch explicit, FuseChat and implicit recipes)."""
 
     def command(
         recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
@@ -157,8 +162,7 @@ def _stage_command(stage: str, doc: str) -> None:
         from polyfuse.pipeline import run_recipe
         from polyfuse.recipe import load_recipe
 
-        for name, res in run_recipe(load_recipe(recipe, overrides or []), only=[stage], force=force).items():
-            out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
+        _print_stage_results(run_recipe(load_recipe(recipe, overrides or []), only=[stage], force=force))
 
     command.__doc__ = doc
     app.command(stage)(command)
@@ -274,24 +278,6 @@ def report(
     out.print(f"report: {page}\n        {md}")
 
 
-def _implicit_command(stage: str, doc: str) -> None:
-    """Register ``polyfuse STAGE RECIPE [key=value ...]`` running one stage of an implicit (FuseChat-3.0) recipe."""
-
-    def command(
-        recipe: Annotated[Path, typer.Argument(help="implicit recipe YAML (mode: implicit)")],
-        overrides: Overrides = None,
-        force: Annotated[bool, typer.Option(help="rerun even when the manifest is current")] = False,
-    ) -> None:
-        from polyfuse.implicit.pipeline import run_implicit
-        from polyfuse.implicit.recipe import load_implicit_recipe
-
-        for name, res in run_implicit(load_implicit_recipe(recipe, overrides or []), only=[stage], force=force).items():
-            out.print(f"{name}: {'up to date' if res.skipped else 'done'} -> {res.path}")
-
-    command.__doc__ = doc
-    app.command(stage)(command)
-
-
 for _stage, _doc in {
     "sample": "Sample N responses per prompt from every source and the target (resumable).",
     "score": "Score the samples: reward model or verifier verdict, maths answers, sandboxed code tests.",
@@ -300,7 +286,7 @@ for _stage, _doc in {
     "dpo": "DPO or length-normalised DPO of the SFT model (target+sft+dpo).",
     "wrpo": "WRPO of the SFT model: the best source and target answers against the worst (target+sft+wrpo).",
 }.items():
-    _implicit_command(_stage, _doc)
+    _stage_command(_stage, _doc)
 
 
 def main(argv: list[str] | None = None) -> int:

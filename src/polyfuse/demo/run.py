@@ -65,10 +65,8 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
         raise PolyfuseError(f"unknown demo family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
     base = [f"workdir={out}", f"world={world_dir}", f"seed={seed}"]
-    for family in families:
-        if family != "implicit":
-            recipe = load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])])
-            run_recipe(recipe, progress=progress)
+    for family in (f for f in families if f != "implicit"):  # fusellm, fusechat: modes of tiny.yaml
+        run_recipe(load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])]), progress=progress)
     implicit_checks = []
     if "implicit" in families:
         from polyfuse.demo.implicit import run_implicit_demo

@@ -44,13 +44,11 @@ def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, 
 
 def _check(row: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     """``(category, gold)`` of a row, or a DataError naming the prompt when nothing can be checked."""
-    from polyfuse.implicit.score import VERIFIERS, category_of
+    from polyfuse.implicit.score import category_of, gold_fields, needs_verifier
 
-    gold = {k: row[k] for k in ("answer", "tests", "entry_point", "category") if row.get(k) is not None}
-    if "answer" in gold:
-        gold["answer"] = str(gold["answer"])
+    gold = gold_fields(row, None)
     category = category_of(gold)
-    if category not in VERIFIERS or not gold.get(VERIFIERS[category][0]):
+    if not needs_verifier(category, gold):
         raise DataError(f"prompt {row.get('prompt_id')!r} has neither a gold 'answer' nor code 'tests'; accuracy "
                         "needs one of them per prompt")
     return category, gold

@@ -62,7 +62,9 @@ __all__ = [
     "ScoreStats",
     "VERIFIERS",
     "category_of",
+    "gold_fields",
     "local_fingerprint",
+    "needs_verifier",
     "read_prompts",
     "read_samples",
     "reward_key",
@@ -149,7 +151,7 @@ def read_prompts(path: str | Path, required: Sequence[str] = ("prompt_id",)) -> 
     return out
 
 
-def _gold(row: Mapping[str, Any], prompts: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+def gold_fields(row: Mapping[str, Any], prompts: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     """``answer`` / ``tests`` / ``entry_point`` / ``category`` of a row, the row's own values winning."""
     base = dict(prompts.get(str(row["prompt_id"]), {})) if prompts else {}
     gold = {k: base[k] for k in _GOLD_FIELDS if base.get(k) is not None}
@@ -424,7 +426,8 @@ def _verify_one(category: str, gold: Mapping[str, Any], response: str, verifier:
     return VERIFIERS[category][1](gold, response, verifier)
 
 
-def _needs_verifier(category: str, gold: Mapping[str, Any]) -> bool:
+def needs_verifier(category: str, gold: Mapping[str, Any]) -> bool:
+    """Whether a verifier of ``category`` exists and ``gold`` holds the field it checks against."""
     return category in VERIFIERS and bool(gold.get(VERIFIERS[category][0]))
 
 
@@ -439,7 +442,7 @@ def score_samples(samples: Sequence[Mapping[str, Any]], *, reward_model: RewardM
     start = time.monotonic()
     verifier = verifier or VerifierConfig()
     stats = ScoreStats(samples=len(samples))
-    golds = [_gold(row, prompts) for row in samples]
+    golds = [gold_fields(row, prompts) for row in samples]
     categories = [category_of(g) for g in golds]
 
     rewards: dict[str, float] = {}
@@ -465,7 +468,7 @@ def score_samples(samples: Sequence[Mapping[str, Any]], *, reward_model: RewardM
     verdicts: dict[str, dict[str, Any]] = {}
     verdict_keys: list[str | None] = [None] * len(samples)
     for i, row in enumerate(samples):
-        if _needs_verifier(categories[i], golds[i]):
+        if needs_verifier(categories[i], golds[i]):
             verdict_keys[i] = verify_key(verifier, categories[i], golds[i], row["prompt"], row["response"])
     wanted = [k for k in verdict_keys if k is not None]
     verdicts = cache.get_many(wanted) if cache else {}
