@@ -4,9 +4,10 @@ one-hot on the current token (B1), DTW acceptance through the vocabulary map."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from polyfuse.align.tokens import align_offsets
-from polyfuse.align.transfer import aligned_source_positions, transfer_block
+from polyfuse.align.transfer import TransferStats, aligned_source_positions, transfer_block
 from polyfuse.align.vocab import VocabMap
 from polyfuse.capture.store import BlockTopK
 from polyfuse.corpus.tokens import EncodedBlock
@@ -73,3 +74,19 @@ def test_dtw_pairs_must_be_accepted_by_the_map() -> None:
     tgt = EncodedBlock(ids=np.array([0, 8]), offsets=np.array([[0, 0], [0, 1]]), has_context=True)
     assert aligned_source_positions(alignment, SRC, tgt, _vmap([0, 1, 2, 3, 8])).tolist() == [3]
     assert aligned_source_positions(alignment, SRC, tgt, _vmap([0, 1, 2, 3, 9])).tolist() == [-1]
+
+
+def test_transfer_stats() -> None:
+    """Coverage, the stored and mapped mass, and the projected probability of the actual next token."""
+    vmap = _vmap([0, -1, -1, -1, 8, 8, -1])
+    src = _topk(ids=[[1, 2, 3]] * 3 + [[4, 5, 6]], probs=[[0.5, 0.3, 0.2]] * 3 + [[0.5, 0.3, 0.1]],
+                target_lp=[-1.0, -1.0, -1.0, float(np.log(0.8))])
+    pos = np.array([-1, 3])
+    out = transfer_block(src, pos, vmap, k=3)
+    stats = TransferStats()
+    stats.add(src, pos, out, next_ids=np.array([7, 8]))
+    d = stats.as_dict()
+    assert d["positions"] == 2 and d["aligned_positions"] == 1 and d["coverage"] == 0.5
+    assert d["stored_mass"] == pytest.approx(0.9, rel=2e-3)        # the source's 3 entries hold 0.9
+    assert d["mapped_mass"] == pytest.approx(0.8 / 0.9, rel=2e-3)  # id 6 (0.1) has no target id
+    assert d["actual_ratio"] == pytest.approx(1.0, rel=2e-3)      # target id 8 gets 0.5 + 0.3 = p(text)

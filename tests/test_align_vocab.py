@@ -24,6 +24,7 @@ from polyfuse.align import (
     count_aligned_pairs,
     exact_map,
     mined_map,
+    prefix_map,
     special_roles,
     stats_map,
     token_bytes,
@@ -213,6 +214,31 @@ def test_identity_map(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
     assert all(table.pieces[m.src_to_tgt[i]] == table.pieces[i] for i in ids)
     regular = ids[~table.byte_fallback[ids]]
     np.testing.assert_array_equal(m.src_to_tgt[regular], regular)  # duplicates of <0xNN> go to the regular piece
+
+
+def test_prefix_map_sends_mass_to_a_piece_the_target_can_emit_next() -> None:
+    tgt = _table([None, b" the", b" there", b" t", b"x", b"\n"], roles={"eos": 0}, special={0: "</s>"})
+    src = _table([None, b" therefore", b" the", b" theirs", b"\n", b"zz", b" th"], roles={"eos": 0},
+                 special={0: "<eos>"})
+    m = prefix_map(src, tgt)
+    # " therefore" -> " there" (the longest target prefix; mined would pick the nearest string), " the"
+    # exact, " theirs" -> " the", "zz" has no target prefix, " th" -> " t" (" the" is longer than it)
+    assert m.src_to_tgt.tolist() == [0, 2, 1, 1, 5, -1, 3]
+    assert m.kind.tolist() == [MapKind.SPECIAL, MapKind.PREFIX, MapKind.EXACT, MapKind.PREFIX, MapKind.EXACT,
+                               MapKind.NONE, MapKind.PREFIX]
+    assert m.method == "prefix"
+
+
+def test_prefix_map_tiny_world_maps_every_text_token(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
+    tgt = world_toks["target"]
+    tgt_pieces = token_table(tgt).pieces
+    for name in ("prose", "code", "math"):
+        m = vocab_map(world_toks[name], tgt, method="prefix")
+        pieces = token_table(world_toks[name]).pieces
+        for i in np.nonzero(m.kind == MapKind.PREFIX)[0].tolist():
+            assert pieces[i].startswith(tgt_pieces[m.src_to_tgt[i]]) and pieces[i] != tgt_pieces[m.src_to_tgt[i]]
+        text = [i for i, p in enumerate(pieces) if p is not None]
+        assert (m.src_to_tgt[text] >= 0).all()  # the byte-level target spells every text token's first byte
 
 
 @pytest.mark.slow

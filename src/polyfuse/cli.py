@@ -52,8 +52,12 @@ def world(
     force: Annotated[bool, typer.Option(help="rebuild even when the manifests are current")] = False,
     real: Annotated[bool, typer.Option("--real", help="also convert the real packaged models (needs polyfuse[gguf])")] = False,
     accept_gemma_terms: Annotated[bool, typer.Option(help="with --real: also convert Gemma-3-270M (Gemma Terms of Use)")] = False,
+    oracles: Annotated[bool, typer.Option(
+        "--oracles", help="also build two oracle teachers that tell distillation apart from cross-tokenizer "
+                          "transfer: world:oracle (the target's own tokenizer and architecture, trained as long "
+                          "as a source) and world:oracle-twin (the same with a metaspace_bpe tokenizer)")] = False,
 ) -> None:
-    """Build (or reuse) the embedded tiny world: corpus, three sources and a target."""
+    """Build (or reuse) the embedded tiny world: corpus, three sources and a target (--oracles: two oracle teachers)."""
     if real:
         from polyfuse.demo.real import build_real_world
 
@@ -65,9 +69,10 @@ def world(
         return
     from polyfuse.demo.world import build_world
 
-    summary = build_world(out_dir, preset=preset, seed=seed, budget=budget, force=force)
+    summary = build_world(out_dir, preset=preset, seed=seed, budget=budget, force=force, oracles=oracles)
+    width = max(7, *map(len, summary["models"]))
     for name, info in summary["models"].items():
-        out.print(f"world:{name:<7} {info['role']:<6} {info['arch']:<9} {info['tokenizer']:<14} "
+        out.print(f"world:{name:<{width}} {info['role']:<6} {info['arch']:<9} {info['tokenizer']:<14} "
                   f"emphasis={info['emphasis']:<8} params={info['params']:,}")
     out.print(f"world written to {out_dir}")
 

@@ -105,11 +105,15 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
         from polyfuse.capture.vllm import import_vllm
 
         import_vllm()
+        if opts.samples:
+            raise RecipeError("capture.samples needs the hf backend (vLLM returns only top-k prompt log-probs); "
+                              "set capture.samples=0 or capture.backend=hf")
     blocks = _blocks(recipe)
     pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
     results = {}
     for name, res, tok in resolve_models(recipe):
-        cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION}
+        cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION,
+               **({"seed": recipe.seed} if opts.samples else {})}
 
         def build(out: Path, res=res, tok=tok) -> dict:
             if opts.backend == "vllm":
@@ -117,13 +121,19 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
                                     shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
                                     dtype=opts.dtype, device=opts.device, seed=recipe.seed)
             model = load_model(res, dtype=opts.dtype, device=opts.device)
-            return capture(model, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
+            return capture(model, load_tokenizer(res, tok), pairs, out, k=opts.top_k, samples=opts.samples,
+                           seed=recipe.seed, batch_size=opts.batch_size,
                            shard_size=opts.shard_size, progress=progress, meta={"model": str(res)})
 
         results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
                                   {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,
                                   force=force, resumable=True, collective=True)
     return results
+
+
+def _entries(recipe: Recipe) -> int:
+    """Entries per position in a captured store: the top-k plus the sampled tail."""
+    return recipe.capture.top_k + recipe.capture.samples
 
 
 def vocab_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
@@ -179,7 +189,7 @@ def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
 def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Each source's captured top-k carried to the target's positions and vocabulary."""
     from polyfuse.align.tokens import align_blocks
-    from polyfuse.align.transfer import aligned_source_positions, transfer_block
+    from polyfuse.align.transfer import TransferStats, aligned_source_positions, transfer_block
     from polyfuse.align.vocab import VocabMap
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.corpus.tokens import encode_blocks
@@ -194,7 +204,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     results = {}
     for spec in recipe.sources:
         name = spec.name
-        cfg = {"align": recipe.section_dict("align"), "k": recipe.capture.top_k, "store_format": FORMAT_VERSION}
+        cfg = {"align": recipe.section_dict("align"), "k": _entries(recipe), "store_format": FORMAT_VERSION}
         inputs = {"capture": stage_dir(recipe, "capture", name), "vocab": stage_dir(recipe, "vocab", name),
                   "target_capture": stage_dir(recipe, "capture", target)}
 
@@ -203,10 +213,10 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             vmap = VocabMap.load(stage_dir(recipe, "vocab", name))
             reader = StoreReader(stage_dir(recipe, "capture", name))
             src_enc = encode_blocks(toks[name], texts, chat)
-            writer = StoreWriter(out, k=recipe.capture.top_k, vocab_size=len(toks[target]),
+            writer = StoreWriter(out, k=reader.k, vocab_size=len(toks[target]),
                                  meta={"kind": "aligned", "source": name, "target": target, "align": method,
                                        "vocab": vmap.method, "temperature": reader.temperature})
-            valid = total = 0
+            stats = TransferStats()
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
                 for start in range(0, len(blocks), shard):
                     rows = []
@@ -215,13 +225,13 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                                  src_tokenizer=toks[name], tgt_tokenizer=toks[target])
                         pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
                                                        vmap if method == "dtw" else None)
-                        rows.append(transfer_block(reader[blocks[i].block_id], pos, vmap, recipe.capture.top_k))
-                        valid += int((pos >= 0).sum())
-                        total += len(pos)
+                        src_row = reader[blocks[i].block_id]
+                        rows.append(transfer_block(src_row, pos, vmap, reader.k))
+                        stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:])
                         advance()
                     writer.write_shard(start // shard, rows)
             writer.finalize()
-            return {"positions": total, "aligned_positions": valid, "coverage": valid / max(total, 1)}
+            return stats.as_dict()
 
         results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
     return results
@@ -264,7 +274,10 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
         blocks = _blocks(recipe)
         own = StoreReader(stage_dir(recipe, "capture", target))
         aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
-        writer = StoreWriter(out, k=opts.top_k, vocab_size=own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"],
+        widths = [r.k for r in ([own] if opts.include_target else []) + aligned]
+        # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
+        k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
+        writer = StoreWriter(out, k=k_out, vocab_size=own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"],
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
                                    "teachers": ([target] if opts.include_target else []) + names,
                                    "temperature": own.temperature})
@@ -276,14 +289,15 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 for b in blocks[start:start + shard]:
                     t_row = own[b.block_id]
                     fused = fuse_block(_teachers(recipe, t_row, [a[b.block_id] for a in aligned]),
-                                       strategy=opts.strategy, level=opts.level, k_out=opts.top_k,
+                                       strategy=opts.strategy, level=opts.level, k_out=k_out,
                                        n_bytes=b.metric_bytes)
                     stats = fused.stats if stats is None else stats + fused.stats
-                    rows.append(_fused_row(b.block_id, fused, t_row, opts.top_k))
+                    rows.append(_fused_row(b.block_id, fused, t_row, k_out))
                     advance()
                 writer.write_shard(start // shard, rows)
         writer.finalize()
-        return {"teacher_share": stats.as_dict() if stats is not None else {}}
+        return {"teacher_share": stats.as_dict() if stats is not None else {},
+                "teachers": ([target] if opts.include_target else []) + names}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
 

@@ -295,6 +295,9 @@ class CaptureSection(Section):
 
     backend: Literal["hf", "vllm"] = Field("hf", description="hf (default) or vllm (optional extra)")
     top_k: int = Field(10, ge=1, le=256, description="teacher log-probs kept per position", examples=[10])
+    samples: int = Field(
+        0, ge=0, le=1024, description="draws from the rest of each teacher distribution, stored after the "
+        "top-k as an unbiased sampled tail (hf backend; 0: top-k only)", examples=[22])
     batch_size: int = Field(8, ge=1, description="blocks per forward pass")
     shard_size: int = Field(256, ge=1, description="blocks per store shard (the unit of resume)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
@@ -304,9 +307,10 @@ class CaptureSection(Section):
 class VocabSection(Section):
     """Source-vocabulary → target-vocabulary maps."""
 
-    method: Literal["exact", "mined", "stats"] = Field(
+    method: Literal["exact", "mined", "prefix", "stats"] = Field(
         "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
-        "FuseLLM) or stats (co-alignment statistics, FuseChat)")
+        "FuseLLM), prefix (exact, else the longest target piece the token's text starts with) or stats "
+        "(co-alignment statistics, FuseChat)")
     stats_fallback: Literal["exact", "mined"] = Field(
         "mined", description="stats only: the map used for source ids never co-aligned on the corpus")
     stats_min_count: int = Field(
@@ -327,7 +331,8 @@ class FuseSection(Section):
         "min_ce", description="min_ce (lowest cross-entropy teacher), avg_ce (weighted average) or none")
     level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
     include_target: bool = Field(True, description="the target's own distribution is one of the teachers (FuseLLM)")
-    top_k: int = Field(10, ge=1, description="entries kept per position in the fused distribution")
+    top_k: int | None = Field(None, ge=1, description="entries kept per position in the fused distribution "
+                              "(null: as many as a teacher store holds, which keeps a sampled tail whole)")
 
 
 class TrainSection(Section):

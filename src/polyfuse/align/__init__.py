@@ -27,6 +27,7 @@ from polyfuse.align.vocab import (
     count_aligned_pairs,
     exact_map,
     mined_map,
+    prefix_map,
     stats_map,
     vocab_map,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "count_aligned_pairs",
     "exact_map",
     "mined_map",
+    "prefix_map",
     "one_to_one",
     "special_roles",
     "stats_map",

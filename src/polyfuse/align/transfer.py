@@ -89,3 +89,45 @@ def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: 
         logprobs[rows[u_row[top]], rank[top]] = np.log(summed[top])
     return BlockTopK(block_id=src_topk.block_id, ids=ids, logprobs=logprobs.astype(np.float16),
                      target_logprob=target_lp.astype(np.float16), nll_sum=src_topk.nll_sum)
+
+
+class TransferStats:
+    """What survives the trip from a source's store to the target's positions; add blocks with :meth:`add`.
+
+    Over the target positions that received a source distribution (``aligned``):
+
+    * ``stored_mass``: the source probability its stored entries hold (1 for a sampled tail, the
+      top-k's share of the distribution otherwise);
+    * ``mapped_mass``: the share of that probability that found a target id;
+    * ``actual_ratio``: the projected probability of the actual next target token divided by the
+      source's own probability of the same text (the same next piece of text, by construction of
+      the alignment): below 1 where the projection moved mass away from what comes next, above 1
+      where it credited a target token with more than the source gave that text.
+    """
+
+    def __init__(self) -> None:
+        self.positions = self.aligned = 0
+        self.stored = self.mapped = self.projected_actual = self.source_actual = 0.0
+
+    def add(self, src_topk: BlockTopK, src_pos: np.ndarray, out: BlockTopK, next_ids: np.ndarray) -> None:
+        """One block: the source store row, :func:`aligned_source_positions`, the transferred row and
+        the target's next-token ids ``[P_tgt]``."""
+        self.positions += len(src_pos)
+        rows = np.nonzero(src_pos >= 0)[0]
+        if not rows.size:
+            return
+        self.aligned += rows.size
+        stored = np.exp(src_topk.logprobs[src_pos[rows]].astype(np.float64)).sum()
+        mapped = np.exp(out.logprobs[rows].astype(np.float64))  # [R, k], 0 on padding
+        self.stored += float(stored)
+        self.mapped += float(mapped.sum())
+        hit = out.ids[rows] == next_ids[rows, None]
+        self.projected_actual += float((mapped * hit).sum())
+        self.source_actual += float(np.exp(out.target_logprob[rows].astype(np.float64)).sum())
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"positions": self.positions, "aligned_positions": self.aligned,
+                "coverage": self.aligned / max(self.positions, 1),
+                "stored_mass": self.stored / max(self.aligned, 1),
+                "mapped_mass": self.mapped / max(self.stored, 1e-30),
+                "actual_ratio": self.projected_actual / max(self.source_actual, 1e-30)}

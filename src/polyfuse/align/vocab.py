@@ -45,6 +45,7 @@ __all__ = [
     "count_aligned_pairs",
     "exact_map",
     "mined_map",
+    "prefix_map",
     "stats_map",
     "vocab_map",
 ]
@@ -65,6 +66,7 @@ class MapKind(IntEnum):
     MINED = 2
     SPECIAL = 3
     STATS = 4
+    PREFIX = 5
 
 
 @dataclass(eq=False)
@@ -276,11 +278,44 @@ def mined_map(src: TokenTable | Any, tgt: TokenTable | Any, *, workers: int = -1
     return VocabMap(out, kind, "mined", n_tgt=len(tgt))
 
 
+def prefix_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
+    """Exact first, then each other source token → the longest target piece its bytes start with.
+
+    A source token's probability is the probability that the next text starts with its bytes; the
+    target can only begin that text with a piece that is a prefix of it, so the mass goes to a
+    token the target could really emit next (" therefore" → " there" when the target lacks the whole
+    word). FuseLLM's MinED instead picks the nearest string, which may spell other text
+    (" therefore" → " therefor", " helo" → " help")::
+
+        >>> tgt = TokenTable([b"a", b" hello", b" help", b" h"], {}, {}, np.zeros(4, bool))
+        >>> src = TokenTable([b" hellos", b" helo"], {}, {}, np.zeros(2, bool))
+        >>> prefix_map(src, tgt).src_to_tgt.tolist()
+        [1, 3]
+
+    Source tokens with no target piece as a prefix stay unmapped (-1); a byte-level or byte-fallback
+    target has every single byte, so it maps every non-special token.
+    """
+    src, tgt = _table(src), _table(tgt)
+    base = exact_map(src, tgt)
+    by_bytes = _preferred_ids(tgt)
+    longest = max((len(p) for p in by_bytes), default=0)
+    out, kind = base.src_to_tgt.copy(), base.kind.copy()
+    for i, piece in enumerate(src.pieces):
+        if piece is None or kind[i] != MapKind.NONE:
+            continue
+        for n in range(min(len(piece) - 1, longest), 0, -1):
+            hit = by_bytes.get(piece[:n])
+            if hit is not None:
+                out[i], kind[i] = hit, MapKind.PREFIX
+                break
+    return VocabMap(out, kind, "prefix", n_tgt=len(tgt))
+
+
 def vocab_map(src: TokenTable | Any, tgt: TokenTable | Any, method: str = "mined", **kwargs: Any) -> VocabMap:
-    """``exact`` or ``mined`` map by name (``stats`` needs aligned pairs: use :func:`stats_map`)."""
-    builders = {"exact": exact_map, "mined": mined_map}
+    """``exact``, ``mined`` or ``prefix`` map by name (``stats`` needs aligned pairs: use :func:`stats_map`)."""
+    builders = {"exact": exact_map, "mined": mined_map, "prefix": prefix_map}
     if method not in builders:
-        raise ValueError(f"unknown vocabulary map method {method!r}; choose exact or mined "
+        raise ValueError(f"unknown vocabulary map method {method!r}; choose exact, mined or prefix "
                          "(stats maps are built from a corpus with stats_map)")
     return builders[method](src, tgt, **kwargs)
 

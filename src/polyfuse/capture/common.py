@@ -55,12 +55,16 @@ Row = tuple[np.ndarray, np.ndarray, np.ndarray, float]
 # rows
 
 
-def fp16_logprobs(values: torch.Tensor) -> np.ndarray:
+def fp16_logprobs(values: torch.Tensor, ids: torch.Tensor | None = None) -> np.ndarray:
     """float32 log-probs ``[N, k]`` (any device) as fp16 numpy, clamped to the smallest finite fp16.
 
-    A real entry stays finite: -inf marks padding in a store (probability 0 either way).
+    A real entry stays finite: -inf marks padding in a store (probability 0 either way); with
+    ``ids`` [N, k], the entries whose id is -1 are padding and stay -inf.
     """
-    return values.clamp(min=FP16_MIN).to(torch.float16).cpu().numpy()
+    out = values.clamp(min=FP16_MIN).to(torch.float16)
+    if ids is not None:
+        out = out.masked_fill(ids.to(out.device) < 0, float("-inf"))
+    return out.cpu().numpy()
 
 
 def block_rows(

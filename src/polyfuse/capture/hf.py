@@ -53,6 +53,7 @@ finalizes any incomplete store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -118,13 +119,15 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def topk_of_hidden(
-    model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, k: int
+    model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, k: int, *, samples: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probs, their ids and the targets' log-probs for hidden states ``[N, d]``, head in chunks.
 
-    Returns ``(values [N, k] float32 sorted descending, ids [N, k] int64, target_logprob [N] float32)``;
-    the naive version is ``log_softmax(head_logits(h), -1)`` followed by ``topk`` and ``gather``,
-    which builds ``[N, V]`` at once.
+    Returns ``(values [N, k + samples] float32 sorted descending, ids [N, k + samples] int64,
+    target_logprob [N] float32)``; the naive version is ``log_softmax(head_logits(h), -1)`` followed
+    by ``topk`` and ``gather``, which builds ``[N, V]`` at once. With ``samples`` > 0 the entries
+    after the top-k are a sampled tail (:func:`sampled_tail`); unused slots are id -1, value -inf.
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, _HEAD_CHUNK_ELEMENTS // vocab)
@@ -135,13 +138,49 @@ def topk_of_hidden(
         logits = head_logits(model, hidden[start : start + rows]).float()  # [c, V]
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
         top = torch.topk(logits, k, dim=-1)  # [c, k], sorted descending
-        values.append(top.values - lse)
-        ids.append(top.indices)
         target_lp.append((logits.gather(-1, targets[start : start + rows, None]) - lse)[:, 0])  # [c]
+        if samples:
+            v, i = sampled_tail(logits.sub_(lse), top.indices, samples, generator)  # logits now log-probs
+            values.append(v)
+            ids.append(i)
+        else:
+            values.append(top.values - lse)
+            ids.append(top.indices)
     if not values:
-        empty = hidden.new_zeros((0, k), dtype=torch.float32)
+        empty = hidden.new_zeros((0, k + samples), dtype=torch.float32)
         return empty, empty.long(), hidden.new_zeros((0,), dtype=torch.float32)
     return torch.cat(values), torch.cat(ids), torch.cat(target_lp)
+
+
+def sampled_tail(
+    logprobs: torch.Tensor, head: torch.Tensor, samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's exact entries plus an unbiased sample of the rest of each distribution.
+
+    ``logprobs`` [c, V] (overwritten), ``head`` [c, k] ids. The mass outside the head, ``r``, is
+    represented by ``samples`` draws (with replacement) from the teacher's own distribution restricted
+    to the tail; a drawn id ``j`` drawn ``n_j`` times gets the weight ``r * n_j / samples``. The entries
+    then sum to 1 and ``-sum_entries w log q`` is an unbiased estimate of the full cross-entropy
+    ``-sum_V p log q`` (the teacher's whole distribution, not its top-k; random-sampling knowledge
+    distillation). Returns ``(values [c, k + samples], ids [c, k + samples])``, sorted descending by
+    value (log of the weight), unused slots -inf / -1.
+    """
+    c, k = head.shape
+    probs = logprobs.exp_()  # [c, V], in place
+    head_lp = probs.gather(-1, head).log()  # [c, k]
+    probs.scatter_(-1, head, 0.0)
+    rest = probs.sum(-1, keepdim=True)  # [c, 1]
+    empty = rest[:, 0] <= 0
+    if empty.any():  # every id is in the head: nothing to draw; keep multinomial well defined
+        probs[empty] = 1.0
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # [c, S]
+    counts = probs.zero_().scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))  # [c, V]
+    n, drawn = torch.topk(counts, samples, dim=-1)  # [c, S], the drawn ids first
+    tail_lp = (rest * n / samples).log()  # -inf where n == 0 (or r == 0)
+    tail_lp[empty] = float("-inf")
+    drawn = torch.where(torch.isfinite(tail_lp), drawn, -1)
+    values, order = torch.cat([head_lp, tail_lp], -1).sort(-1, descending=True)
+    return values, torch.cat([head, drawn], -1).gather(-1, order)
 
 
 @contextmanager
@@ -212,9 +251,10 @@ def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
 
 
 def _capture_batch(
-    model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int, spans: Sequence[Spans | None] | None = None
+    model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int, spans: Sequence[Spans | None] | None = None,
+    *, samples: int = 0, generator: torch.Generator | None = None,
 ) -> list[tuple]:
-    """Per block: ``(ids [P, k] int64, logprobs [P, k] f16, target_logprob [P] f16, nll_sum)``.
+    """Per block: ``(ids [P, k + samples] int64, logprobs [P, k + samples] f16, target_logprob [P] f16, nll_sum)``.
 
     ``nll_sum`` covers the response positions of blocks whose ``spans`` are not None, else all.
     """
@@ -233,8 +273,16 @@ def _capture_batch(
     where = torch.from_numpy(predicts).to(hidden.device)
     real = hidden[where]  # [N, d], block by block, position order
     targets = ids_t[:, 1:].to(hidden.device)[where[:, :-1]]  # [N]
-    values, top_ids, target_lp = topk_of_hidden(model, real, targets, k)  # [N, k], [N, k], [N]
-    return block_rows(encoded, spans, top_ids.cpu().numpy(), fp16_logprobs(values), target_lp.cpu().numpy())
+    values, top_ids, target_lp = topk_of_hidden(model, real, targets, k, samples=samples,
+                                                generator=generator)  # [N, k + S], [N, k + S], [N]
+    return block_rows(encoded, spans, top_ids.cpu().numpy(), fp16_logprobs(values, top_ids),
+                      target_lp.cpu().numpy())
+
+
+def _batch_generator(seed: int, block_ids: Sequence[int], device: torch.device) -> torch.Generator:
+    """A generator seeded by ``seed`` and the batch's block ids (deterministic per batch, any rank)."""
+    digest = hashlib.sha256(f"{int(seed)}:{','.join(str(int(b)) for b in block_ids)}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def _capture_shard(
@@ -246,19 +294,27 @@ def _capture_shard(
     batch_size: int,
     advance: Callable[..., None],
     spans: Sequence[Spans | None] | None = None,
+    samples: int = 0,
+    seed: int = 0,
 ) -> list[BlockTopK]:
-    """Rows of one shard, in the given block order (batched by length, longest first)."""
+    """Rows of one shard, in the given block order (batched by length, longest first).
+
+    Sampled tails draw from a generator seeded by ``seed`` and the batch's block ids, so a resumed
+    or re-ranked capture draws the same ids.
+    """
     spans = [None] * len(encoded) if spans is None else spans
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[tuple | None] = [None] * len(encoded)
-    empty = empty_row(k)
+    empty = empty_row(k + samples)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         scored = [i for i in batch if len(encoded[i]) > 1]
         for i in batch:
             results[i] = empty
         if scored:
-            rows = _capture_batch(model, [encoded[i] for i in scored], k, [spans[i] for i in scored])
+            generator = _batch_generator(seed, [block_ids[i] for i in scored], _input_device(model)) if samples else None
+            rows = _capture_batch(model, [encoded[i] for i in scored], k, [spans[i] for i in scored],
+                                  samples=samples, generator=generator)
             for i, row in zip(scored, rows, strict=True):
                 results[i] = row
         for i in batch:
@@ -311,6 +367,8 @@ def capture(
     out_dir: str | Path,
     *,
     k: int = 10,
+    samples: int = 0,
+    seed: int = 0,
     batch_size: int = 8,
     shard_size: int = 256,
     device: str | torch.device | None = None,
@@ -331,7 +389,10 @@ def capture(
             order; block ids must be unique. Spans (not None) restrict ``nll_sum`` to the response
             positions (module docstring).
         out_dir: the store directory; a rerun with the same arguments resumes.
-        k: log-probs kept per position.
+        k: log-probs kept per position (the exact head).
+        samples: draws from the rest of each distribution, stored after the head as an unbiased
+            sampled tail (:func:`sampled_tail`); the store then has ``k + samples`` entries per position.
+        seed: seeds the sampled tail (with the block ids of each batch).
         batch_size: blocks per forward pass.
         shard_size: blocks per shard (the unit of resume and of work between processes).
         device: ``None`` keeps the model where it is.
@@ -349,8 +410,9 @@ def capture(
         DataError: duplicate block ids, a block longer than the model's context, or ``out_dir``
             holding a store made with other settings.
     """
-    if k < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError(f"k, batch_size and shard_size must be >= 1 (got {k}, {batch_size}, {shard_size})")
+    if k < 1 or batch_size < 1 or shard_size < 1 or samples < 0:
+        raise ValueError(f"k, batch_size and shard_size must be >= 1 and samples >= 0 "
+                         f"(got {k}, {batch_size}, {shard_size}, {samples})")
     rank, world_size, barrier, state_device = ranks(rank, world_size)
     _place(model, device, state_device)
     model.eval()
@@ -365,6 +427,7 @@ def capture(
         "shard_size": shard_size,
         "batch_size": batch_size,
         "blocks_sha256": blocks_digest(blocks),
+        **({"head_k": k, "samples": samples, "sample_seed": seed} if samples else {}),
         **(meta or {}),
     }
     probed = False
@@ -381,10 +444,11 @@ def capture(
             if longest is not None and len(longest) > 1:
                 _probe(model, longest.ids)
                 probed = True
-        return _capture_shard(model, encoded, block_ids, k=k, batch_size=batch_size, advance=advance, spans=spans)
+        return _capture_shard(model, encoded, block_ids, k=k, batch_size=batch_size, advance=advance, spans=spans,
+                              samples=samples, seed=seed)
 
     return run_shards(
-        capture_shard, tokenizer, blocks, out_dir, k=k, vocab_size=vocab, shard_size=shard_size, meta=full_meta,
+        capture_shard, tokenizer, blocks, out_dir, k=k + samples, vocab_size=vocab, shard_size=shard_size, meta=full_meta,
         max_len=_max_positions(model), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
         progress=progress, log=logger,
     )

@@ -6,6 +6,10 @@ Layout of a world directory (every part is a stage with its own ``manifest.json`
     <world>/models/<name>/   config.json, model.safetensors, tokenizer.json, manifest.json
     <world>/world.json       roles, domains and what each model emphasises
 
+With ``oracles=True`` two oracle teachers join them (:func:`oracle_plans`): ``models/oracle`` (the target's
+own tokenizer and architecture, trained as long as a source) and ``models/oracle-twin`` (the same but with
+a ``metaspace_bpe`` tokenizer), to tell distillation apart from cross-tokenizer transfer.
+
 Everything is seeded; the step counts come from the preset times ``budget`` (never from a clock),
 so one seed and one budget give the same bytes on the same software stack.
 """
@@ -18,13 +22,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from polyfuse.corpus.documents import Document, domain_path, read_documents, write_documents
 from polyfuse.demo.corpus import split_documents
 from polyfuse.demo.tokenizers import TOKENIZER_VERSIONS, TokenizerKind, to_transformers, train_tokenizer
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import atomic_write_json, hash_path, run_stage
+from polyfuse.workspace import Manifest, atomic_write_json, hash_inputs, hash_path, is_current, run_stage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ class ModelPlan:
     """One model of the world: architecture, tokenizer kind and what it is trained on."""
 
     name: str
-    role: Literal["source", "target"]
+    role: Literal["source", "target", "oracle"]
     arch: str
     tokenizer: TokenizerKind
     vocab_size: int
@@ -95,6 +102,23 @@ PRESETS: dict[str, WorldPreset] = {
 }
 
 
+ORACLES = ("oracle", "oracle-twin")
+"""Names of the opt-in oracle teachers (``build_world(..., oracles=True)``, ``polyfuse world --oracles``)."""
+
+
+def oracle_plans(spec: WorldPreset) -> tuple[ModelPlan, ModelPlan]:
+    """The oracle teachers of a (scaled) preset: ``oracle`` and ``oracle-twin``.
+
+    Both are the target's plan (llama, uniform mix, the target's vocab size) trained for the sources'
+    step count, so they clearly beat the target. ``oracle`` reuses the built target's tokenizer (see
+    :func:`build_world`); ``oracle-twin`` trains a ``metaspace_bpe`` tokenizer on the same sample instead.
+    """
+    target = next(m for m in spec.models if m.role == "target")
+    steps = max(m.steps for m in spec.models if m.role == "source")
+    oracle = replace(target, name=ORACLES[0], role="oracle", steps=steps)
+    return oracle, replace(oracle, name=ORACLES[1], tokenizer="metaspace_bpe")
+
+
 def scaled(preset: WorldPreset, budget: float) -> WorldPreset:
     """The preset with every model's step count scaled by ``budget`` (at least one step)."""
     if budget <= 0:
@@ -126,8 +150,9 @@ def _sample(docs: list[Document], max_bytes: int) -> list[str]:
     return out
 
 
-def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, seed: int) -> dict:
-    """Train the plan's tokenizer and model on the corpus and save both with ``save_pretrained``."""
+def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, seed: int, *,
+                tokenizer: PreTrainedTokenizerBase | None = None) -> dict:
+    """Train the plan's tokenizer (unless ``tokenizer`` is given) and model on the corpus; save both."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -137,9 +162,11 @@ def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, s
     t0 = time.perf_counter()
     docs = {d: list(read_documents(domain_path(corpus, "train", d))) for d in preset.domains}
     # The tokenizer learns from the model's own emphasis: a byte budget split by the mix weights.
-    tok_texts = [t for d, w in plan.mix.items() for t in _sample(docs[d], int(preset.tokenizer_sample_bytes * w))]
-    tokenizer = to_transformers(train_tokenizer(plan.tokenizer, tok_texts, plan.vocab_size), plan.tokenizer,
-                                preset.context)
+    if tokenizer is None:
+        tok_texts = [t for d, w in plan.mix.items()
+                     for t in _sample(docs[d], int(preset.tokenizer_sample_bytes * w))]
+        tokenizer = to_transformers(train_tokenizer(plan.tokenizer, tok_texts, plan.vocab_size), plan.tokenizer,
+                                    preset.context)
     streams = {d: token_stream(tokenizer, [doc.text for doc in docs[d]]) for d in preset.domains}
     t_tok = time.perf_counter() - t0
 
@@ -162,12 +189,25 @@ def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, s
             "stream_tokens": {d: int(len(s)) for d, s in streams.items()}}
 
 
+def _entry(plan: ModelPlan, path: Path, manifest: Manifest) -> dict:
+    """The model's ``world.json`` entry."""
+    emphasis = max(plan.mix, key=plan.mix.get) if plan.role == "source" else "general"
+    return {"role": plan.role, "arch": plan.arch, "tokenizer": plan.tokenizer, "emphasis": emphasis,
+            "path": str(path), **{k: manifest.outputs.get(k) for k in ("params", "vocab", "seconds")}}
+
+
 def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, budget: float = 1.0,
-                force: bool = False) -> dict:
+                force: bool = False, oracles: bool = False) -> dict:
     """Build (or reuse) the tiny world in ``world_dir``; returns the ``world.json`` summary.
 
     Each part is a stage: a part whose manifest matches its config and inputs is reused, so a
     killed build resumes at the first model not yet written.
+
+    ``oracles`` also builds the two oracle teachers (:func:`oracle_plans`), both seeded with
+    ``seed + 4`` (the index after the four world models): ``oracle`` with the built target's tokenizer
+    loaded from ``models/target`` (whose content hash is an input, so a rebuilt target makes it stale),
+    ``oracle-twin`` with its own ``metaspace_bpe`` tokenizer. Without ``oracles`` they are neither built
+    nor removed: ``world.json`` lists an oracle only while its directory's manifest is current.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown world preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -189,13 +229,43 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
         res = run_stage(world / "models" / plan.name, "world.model", cfg, {"corpus": corpus_hash},
                         lambda out, plan=plan, i=i: build_model(out, plan, spec, world / "corpus", seed + i),
                         force=force)
-        emphasis = max(plan.mix, key=plan.mix.get) if plan.role == "source" else "general"
-        summary["models"][plan.name] = {"role": plan.role, "arch": plan.arch, "tokenizer": plan.tokenizer,
-                                        "emphasis": emphasis, "path": str(res.path),
-                                        **{k: res.manifest.outputs.get(k) for k in ("params", "vocab", "seconds")}}
+        summary["models"][plan.name] = _entry(plan, res.path, res.manifest)
+    oracle_seed = seed + len(spec.models)
+    target_dir = world / "models" / "target"
+    for plan in oracle_plans(spec):
+        out_dir = world / "models" / plan.name
+        if not oracles and not out_dir.is_dir():
+            continue
+        cfg = {"plan": asdict(plan), "preset": common, "seed": oracle_seed}
+        inputs = {"corpus": corpus_hash}
+        if plan.name == ORACLES[0]:  # the target's tokenizer, as built: its bytes are an input
+            cfg["tokenizer_from"] = "target"
+            inputs["target"] = hash_path(target_dir)
+        else:
+            cfg["tokenizer_version"] = TOKENIZER_VERSIONS[plan.tokenizer]
+        if oracles:
+            res = run_stage(out_dir, "world.model", cfg, inputs,
+                            lambda out, plan=plan: build_model(out, plan, spec, world / "corpus", oracle_seed,
+                                                               tokenizer=_target_tokenizer(plan, target_dir)),
+                            force=force)
+            summary["models"][plan.name] = _entry(plan, res.path, res.manifest)
+        elif is_current(out_dir, "world.model", cfg, hash_inputs(inputs)):
+            summary["models"][plan.name] = _entry(plan, out_dir, Manifest.from_path(out_dir))
     summary["corpus_stats"] = corpus.manifest.outputs
     atomic_write_json(world / "world.json", summary)
     return summary
+
+
+def _target_tokenizer(plan: ModelPlan, target_dir: Path) -> PreTrainedTokenizerBase | None:
+    """The built target's own tokenizer for ``oracle``; ``None`` (train one) for any other plan."""
+    if plan.name != ORACLES[0]:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    for key in ("is_local", "local_files_only"):  # loader bookkeeping: keep the saved files the target's bytes
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
 
 
 def load_world(world_dir: str | Path) -> Mapping:

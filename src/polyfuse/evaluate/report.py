@@ -36,7 +36,7 @@ from typing import Any
 
 from polyfuse.errors import DataError
 from polyfuse.evaluate import plots
-from polyfuse.evaluate.results import RESULTS_NAME, load_results, row_order, target_name
+from polyfuse.evaluate.results import RESULTS_NAME, gap_closed, load_results, row_order, target_name
 from polyfuse.workspace import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -511,6 +511,59 @@ def _lm_eval_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]] | No
     return ["model", *(["run"] if len(runs) > 1 else []), "task", "metric", "value"], body
 
 
+def _transfer_rows(runs: Sequence[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The transfer diagnostics: gap closed per domain, and what each source's signal kept on its way.
+
+    Returns ``(title, header, body)`` tables (none when the runs have nothing to show).
+    """
+    multi = len(runs) > 1
+    tables = []
+    gap_body, domains = [], []
+    for run in runs:
+        target = run.target
+        for row in row_order(run.results["models"], target):
+            if not target or not row.startswith(target + "+") or row == f"{target}+clm":
+                continue
+            closed = gap_closed(run.results, row)
+            if closed:
+                domains += [d for d in closed if d not in domains]
+                gap_body.append((row, run.label, closed))
+    if gap_body:
+        header = ["model", *(["run"] if multi else []), *domains]
+        body = [[row, *([label] if multi else []), *(f"{closed[d]:+.1%}" if d in closed else MISSING for d in domains)]
+                for row, label, closed in gap_body]
+        tables.append(("Gap closed", header, body))
+    src_body = []
+    for run in runs:
+        share = next((s.outputs.get("teacher_share", {}) for s in run.stages if s.path == "fuse"), {})
+        teachers = next((s.outputs.get("teachers") for s in run.stages if s.path == "fuse"), None)
+        for stage in run.stages:
+            out = stage.outputs
+            if stage.kind != "align" or "coverage" not in out:
+                continue
+            name = Path(stage.path).name
+            won = MISSING
+            if teachers and name in teachers and share.get("share"):
+                won = f"{share['share'][teachers.index(name)]:.1%}"
+            src_body.append([name, *([run.label] if multi else []), f"{out['coverage']:.1%}",
+                             *(f"{out[k]:.3f}" if k in out else MISSING
+                               for k in ("stored_mass", "mapped_mass", "actual_ratio")), won])
+    if src_body:
+        header = ["source", *(["run"] if multi else []), "aligned positions", "stored mass", "mapped mass",
+                  "actual-token ratio", "fused share"]
+        tables.append(("Teacher signal per source", header, src_body))
+    return tables
+
+
+_TRANSFER_NOTE = (
+    "Gap closed: per domain, (bpb of TARGET+clm - bpb of the model) / (bpb of TARGET+clm - bpb of the best "
+    "source): 100% is as good as the best source, 0% no better than plain continual training. Per source: "
+    "the target positions that received its distribution, the share of its probability that the stored "
+    "entries hold, the share of that which found a target id, the projected probability of the actual next "
+    "token over the source's own probability of that text (1 is lossless), and the positions it won in fusion."
+)
+
+
 # --------------------------------------------------------------------------------------------------
 # figures
 
@@ -634,6 +687,11 @@ def render_markdown(runs: Sequence[Run], tables: Sequence[MetricTable], figures:
     lines = summary_lines(runs, tables)
     if lines:
         out += ["## Summary", ""] + [f"- {line}" for line in lines] + [""]
+    transfer = _transfer_rows(runs)
+    if transfer:
+        out += ["## Transfer", "", _TRANSFER_NOTE, ""]
+        for title, header, rows in transfer:
+            out += [f"### {title}", ""] + _md_table(header, rows, right_from=2 if multi else 1) + [""]
     lm = _lm_eval_rows(runs)
     if lm:
         out += ["## lm-evaluation-harness metrics", ""] + _md_table(*lm, right_from=len(lm[0]) - 1) + [""]
@@ -739,6 +797,11 @@ def render_html(runs: Sequence[Run], tables: Sequence[MetricTable], figures: Seq
         body.append(
             '<h2>Summary</h2><ul class="summary">' + "".join(f"<li>{e(x)}</li>" for x in lines) + "</ul>"
         )
+    transfer = _transfer_rows(runs)
+    if transfer:
+        body.append(f'<h2>Transfer</h2><p class="note">{e(_TRANSFER_NOTE)}</p>')
+        for title, header, rows in transfer:
+            body.append(f"<h3>{e(title)}</h3>" + _html_table(header, rows, label_cols=2 if multi else 1))
     lm = _lm_eval_rows(runs)
     if lm:
         body.append("<h2>lm-evaluation-harness metrics</h2>" + _html_table(*lm, label_cols=len(lm[0]) - 1))

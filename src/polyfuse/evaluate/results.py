@@ -147,3 +147,31 @@ def row_order(names: Iterable[str], target: str | None) -> list[str]:
     known = [n for n in trained if _suffix_rank(n[len(target):])[0] < len(TRAINED_SUFFIXES)]
     others = sorted(n for n in names if n not in sources and n != target and n not in known)
     return [*sources, *([target] if target in names else []), *known, *others]
+
+
+def gap_closed(results: Mapping[str, Any], row: str, *, baseline: str | None = None) -> dict[str, float]:
+    """Per domain, the share of the gap between plain continual training and the best source that
+    ``row`` closes: ``(bpb[baseline] - bpb[row]) / (bpb[baseline] - min over sources of bpb[source])``.
+
+    ``baseline`` defaults to ``TARGET+clm``; sources are the rows without ``+`` other than the target.
+    1.0 means as good as the best source on that domain, 0 no better than the baseline, negative
+    worse. Domains where no source beats the baseline (no gap) or a figure is missing are left out,
+    and so is ``all`` (no single source is "best" on the mixture).
+    """
+    models = results.get("models", {})
+    target = target_name(results)
+    if target is None:
+        return {}
+    base = models.get(baseline or f"{target}+clm", {}).get("bpb", {})
+    mine = models.get(row, {}).get("bpb", {})
+    sources = [m.get("bpb", {}) for name, m in models.items() if "+" not in name and name != target]
+    out = {}
+    for domain, value in mine.items():
+        best = [s[domain] for s in sources if domain in s]
+        if domain == "all" or domain not in base or not best:
+            continue
+        gap = base[domain] - min(best)
+        if gap > 0:
+            out[domain] = (base[domain] - value) / gap
+    return out
+
