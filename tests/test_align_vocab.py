@@ -241,6 +241,27 @@ def test_prefix_map_tiny_world_maps_every_text_token(world_toks: dict[str, PreTr
         assert (m.src_to_tgt[text] >= 0).all()  # the byte-level target spells every text token's first byte
 
 
+def test_group_map_tiny_world_groups_are_prefix_consistent(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
+    tgt = world_toks["target"]
+    tgt_pieces = token_table(tgt).pieces
+    for name in ("prose", "code", "math"):
+        m = vocab_map(world_toks[name], tgt, method="groups")
+        pieces = token_table(world_toks[name]).pieces
+        groups = m.tgt_group
+        assert sorted(set(groups.tolist())) == list(range(int(groups.max()) + 1))  # dense 0..G-1
+        members: dict[int, list[int]] = {}
+        for t, g in enumerate(groups.tolist()):
+            members.setdefault(g, []).append(t)
+        for i, y in enumerate(pieces):
+            rep = int(m.src_to_tgt[i])
+            if y is None or rep < 0:
+                continue
+            if m.kind[i] in (MapKind.EXACT, MapKind.GROUP):  # y owns its group: every member begins with y
+                assert all(tgt_pieces[t] is not None and tgt_pieces[t].startswith(y) for t in members[groups[rep]])
+            else:  # borrowed: the target begins y's text with the representative
+                assert m.kind[i] == MapKind.PREFIX and y.startswith(tgt_pieces[rep])
+
+
 @pytest.mark.slow
 def test_mined_gpt2_to_llama2_is_fast(gpt2: GPT2TokenizerFast, llama2: PreTrainedTokenizerFast) -> None:
     t0 = time.perf_counter()

@@ -118,11 +118,36 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
         assert 0.2 < align["outputs"]["coverage"] <= 1.0
     from polyfuse.capture.store import StoreReader
 
-    assert StoreReader(run / "capture" / "target").bytes_per_token() <= 48 + 8  # tiny blocks: per-block overhead
+    store = StoreReader(run / "capture" / "target")  # k entries (top-k + sampled tail) at id_bits + fp16 each
+    assert store.bytes_per_token() <= store.k * (store.id_bits / 8 + 2) + 2 + 8  # tiny blocks: per-block overhead
     # everything is current now: a rerun trains nothing
     before = (run / "train" / "fused" / "manifest.json").read_text()
     assert main(["run", str(path), *small]) == 0
     assert (run / "train" / "fused" / "manifest.json").read_text() == before
+
+
+def test_grouped_projection_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
+    """vocab.method=groups with a sampled tail: the fused entries carry their teacher, training reads the groups."""
+    from polyfuse.capture.store import StoreReader
+    from polyfuse.pipeline import GROUPS_NAME
+
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",
+             "eval.max_bytes_per_domain=1500", "vocab.method=groups", "capture.top_k=4", "capture.samples=6"]
+    assert main(["run", str(path), *small]) == 0
+    run = tmp_path / "run"
+    with np.load(run / "fuse" / GROUPS_NAME) as z:
+        groups = z["groups"]
+    n_tgt = groups.shape[1]
+    assert groups.shape[0] == 1 + 2 and (groups[0] == np.arange(n_tgt)).all()  # the target, then each source
+    fused = StoreReader(run / "fuse")
+    assert fused.k == 10 and fused.info["vocab_size"] == 3 * n_tgt
+    teachers = {int(i) // n_tgt for b in fused.block_ids for i in fused[b].ids.ravel() if i >= 0}
+    assert teachers <= {0, 1, 2} and len(teachers) > 1
+    state = json.loads((run / "train" / "fused" / "trainer_state.json").read_text())
+    assert all(np.isfinite(h["distill_loss"]) for h in state["log_history"] if "distill_loss" in h)
+    results = json.loads((run / "results.json").read_text())
+    assert "target+fused" in results["models"]
 
 
 def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> None:

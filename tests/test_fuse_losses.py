@@ -13,6 +13,7 @@ from polyfuse.fuse.losses import (
     clm_loss,
     distill_loss,
     fusion_loss,
+    grouped_log_probs,
     selective_log_softmax,
     shift_labels,
     teacher_distribution,
@@ -242,3 +243,36 @@ def test_tail_refuses_another_temperature():
     ids, logprobs = _teacher(0)
     with pytest.raises(ValueError, match="temperature 1"):
         distill_loss(torch.randn(B, T, V), ids, logprobs, mass="tail", temperature=2.0)
+
+
+def test_grouped_log_probs_sum_each_group_and_keep_gradients():
+    """An entry of a grouped teacher is the log of its group's summed probability (dense reference)."""
+    torch.manual_seed(0)
+    V = 6
+    logits = torch.randn(1, 2, V, requires_grad=True)
+    logp = torch.log_softmax(logits, -1)
+    groups = torch.tensor([[0, 1, 2, 3, 4, 5],                 # teacher 0: the target itself
+                           [0, 0, 1, 1, 1, 2]])                # teacher 1: tokens {0,1}, {2,3,4}, {5}
+    ids = torch.tensor([[[1, V + 3, V + 5], [V + 0, 4, -1]]])  # teacher * V + token
+    out = grouped_log_probs(logp, ids, groups)
+    p = logp.exp()[0]
+    want = torch.stack([
+        torch.stack([p[0, 1], p[0, 2:5].sum(), p[0, 5]]).log(),
+        torch.stack([p[1, 0:2].sum(), p[1, 4], torch.tensor(1.0)]).log(),
+    ])
+    assert torch.allclose(out[0, :, :2], want[:, :2], atol=1e-6) and torch.allclose(out[0, 0, 2], want[0, 2])
+    assert out[0, 1, 2] == 0  # padding
+    out[0, 0, 1].backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_fusion_loss_with_identity_groups_equals_plain_entries():
+    torch.manual_seed(1)
+    B, T, V, K = 2, 5, 11, 4
+    logits, labels = torch.randn(B, T, V), torch.randint(0, V, (B, T))
+    ids = torch.randint(0, V, (B, T, K))
+    lp = torch.log_softmax(torch.randn(B, T, K), -1) - 0.5
+    plain = fusion_loss(logits, labels, ids, lp, mass="tail")
+    grouped = fusion_loss(logits, labels, ids + V, lp, mass="tail",
+                          teacher_groups=torch.stack([torch.arange(V), torch.arange(V)]))
+    assert torch.allclose(plain.distill, grouped.distill) and torch.allclose(plain.clm, grouped.clm)

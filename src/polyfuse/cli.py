@@ -234,7 +234,7 @@ def demo(
 
 @app.command()
 def bench(
-    suites: Annotated[list[str] | None, typer.Argument(help="suites to run: fusion (default), merge")] = None,
+    suites: Annotated[list[str] | None, typer.Argument(help="suites to run: fusion (default), merge, transfer")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object {key: value}")] = False,
     quick: Annotated[bool, typer.Option(help="smaller inputs (a smoke run; figures are not the reported ones)")] = False,
     workdir: Annotated[Path, typer.Option(help="scratch directory for generated inputs")] = Path("runs/bench"),

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 from polyfuse.errors import RecipeError
 from polyfuse.recipe import Recipe
-from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
+from polyfuse.workspace import (
+    StageResult,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    current_ranks,
+    run_stage,
+)
 
 if TYPE_CHECKING:
     from polyfuse.implicit.recipe import ImplicitRecipe
@@ -261,23 +268,28 @@ def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
 def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, progress: bool) -> StageResult:
     """Fuse the target (when ``fuse.include_target``) with the aligned sources ``names`` into ``out_dir``."""
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
-    from polyfuse.fuse.strategies import fuse_block
+    from polyfuse.fuse.strategies import fuse_block, tag_teacher
     from polyfuse.progress import progress_bar
 
     opts = recipe.fuse
     target = recipe.target.name
     cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION, "sources": names}
     inputs = {"target_capture": stage_dir(recipe, "capture", target),
-              **{f"align:{n}": stage_dir(recipe, "align", n) for n in names}}
+              **{f"align:{n}": stage_dir(recipe, "align", n) for n in names},
+              **{f"vocab:{n}": stage_dir(recipe, "vocab", n) for n in names}}
 
     def build(out: Path) -> dict:
         blocks = _blocks(recipe)
         own = StoreReader(stage_dir(recipe, "capture", target))
         aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
+        groups = _teacher_groups(recipe, names, len(_tokenizers(recipe)[target]))
         widths = [r.k for r in ([own] if opts.include_target else []) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
-        writer = StoreWriter(out, k=k_out, vocab_size=own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"],
+        n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
+        if groups is not None:  # entries carry their teacher: id = teacher * n_tgt + target id
+            atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
+        writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
                                    "teachers": ([target] if opts.include_target else []) + names,
                                    "temperature": own.temperature})
@@ -288,7 +300,10 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 rows = []
                 for b in blocks[start:start + shard]:
                     t_row = own[b.block_id]
-                    fused = fuse_block(_teachers(recipe, t_row, [a[b.block_id] for a in aligned]),
+                    teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned])
+                    if groups is not None:
+                        teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
+                    fused = fuse_block(teachers,
                                        strategy=opts.strategy, level=opts.level, k_out=k_out,
                                        n_bytes=b.metric_bytes)
                     stats = fused.stats if stats is None else stats + fused.stats
@@ -300,6 +315,35 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 "teachers": ([target] if opts.include_target else []) + names}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
+
+
+GROUPS_NAME = "groups.npz"
+"""Beside a fused store whose sources use ``groups`` maps: ``groups`` [teachers, V_tgt], each teacher's
+group of every target id (:func:`polyfuse.align.vocab.group_map`; the target's own row is the identity)."""
+
+
+def _teacher_groups(recipe: Recipe, names: list[str], n_tgt: int):
+    """[teachers, n_tgt] group index of every target id per teacher, or None when no source uses groups."""
+    import numpy as np
+
+    from polyfuse.align.vocab import VocabMap
+
+    maps = [VocabMap.load(stage_dir(recipe, "vocab", n)) for n in names]
+    if all(m.tgt_group is None for m in maps):
+        return None
+    rows = [np.arange(n_tgt)] if recipe.fuse.include_target else []
+    rows += [np.arange(n_tgt) if m.tgt_group is None else m.tgt_group for m in maps]
+    return np.stack(rows).astype(np.int64)
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
 def _fused_row(block_id: int, fused, target_row, k: int):
@@ -380,7 +424,13 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
             distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
             distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,
             fusion=recipe.fuse.strategy if with_teacher else "none")
-        metrics = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config)
+        groups = None
+        if fuse_dir is not None and (fuse_dir / GROUPS_NAME).is_file():
+            import numpy as np
+
+            with np.load(fuse_dir / GROUPS_NAME) as z:
+                groups = z["groups"]
+        metrics = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups)
         return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
 
     return run_stage(out_dir, "train", cfg, inputs, build, force=force, resumable=True, collective=True)

@@ -307,10 +307,11 @@ class CaptureSection(Section):
 class VocabSection(Section):
     """Source-vocabulary → target-vocabulary maps."""
 
-    method: Literal["exact", "mined", "prefix", "stats"] = Field(
+    method: Literal["exact", "mined", "prefix", "groups", "stats"] = Field(
         "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
-        "FuseLLM), prefix (exact, else the longest target piece the token's text starts with) or stats "
-        "(co-alignment statistics, FuseChat)")
+        "FuseLLM), prefix (exact, else the longest target piece the token's text starts with), groups (a "
+        "source token's mass goes to the target tokens it begins; the student matches their summed "
+        "probability) or stats (co-alignment statistics, FuseChat)")
     stats_fallback: Literal["exact", "mined"] = Field(
         "mined", description="stats only: the map used for source ids never co-aligned on the corpus")
     stats_min_count: int = Field(

@@ -44,6 +44,7 @@ __all__ = [
     "VocabMap",
     "count_aligned_pairs",
     "exact_map",
+    "group_map",
     "mined_map",
     "prefix_map",
     "stats_map",
@@ -67,6 +68,7 @@ class MapKind(IntEnum):
     SPECIAL = 3
     STATS = 4
     PREFIX = 5
+    GROUP = 6
 
 
 @dataclass(eq=False)
@@ -91,6 +93,8 @@ class VocabMap:
     """[nnz] int64 raw co-alignment counts."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form facts written to the JSON side file (e.g. tokenizer names)."""
+    tgt_group: np.ndarray | None = None
+    """[V_tgt] int64 group of each target id, 0..G-1 (``groups`` maps only; :func:`group_map`)."""
 
     def __post_init__(self) -> None:
         self.src_to_tgt = np.asarray(self.src_to_tgt, dtype=np.int64)
@@ -133,7 +137,7 @@ class VocabMap:
 
         path = Path(path)
         arrays = {"src_to_tgt": self.src_to_tgt, "kind": self.kind}
-        for name in ("indptr", "indices", "weights", "counts"):
+        for name in ("indptr", "indices", "weights", "counts", "tgt_group"):
             value = getattr(self, name)
             if value is not None:
                 arrays[name] = value
@@ -311,11 +315,74 @@ def prefix_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
     return VocabMap(out, kind, "prefix", n_tgt=len(tgt))
 
 
+def group_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
+    """Prefix groups: each source token's probability goes to the set of target tokens it begins.
+
+    Where two tokenizers cut text at the same place, a source token's probability is the probability
+    that the next text starts with its bytes *and* the source spells that start with this token. Under
+    the target's tokenizer the same event is "the next target token begins with those bytes, and no
+    longer source token begins it": so each target token belongs to the source token that is the
+    longest source piece its bytes start with (its *owner*), and a source token's mass goes to the
+    *group* of target tokens it owns. The student's probability of the event is the sum of its
+    probabilities over the group, so the teacher never credits the target's ``" the"`` with mass that
+    belongs to ``" there"`` when the source has no ``" there"`` (a one-to-one map does).
+
+    A source token that owns no target token (it is longer than any target piece that starts with it,
+    e.g. ``" therefore"`` when the target stops at ``" there"``) goes to the group of the target piece
+    the target would emit first (:func:`prefix_map`).
+
+    The map stores, per source id, a representative target id of its group (``src_to_tgt``; kind
+    ``EXACT`` when the target has the same bytes, ``GROUP`` when the group holds only longer pieces,
+    ``PREFIX`` for a borrowed group) and, per target id, its dense group index (``tgt_group``). Target
+    ids without an owner (specials without a role, pieces that start with bytes the source cannot
+    spell) are groups of their own::
+
+        >>> tgt = TokenTable([b" the", b" there", b" then", b" t", b"x"], {}, {}, np.zeros(5, bool))
+        >>> src = TokenTable([b" the", b" then", b" th", b" therefore"], {}, {}, np.zeros(4, bool))
+        >>> m = group_map(src, tgt)
+        >>> m.tgt_group.tolist()              # " the" and " there" belong to " the"; " then" to " then"
+        [0, 0, 1, 2, 3]
+        >>> m.src_to_tgt.tolist()             # " th" owns nothing: " th..." text starts with " t"
+        [0, 2, 3, 1]
+    """
+    src, tgt = _table(src), _table(tgt)
+    exact = exact_map(src, tgt)
+    by_src = _preferred_ids(src)
+    longest = max((len(p) for p in by_src), default=0)
+    owner = np.full(len(tgt), -1, dtype=np.int64)
+    for t, piece in enumerate(tgt.pieces):
+        if piece is None:
+            continue
+        for n in range(min(len(piece), longest), 0, -1):
+            hit = by_src.get(piece[:n])
+            if hit is not None:
+                owner[t] = hit
+                break
+    special = exact.kind == MapKind.SPECIAL  # specials by role: the target special belongs to its source twin
+    owner[exact.src_to_tgt[special]] = np.nonzero(special)[0]
+    # dense group ids: owned target ids by owner, then every unowned target id alone
+    owners, group = np.unique(owner[owner >= 0], return_inverse=True)
+    tgt_group = np.empty(len(tgt), dtype=np.int64)
+    tgt_group[owner >= 0] = group
+    tgt_group[owner < 0] = len(owners) + np.arange(int((owner < 0).sum()))
+    first = np.full(len(src), -1, dtype=np.int64)  # a representative target id per owning source id
+    for t in np.nonzero(owner >= 0)[0][::-1].tolist():
+        first[owner[t]] = t
+    out, kind = exact.src_to_tgt.copy(), exact.kind.copy()
+    owns = (first >= 0) & (kind == MapKind.NONE)
+    out[owns], kind[owns] = first[owns], MapKind.GROUP
+    prefix = prefix_map(src, tgt)
+    borrow = (out < 0) & (prefix.src_to_tgt >= 0)
+    out[borrow], kind[borrow] = prefix.src_to_tgt[borrow], MapKind.PREFIX
+    return VocabMap(out, kind, "groups", n_tgt=len(tgt), tgt_group=tgt_group)
+
+
 def vocab_map(src: TokenTable | Any, tgt: TokenTable | Any, method: str = "mined", **kwargs: Any) -> VocabMap:
-    """``exact``, ``mined`` or ``prefix`` map by name (``stats`` needs aligned pairs: use :func:`stats_map`)."""
-    builders = {"exact": exact_map, "mined": mined_map, "prefix": prefix_map}
+    """``exact``, ``mined``, ``prefix`` or ``groups`` map by name (``stats`` needs aligned pairs: use
+    :func:`stats_map`)."""
+    builders = {"exact": exact_map, "mined": mined_map, "prefix": prefix_map, "groups": group_map}
     if method not in builders:
-        raise ValueError(f"unknown vocabulary map method {method!r}; choose exact, mined or prefix "
+        raise ValueError(f"unknown vocabulary map method {method!r}; choose exact, mined, prefix or groups "
                          "(stats maps are built from a corpus with stats_map)")
     return builders[method](src, tgt, **kwargs)
 

@@ -20,6 +20,7 @@ __all__ = ["SUITES", "Figure", "run_suites"]
 SUITES: dict[str, tuple[str, str]] = {
     "fusion": ("polyfuse.bench.fusion", "explicit fusion: alignment, vocabulary map, capture, store, fused step"),
     "merge": ("polyfuse.bench.merge", "parameter-space merging: throughput and peak memory"),
+    "transfer": ("polyfuse.bench.transfer", "knowledge transfer: gap closed, distillation alone, oracles"),
 }
 """Suite name -> (module, one-line description)."""
 

@@ -53,6 +53,7 @@ __all__ = [
     "clm_loss",
     "distill_loss",
     "fusion_loss",
+    "grouped_log_probs",
     "selective_log_softmax",
     "shift_labels",
     "teacher_distribution",
@@ -171,6 +172,41 @@ def _teacher_terms(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
     return _distill_per_position(logq, p, logp, kind), has_entry
 
 
+def grouped_log_probs(logp: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The student's log-probability of each teacher entry's *group* of target tokens.
+
+    ``logp`` [B, T, V] student log-probs; ``ids`` [B, T, K] entries as ``teacher * V + token`` (-1 pads);
+    ``groups`` [M, V] int64, each teacher's group index of every target token
+    (:func:`polyfuse.align.vocab.group_map`; an identity row means one token per group). An entry of
+    teacher ``m`` for token ``a`` gets ``log sum_{t: groups[m, t] == groups[m, a]} exp(logp[..., t])``.
+    Returns [B, T, K] (0 on padding; mask it yourself). Teachers whose row is the identity cost one
+    gather; every other teacher one scatter-add of ``[B, T, V]`` probabilities into its groups.
+    """
+    n_teachers, vocab = groups.shape
+    entry = ids >= 0
+    teacher = torch.where(entry, ids // vocab, 0)
+    token = torch.where(entry, ids % vocab, 0)
+    out = torch.zeros(ids.shape, dtype=logp.dtype, device=logp.device)
+    probs = None
+    identity = torch.arange(vocab, device=groups.device)
+    for m in range(n_teachers):
+        mine = entry & (teacher == m)
+        if not bool(mine.any()):
+            continue
+        row = groups[m].to(logp.device)
+        if torch.equal(row, identity.to(logp.device)):
+            value = logp.gather(-1, token)
+        else:
+            if probs is None:
+                probs = logp.exp()
+            n_groups = int(row.max()) + 1
+            summed = probs.new_zeros((*probs.shape[:-1], n_groups)).scatter_add_(
+                -1, row.expand_as(probs), probs)                          # [B, T, G]
+            value = summed.gather(-1, row[token]).clamp(min=1e-30).log()
+        out = torch.where(mine, value, out)
+    return out
+
+
 def _denominator(count: torch.Tensor, num_items: torch.Tensor | int | None) -> torch.Tensor | int:
     """``num_items`` (default: ``count``), at least 1: a batch where nothing counts gives 0, not NaN."""
     if num_items is None:
@@ -245,6 +281,7 @@ def fusion_loss(
     ignore_index: int = IGNORE_INDEX,
     shifted_labels: torch.Tensor | None = None,
     mass: TeacherMass = "renormalise",
+    teacher_groups: torch.Tensor | None = None,
 ) -> FusionLoss:
     """CLM and distillation from one log-softmax and one gather (a fused step costs about a CLM step).
 
@@ -258,6 +295,10 @@ def fusion_loss(
     it too); the label and the K teacher ids are read from it by a single gather, which on CPU is
     faster than ``gather - logsumexp`` (one fused log-softmax backward). With a temperature other
     than 1 the distillation part uses ``selective_log_softmax(logits / temperature, ids)``.
+
+    ``teacher_groups`` [M, V] (entries written by a fuse stage over ``groups`` vocabulary maps): the
+    student's probability of an entry is that of its group of target tokens (:func:`grouped_log_probs`);
+    temperature 1 only.
     """
     z = _upcast(logits)
     target = shift_labels(labels, ignore_index) if shifted_labels is None else shifted_labels  # [B, T]
@@ -269,9 +310,18 @@ def fusion_loss(
         return FusionLoss(clm.loss, None, clm.count, None)
 
     # One gather for the label and the K teacher ids: [B, T, 1 + K].
-    picked = logp.gather(-1, torch.cat([target.unsqueeze(-1), teacher_ids], dim=-1).clamp(min=0))
+    # (grouped entries hold teacher * V + token ids: only the label is gathered here)
+    gathered = target.unsqueeze(-1) if teacher_groups is not None else torch.cat([target.unsqueeze(-1), teacher_ids], -1)
+    picked = logp.gather(-1, gathered.clamp(min=0))
     clm = _reduce(-picked[..., 0], mask, denominator)
-    logq = picked[..., 1:] if temperature == 1.0 else selective_log_softmax(z / temperature, teacher_ids)
+    if teacher_groups is not None:
+        if temperature != 1.0:
+            raise ValueError("grouped teacher entries need temperature 1")
+        logq = grouped_log_probs(logp, teacher_ids, teacher_groups)
+    elif temperature == 1.0:
+        logq = picked[..., 1:]
+    else:
+        logq = selective_log_softmax(z / temperature, teacher_ids)
     per_position, has_entry = _teacher_terms(logq, teacher_ids, teacher_logprobs, kind=kind,
                                              temperature=temperature, mass=mass)
     distill = _reduce(per_position, mask & has_entry, denominator)

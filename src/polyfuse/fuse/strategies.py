@@ -47,6 +47,7 @@ __all__ = [
     "min_ce",
     "no_fusion",
     "register",
+    "tag_teacher",
 ]
 
 Level = Literal["sequence", "token"]
@@ -105,6 +106,13 @@ class TeacherBlock:
         if missing:
             raise DataError(f"teacher entry lacks {', '.join(missing)}; got keys {sorted(row)}")
         return cls(row["ids"], row["logprobs"], row["token_nll"], row["valid"], row["seq_nll"])
+
+
+def tag_teacher(teacher: TeacherBlock, index: int, n_tgt: int) -> TeacherBlock:
+    """The teacher with its entries' ids moved to ``index * n_tgt + id``: fused entries then remember
+    which teacher's grouping (:func:`polyfuse.align.vocab.group_map`) gives them their meaning."""
+    ids = np.where(teacher.ids >= 0, teacher.ids + index * n_tgt, -1)
+    return TeacherBlock(ids, teacher.logprobs, teacher.token_nll, teacher.valid, teacher.seq_nll)
 
 
 @dataclass

@@ -270,7 +270,8 @@ class FusionTrainer(Trainer):
 
     args: FusionConfig
 
-    def __init__(self, model: Any = None, args: FusionConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: Any = None, args: FusionConfig | None = None, *,
+                 teacher_groups: np.ndarray | torch.Tensor | None = None, **kwargs: Any) -> None:
         if args is None:
             args = FusionConfig()
         if not isinstance(args, FusionConfig):
@@ -290,6 +291,7 @@ class FusionTrainer(Trainer):
         # the Trainer count supervised tokens over each accumulated batch (and across devices) for
         # every model; the returned loss is then already scaled for gradient accumulation.
         self.model_accepts_loss_kwargs = True
+        self.teacher_groups = None if teacher_groups is None else torch.as_tensor(teacher_groups, dtype=torch.long)
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps: set[int] = set()                              # optimizer steps in the log window
         self._lm_weight_used = 1.0
@@ -322,6 +324,7 @@ class FusionTrainer(Trainer):
             num_items=num_items_in_batch,
             shifted_labels=inputs.get("shift_labels"),
             mass=self.args.teacher_mass,  # type: ignore[arg-type]
+            teacher_groups=self.teacher_groups if use_teacher else None,
         )
         w = self.lm_weight() if parts.distill is not None else 1.0
         loss = parts.clm if parts.distill is None else w * parts.clm + (1.0 - w) * parts.distill
@@ -404,6 +407,7 @@ def train_fusion(
     dtype: str = "float32",
     callbacks: Sequence[TrainerCallback] = (),
     keep_checkpoints: bool = False,
+    teacher_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Train the model at ``model_path`` on ``train_rows`` and save model + tokenizer to ``out_dir``.
 
@@ -411,6 +415,7 @@ def train_fusion(
     ``resume`` the latest one is continued (``trainer.train(resume_from_checkpoint=True)``). ``dtype``
     is the dtype the weights are loaded in (mixed precision comes from ``config.bf16``/``fp16``). The
     checkpoints are deleted once training has finished and the model is saved, unless ``keep_checkpoints``.
+    ``teacher_groups`` [M, V]: the fused entries are grouped (:func:`polyfuse.fuse.losses.grouped_log_probs`).
 
     Returns ``{"metrics", "log_history", "global_step", "resumed_from", "out_dir"}``.
     """
@@ -432,6 +437,7 @@ def train_fusion(
         processing_class=tokenizer,
         data_collator=FusionCollator(pad_token_id=_pad_token_id(tokenizer, model)),
         callbacks=list(callbacks) or None,
+        teacher_groups=teacher_groups,
     )
     if not args.disable_tqdm:  # the loss goes on the bar, not as a printed dict per logging step
         trainer.remove_callback(ProgressCallback)

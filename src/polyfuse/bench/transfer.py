@@ -1,0 +1,140 @@
+"""The ``transfer`` bench suite: how much of the teachers' knowledge reaches the target, with controls.
+
+On the tiny world (with its two oracle teachers, ``polyfuse world --oracles``), every run below
+continually trains the target on the same blocks for the same steps and evaluates bits per byte
+on the held-out set:
+
+================  =================================================================================
+run               teachers and loss
+================  =================================================================================
+clm               none: plain causal LM (the baseline every fused run is compared with)
+default           the packaged ``tiny.yaml`` as it is (its projection, ``w``, capture and strategy)
+distill           the same with ``w = 0``: distillation alone
+PROJ / PROJ-w0    the three sources through each projection (``vocab.method``), default ``w`` and 0
+self              ``w = 0``, the only teacher is the starting target itself (self-distillation)
+oracle            ``w = 0``, the only teacher is ``world:oracle`` (the target's own tokenizer)
+twin              ``w = 0``, the only teacher is ``world:oracle-twin`` (same training, other tokenizer)
+================  =================================================================================
+
+Headline keys (``--json``):
+
+=====================================  ==========================================================
+key                                    definition
+=====================================  ==========================================================
+gap_closed_min                         ``default``: the smallest, over domains, of (bpb clm - bpb
+                                       fused) / (bpb clm - bpb of the best source); goal >= 0.20
+distill_only_over_clm                  bpb ``distill`` / bpb ``clm`` on ``all``; goal <= 1.02
+same_tokenizer_distill_over_teacher    bpb ``oracle`` / bpb of ``world:oracle`` itself on ``all``;
+                                       goal <= 1.02
+oracle_retention                       (bpb target - bpb ``twin``) / (bpb target - bpb ``oracle``)
+                                       on ``all``: what crossing tokenizers keeps; goal >= 0.75
+=====================================  ==========================================================
+
+plus ``bpb.RUN.DOMAIN`` for every run and domain. Runs that share their teachers share one work
+directory, so blocks and captures are computed once; each run's figures are read as soon as it
+is evaluated. The world is ``WORKDIR/transfer/world``: built there (demo preset, seed 0) unless a
+world is already there (a link to one built with ``polyfuse world --seed S`` measures seed S; the
+oracles are added to it). ``--quick`` uses the test world and 20 steps (a smoke run, not a measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from polyfuse.bench import Figure
+
+__all__ = ["PROJECTIONS", "run"]
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("mined", "prefix", "groups")
+"""The projections compared (``vocab.method``); FuseLLM's MinED map is the reference."""
+
+
+def _base() -> dict[str, Any]:
+    import yaml
+
+    text = resources.files("polyfuse.demo.recipes").joinpath("tiny.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def _run(data: dict[str, Any], overrides: Sequence[str], rows: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Run a recipe (every stale stage) and return the bits per byte of ``rows`` (name -> domain -> bpb)."""
+    from polyfuse.pipeline import run_recipe
+    from polyfuse.recipe import parse_recipe
+
+    recipe = parse_recipe(data, overrides, source="bench transfer")
+    run_recipe(recipe, progress=False)
+    out = {}
+    for row in rows:
+        path = Path(recipe.workdir) / "eval" / row / "bpb.json"
+        out[row] = json.loads(path.read_text())["bpb"]
+    return out
+
+
+def _single_teacher(base: dict[str, Any], model: str, workdir: Path) -> dict[str, Any]:
+    """The base recipe with one source, ``teacher`` (the target is not a teacher, no CLM baseline)."""
+    data = {**base, "workdir": str(workdir), "sources": [{"name": "teacher", "model": model}]}
+    data["fuse"] = {**data.get("fuse", {}), "include_target": False}
+    data["train"] = {**data.get("train", {}), "baseline": False}
+    return data
+
+
+def run(*, quick: bool, workdir: Path) -> list[Figure]:
+    """Every run of the module docstring; figures as they are measured."""
+    from polyfuse.demo.world import build_world
+    from polyfuse.evaluate.results import gap_closed
+
+    world = workdir / "world"
+    facts = json.loads((world / "world.json").read_text()) if (world / "world.json").is_file() else {}
+    preset, seed = facts.get("preset", "test" if quick else "demo"), int(facts.get("seed", 0))
+    build_world(world, preset=preset, seed=seed, budget=float(facts.get("budget", 1.0)), oracles=True)
+    base = {**_base(), "world": str(world), "seed": seed}
+    steps = ["train.max_steps=20"] if quick else []
+    bpb: dict[str, dict[str, float]] = {}
+
+    def measure(run_name: str, data: dict[str, Any], overrides: Sequence[str], rows: dict[str, str]) -> None:
+        got = _run(data, [*steps, *overrides], list(rows))
+        for row, as_name in rows.items():
+            bpb[as_name] = got[row]
+            logger.info("bench transfer: %s (%s) all %.4f", as_name, run_name, got[row]["all"])
+
+    sources = {**base, "workdir": str(workdir / "sources")}
+    measure("default", sources, [], {"target": "target", "target+clm": "clm", "target+fused": "default",
+                                     **{s["name"]: s["name"] for s in base["sources"]}})
+    measure("distill", sources, ["train.lm_loss_weight=0"], {"target+fused": "distill"})
+    default_w = float(base.get("train", {}).get("lm_loss_weight", 0.9))
+    for method in PROJECTIONS:
+        for w in (default_w, 0.0):
+            name = method if w == default_w else f"{method}-w0"
+            measure(name, sources, [f"vocab.method={method}", f"train.lm_loss_weight={w}"], {"target+fused": name})
+    for name, model in (("self", "world:target"), ("oracle", "world:oracle"), ("twin", "world:oracle-twin")):
+        rows = {"target+fused": name, **({} if name == "self" else {"teacher": f"{name}-teacher"})}
+        measure(name, _single_teacher(base, model, workdir / name), ["train.lm_loss_weight=0"], rows)
+
+    results = {"models": {"target": {"bpb": bpb["target"]}, "target+clm": {"bpb": bpb["clm"]},
+                          "target+fused": {"bpb": bpb["default"]},
+                          **{s["name"]: {"bpb": bpb[s["name"]]} for s in base["sources"]}}}
+    closed = gap_closed(results, "target+fused")
+    all_of = {k: v["all"] for k, v in bpb.items()}
+    figures = [
+        Figure("gap_closed_min", round(min(closed.values()), 4) if closed else float("nan"), "share",
+               "default recipe, per domain: " + ", ".join(f"{d} {v:.1%}" for d, v in closed.items())),
+        Figure("distill_only_over_clm", round(all_of["distill"] / all_of["clm"], 4), "ratio",
+               f"w=0 {all_of['distill']:.4f} vs clm {all_of['clm']:.4f} bpb (all)"),
+        Figure("same_tokenizer_distill_over_teacher", round(all_of["oracle"] / all_of["oracle-teacher"], 4),
+               "ratio", f"distilled from world:oracle {all_of['oracle']:.4f} vs the oracle {all_of['oracle-teacher']:.4f}"),
+        Figure("oracle_retention",
+               round((all_of["target"] - all_of["twin"]) / (all_of["target"] - all_of["oracle"]), 4), "share",
+               f"gain over the target {all_of['target']:.4f}: twin {all_of['target'] - all_of['twin']:+.4f}, "
+               f"oracle {all_of['target'] - all_of['oracle']:+.4f} bpb (all)"),
+    ]
+    for run_name, domains in bpb.items():
+        for domain, value in domains.items():
+            figures.append(Figure(f"bpb.{run_name}.{domain}", round(value, 4), "bits/byte", ""))
+    return figures
