@@ -90,3 +90,17 @@ def test_transfer_stats() -> None:
     assert d["stored_mass"] == pytest.approx(0.9, rel=2e-3)        # the source's 3 entries hold 0.9
     assert d["mapped_mass"] == pytest.approx(0.8 / 0.9, rel=2e-3)  # id 6 (0.1) has no target id
     assert d["actual_ratio"] == pytest.approx(1.0, rel=2e-3)      # target id 8 gets 0.5 + 0.3 = p(text)
+
+
+def test_shared_starts_pair_next_tokens_that_begin_at_the_same_character() -> None:
+    """" unbelievable!": the target's next token " unbelievable" starts where the source's " un" does."""
+    from polyfuse.align.transfer import shared_start_positions
+
+    assert shared_start_positions(SRC, TGT).tolist() == [0, 3]  # one-to-one alignment gives [-1, 3]
+    # byte-fallback pieces of one character share its offsets: only the first of them is a start
+    src = EncodedBlock(ids=np.array([0, 1, 2, 3]), offsets=np.array([[0, 0], [0, 1], [0, 1], [1, 2]]),
+                       has_context=True)
+    tgt = EncodedBlock(ids=np.array([0, 5, 6]), offsets=np.array([[0, 0], [0, 1], [1, 2]]), has_context=True)
+    assert shared_start_positions(src, tgt).tolist() == [0, 2]
+    tgt_cut = EncodedBlock(ids=np.array([0, 5, 6]), offsets=np.array([[0, 0], [0, 2], [2, 2]]), has_context=True)
+    assert shared_start_positions(src, tgt_cut).tolist() == [0, -1]  # no source token starts at 2

@@ -196,7 +196,12 @@ def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
 def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Each source's captured top-k carried to the target's positions and vocabulary."""
     from polyfuse.align.tokens import align_blocks
-    from polyfuse.align.transfer import TransferStats, aligned_source_positions, transfer_block
+    from polyfuse.align.transfer import (
+        TransferStats,
+        aligned_source_positions,
+        shared_start_positions,
+        transfer_block,
+    )
     from polyfuse.align.vocab import VocabMap
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.corpus.tokens import encode_blocks
@@ -228,10 +233,13 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                 for start in range(0, len(blocks), shard):
                     rows = []
                     for i in range(start, min(start + shard, len(blocks))):
-                        alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
-                                                 src_tokenizer=toks[name], tgt_tokenizer=toks[target])
-                        pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
-                                                       vmap if method == "dtw" else None)
+                        if method == "starts":
+                            pos = shared_start_positions(src_enc[i], tgt_enc[i])
+                        else:
+                            alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
+                                                     src_tokenizer=toks[name], tgt_tokenizer=toks[target])
+                            pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
+                                                           vmap if method == "dtw" else None)
                         src_row = reader[blocks[i].block_id]
                         rows.append(transfer_block(src_row, pos, vmap, reader.k))
                         stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:])

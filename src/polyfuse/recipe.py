@@ -321,8 +321,10 @@ class VocabSection(Section):
 class AlignSection(Section):
     """Token alignment of each source's tokenization to the target's."""
 
-    method: Literal["offsets", "dtw"] = Field(
-        "offsets", description="offsets (exact, by character spans) or dtw (FuseLLM's dynamic programming)")
+    method: Literal["offsets", "dtw", "starts"] = Field(
+        "offsets", description="offsets (one-to-one tokens with identical character spans), dtw (FuseLLM's "
+        "dynamic programming) or starts (next tokens that start at the same character; for vocab.method "
+        "groups, whose projection handles tokens of different lengths)")
 
 
 class FuseSection(Section):

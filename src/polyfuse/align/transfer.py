@@ -49,6 +49,36 @@ def aligned_source_positions(alignment: Alignment, src: EncodedBlock, tgt: Encod
     return pos
 
 
+def shared_start_positions(src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
+    """[P_tgt] int64: the source position whose next token starts where target position ``t``'s does, else −1.
+
+    Both models then predict from the same text: the same context, whatever length their next
+    tokens have. That is all a projection that respects token granularity needs (``groups``: a
+    source token's mass goes to the target tokens its text begins, or to the target piece that
+    begins its text); a one-to-one map needs the stricter :func:`aligned_source_positions`.
+    Training only where both cuts agree on the *end* of the next token too would teach the student
+    to prefer tokens that align (the condition depends on the next token), so this coverage
+    matters. Tokens that share a start offset with the token before them (byte-fallback pieces of
+    one character) never count as a start. Both blocks need their context token.
+    """
+    def starts(block: EncodedBlock) -> np.ndarray:
+        begin = block.offsets[1:, 0].astype(np.int64)                 # start of tokens 1..n-1
+        fresh = np.ones(len(begin), dtype=bool)
+        fresh[1:] = begin[1:] > np.maximum.accumulate(begin)[:-1]
+        return np.where(fresh, begin, -1)
+
+    if not (src.has_context and tgt.has_context):
+        raise ValueError("shared_start_positions needs blocks with a context token (position t predicts t + 1)")
+    s_begin, t_begin = starts(src), starts(tgt)
+    keys = np.nonzero(s_begin >= 0)[0]
+    order = np.argsort(s_begin[keys], kind="stable")
+    sorted_begin, sorted_pos = s_begin[keys][order], keys[order]
+    at = np.searchsorted(sorted_begin, t_begin).clip(max=max(len(sorted_begin) - 1, 0))
+    hit = (t_begin >= 0) & (len(sorted_begin) > 0)
+    hit &= sorted_begin[at] == t_begin if len(sorted_begin) else hit
+    return np.where(hit, sorted_pos[at] if len(sorted_begin) else -1, -1).astype(np.int64)
+
+
 def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int) -> BlockTopK:
     """The source's top-k at target positions, in target vocabulary ids (see the module docstring).
 

@@ -10,7 +10,7 @@ run               teachers and loss
 clm               none: plain causal LM (the baseline every fused run is compared with)
 default           the packaged ``tiny.yaml`` as it is (its projection, ``w``, capture and strategy)
 distill           the same with ``w = 0``: distillation alone
-PROJ / PROJ-w0    the three sources through each projection (``vocab.method``), default ``w`` and 0
+PROJ / PROJ-w0    the three sources through each projection (:data:`PROJECTIONS`), default ``w`` and 0
 self              ``w = 0``, the only teacher is the starting target itself (self-distillation)
 oracle            ``w = 0``, the only teacher is ``world:oracle`` (the target's own tokenizer)
 twin              ``w = 0``, the only teacher is ``world:oracle-twin`` (same training, other tokenizer)
@@ -52,8 +52,8 @@ __all__ = ["PROJECTIONS", "run"]
 
 logger = logging.getLogger(__name__)
 
-PROJECTIONS = ("mined", "prefix", "groups")
-"""The projections compared (``vocab.method``); FuseLLM's MinED map is the reference."""
+PROJECTIONS = {"mined": ("mined", "offsets"), "prefix": ("prefix", "offsets"), "groups": ("groups", "starts")}
+"""The projections compared: name -> (``vocab.method``, ``align.method``); FuseLLM's MinED map is the reference."""
 
 
 def _base() -> dict[str, Any]:
@@ -109,10 +109,11 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
                                      **{s["name"]: s["name"] for s in base["sources"]}})
     measure("distill", sources, ["train.lm_loss_weight=0"], {"target+fused": "distill"})
     default_w = float(base.get("train", {}).get("lm_loss_weight", 0.9))
-    for method in PROJECTIONS:
+    for method, (vocab, align) in PROJECTIONS.items():
         for w in (default_w, 0.0):
             name = method if w == default_w else f"{method}-w0"
-            measure(name, sources, [f"vocab.method={method}", f"train.lm_loss_weight={w}"], {"target+fused": name})
+            measure(name, sources, [f"vocab.method={vocab}", f"align.method={align}", f"train.lm_loss_weight={w}"],
+                    {"target+fused": name})
     for name, model in (("self", "world:target"), ("oracle", "world:oracle"), ("twin", "world:oracle-twin")):
         rows = {"target+fused": name, **({} if name == "self" else {"teacher": f"{name}-teacher"})}
         measure(name, _single_teacher(base, model, workdir / name), ["train.lm_loss_weight=0"], rows)
