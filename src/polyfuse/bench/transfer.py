@@ -8,7 +8,8 @@ on the held-out set:
 run               teachers and loss
 ================  =================================================================================
 clm               none: plain causal LM (the baseline every fused run is compared with)
-default           the packaged ``tiny.yaml`` as it is (its projection, ``w``, capture and strategy)
+default           the packaged ``tiny.yaml`` (its projection, ``w`` and strategy), with a sampled tail
+                  (``capture.samples`` = :data:`SAMPLES`, as every run here)
 distill           the same with ``w = 0``: distillation alone
 PROJ / PROJ-w0    the three sources through each projection (:data:`PROJECTIONS`), default ``w`` and 0
 self              ``w = 0``, the only teacher is the starting target itself (self-distillation)
@@ -54,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 PROJECTIONS = {"mined": ("mined", "offsets"), "prefix": ("prefix", "offsets"), "groups": ("groups", "starts")}
 """The projections compared: name -> (``vocab.method``, ``align.method``); FuseLLM's MinED map is the reference."""
+SAMPLES = 54
+"""``capture.samples`` of every run: the top-10 plus a sampled tail (the whole distribution, unbiased)."""
 
 
 def _base() -> dict[str, Any]:
@@ -95,6 +98,7 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
     preset, seed = facts.get("preset", "test" if quick else "demo"), int(facts.get("seed", 0))
     build_world(world, preset=preset, seed=seed, budget=float(facts.get("budget", 1.0)), oracles=True)
     base = {**_base(), "world": str(world), "seed": seed}
+    base["capture"] = {**base.get("capture", {}), "samples": SAMPLES}
     steps = ["train.max_steps=20"] if quick else []
     bpb: dict[str, dict[str, float]] = {}
 
