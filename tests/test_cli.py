@@ -150,6 +150,35 @@ def test_grouped_projection_end_to_end(tmp_path: Path, tiny_world: Path) -> None
     assert "target+fused" in results["models"]
 
 
+def test_fuse_fallback_without_the_target(tmp_path: Path, tiny_world: Path) -> None:
+    """include_target=false: positions no source reaches get the target's own entries, its label, or nothing."""
+    from polyfuse.capture.store import StoreReader
+    from polyfuse.corpus.blocks import read_blocks
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.models import load_tokenizer
+
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=2000", "blocks.max_tokens=96", "fuse.include_target=false"]
+    stores = {}
+    for fallback in ("none", "label", "target"):
+        assert main(["run", str(path), *small, f"fuse.fallback={fallback}", "--only", "blocks", "--only", "capture",
+                     "--only", "vocab", "--only", "align", "--only", "fuse"]) == 0
+        stores[fallback] = StoreReader(tmp_path / "run" / "fuse")
+        stores[fallback] = {b: stores[fallback][b] for b in stores[fallback].block_ids}
+    blocks = read_blocks(tmp_path / "run" / "blocks" / "blocks.jsonl")
+    tok = load_tokenizer(str(tiny_world / "models" / "target"))
+    target = StoreReader(tmp_path / "run" / "capture" / "target")
+    seen = 0
+    for b, enc in zip(blocks, encode_blocks(tok, [b.text for b in blocks]), strict=True):
+        none, label, own = (stores[f][b.block_id] for f in ("none", "label", "target"))
+        empty = ~(none.ids >= 0).any(-1)                      # no source reached these positions
+        seen += int(empty.sum())
+        assert (label.ids[empty, 0] == enc.ids[1:][empty]).all() and (label.ids[empty, 1:] == -1).all()
+        np.testing.assert_array_equal(np.sort(own.ids[empty]), np.sort(target[b.block_id].ids[empty]))  # ties re-sorted
+        np.testing.assert_array_equal(label.ids[~empty], none.ids[~empty])  # elsewhere the sources decide
+    assert seen > 0
+
+
 def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> None:
     """mode=fusechat: one target per source (target + that source only), merged onto the target (SCE)."""
     path = _recipe(tmp_path, tiny_world)

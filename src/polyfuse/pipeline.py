@@ -252,19 +252,40 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     return results
 
 
-def _teachers(recipe: Recipe, target_row, aligned_rows: list) -> list:
-    """Teacher 0 is the target's own distribution (FuseLLM), then each aligned source."""
+def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None) -> list:
+    """Teacher 0 is the target (FuseLLM) or, without it, the fallback of ``fuse.fallback``; then each source.
+
+    A fallback teacher is never valid: the strategies use it only where no source is
+    (:mod:`polyfuse.fuse.strategies`: teacher 0 wherever no teacher has a usable prediction).
+    ``next_ids`` [P]: the target's next tokens (needed by the ``label`` fallback).
+    """
     import numpy as np
 
     from polyfuse.fuse.strategies import TeacherBlock
 
-    def teacher(row, valid):
+    def teacher(row, valid, seq_nll=None):
         nll = -row.target_logprob.astype(np.float64)
-        return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid, row.nll_sum)
+        return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid,
+                            row.nll_sum if seq_nll is None else seq_nll)
 
-    out = [teacher(target_row, np.ones(target_row.n_positions, dtype=bool))] if recipe.fuse.include_target else []
+    p = target_row.n_positions
+    opts = recipe.fuse
+    if opts.include_target:
+        out = [teacher(target_row, np.ones(p, dtype=bool))]
+    elif opts.fallback == "target":  # NaN sequence NLL: never chosen for a whole block either
+        out = [teacher(target_row, np.zeros(p, dtype=bool), float("nan"))]
+    elif opts.fallback == "label":
+        out = [TeacherBlock(np.asarray(next_ids, dtype=np.int64)[:, None], np.zeros((p, 1), np.float32),
+                            np.full(p, np.nan), np.zeros(p, dtype=bool), float("nan"))]
+    else:
+        out = []
     out += [teacher(row, ~np.isnan(row.target_logprob)) for row in aligned_rows]
     return out
+
+
+def _has_teacher0(recipe: Recipe) -> bool:
+    """Whether fusion's teacher 0 is the target (or a fallback standing in for it)."""
+    return recipe.fuse.include_target or recipe.fuse.fallback != "none"
 
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
@@ -290,8 +311,15 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
         blocks = _blocks(recipe)
         own = StoreReader(stage_dir(recipe, "capture", target))
         aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
-        groups = _teacher_groups(recipe, names, len(_tokenizers(recipe)[target]))
-        widths = [r.k for r in ([own] if opts.include_target else []) + aligned]
+        toks = _tokenizers(recipe)
+        groups = _teacher_groups(recipe, names, len(toks[target]))
+        next_ids = None
+        if not opts.include_target and opts.fallback == "label":
+            from polyfuse.corpus.tokens import encode_blocks
+
+            encoded = encode_blocks(toks[target], [b.text for b in blocks], [b.response_spans is not None for b in blocks])
+            next_ids = {b.block_id: e.ids[1:] for b, e in zip(blocks, encoded, strict=True)}
+        widths = [r.k for r in ([own] if _has_teacher0(recipe) else []) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
         n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
@@ -299,7 +327,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
             atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
         writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
-                                   "teachers": ([target] if opts.include_target else []) + names,
+                                   "teachers": ([target] if _has_teacher0(recipe) else []) + names,
                                    "temperature": own.temperature})
         stats = None
         shard = recipe.capture.shard_size
@@ -308,7 +336,8 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 rows = []
                 for b in blocks[start:start + shard]:
                     t_row = own[b.block_id]
-                    teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned])
+                    teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned],
+                                         next_ids[b.block_id] if next_ids is not None else None)
                     if groups is not None:
                         teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
                     fused = fuse_block(teachers,
@@ -320,7 +349,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 writer.write_shard(start // shard, rows)
         writer.finalize()
         return {"teacher_share": stats.as_dict() if stats is not None else {},
-                "teachers": ([target] if opts.include_target else []) + names}
+                "teachers": ([target] if _has_teacher0(recipe) else []) + names}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
 
@@ -339,7 +368,7 @@ def _teacher_groups(recipe: Recipe, names: list[str], n_tgt: int):
     maps = [VocabMap.load(stage_dir(recipe, "vocab", n)) for n in names]
     if all(m.tgt_group is None for m in maps):
         return None
-    rows = [np.arange(n_tgt)] if recipe.fuse.include_target else []
+    rows = [np.arange(n_tgt)] if _has_teacher0(recipe) else []
     rows += [np.arange(n_tgt) if m.tgt_group is None else m.tgt_group for m in maps]
     return np.stack(rows).astype(np.int64)
 

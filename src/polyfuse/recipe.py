@@ -297,7 +297,7 @@ class CaptureSection(Section):
     top_k: int = Field(10, ge=1, le=256, description="teacher log-probs kept per position", examples=[10])
     samples: int = Field(
         0, ge=0, le=1024, description="draws from the rest of each teacher distribution, stored after the "
-        "top-k as an unbiased sampled tail (hf backend; 0: top-k only)", examples=[22])
+        "top-k as an unbiased sampled tail (hf backend, 0: top-k only)", examples=[22])
     batch_size: int = Field(8, ge=1, description="blocks per forward pass")
     shard_size: int = Field(256, ge=1, description="blocks per store shard (the unit of resume)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
@@ -310,7 +310,7 @@ class VocabSection(Section):
     method: Literal["exact", "mined", "prefix", "groups", "stats"] = Field(
         "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
         "FuseLLM), prefix (exact, else the longest target piece the token's text starts with), groups (a "
-        "source token's mass goes to the target tokens it begins; the student matches their summed "
+        "source token's mass goes to the target tokens it begins, the student matches their summed "
         "probability) or stats (co-alignment statistics, FuseChat)")
     stats_fallback: Literal["exact", "mined"] = Field(
         "mined", description="stats only: the map used for source ids never co-aligned on the corpus")
@@ -323,7 +323,7 @@ class AlignSection(Section):
 
     method: Literal["offsets", "dtw", "starts"] = Field(
         "offsets", description="offsets (one-to-one tokens with identical character spans), dtw (FuseLLM's "
-        "dynamic programming) or starts (next tokens that start at the same character; for vocab.method "
+        "dynamic programming) or starts (next tokens that start at the same character, for vocab.method "
         "groups, whose projection handles tokens of different lengths)")
 
 
@@ -334,6 +334,10 @@ class FuseSection(Section):
         "min_ce", description="min_ce (lowest cross-entropy teacher), avg_ce (weighted average) or none")
     level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
     include_target: bool = Field(True, description="the target's own distribution is one of the teachers (FuseLLM)")
+    fallback: Literal["target", "label", "none"] = Field(
+        "target", description="without include_target, what positions no source reaches learn from: target "
+        "(the target's own distribution, which keeps them where they were), label (a one-hot on the next "
+        "token, FuseLLM's fallback) or none (nothing: the student drifts toward tokens the sources align with)")
     top_k: int | None = Field(None, ge=1, description="entries kept per position in the fused distribution "
                               "(null: as many as a teacher store holds, which keeps a sampled tail whole)")
 
