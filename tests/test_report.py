@@ -309,3 +309,29 @@ def test_report_renders_in_a_headless_browser(single, tmp_path):
     assert inked > 0.01 * image.width * image.height
     # the figures drew: pixels of the palette's first colour (#0072B2, the first bars and line)
     assert sum(n for (r, g, b), n in colours.items() if abs(r - 0) < 12 and abs(g - 114) < 12 and abs(b - 178) < 12) > 500
+
+
+def test_gap_closed_by_hand():
+    from polyfuse.evaluate.results import gap_closed
+
+    closed = gap_closed({"models": MODELS}, "target+fused")
+    # code: clm 2.9, best source alpha 2.5, fused 2.8 -> 0.1 / 0.4; prose: clm 3.4, best beta 3.1, fused 3.65
+    assert closed == pytest.approx({"code": 0.25, "prose": -0.25 / 0.3})
+    assert "all" not in closed
+    assert gap_closed({"models": {"target": MODELS["target"]}}, "target+fused") == {}
+
+
+def test_transfer_section_shows_gap_closed_and_per_source_signal(tmp_path):
+    run = make_run(tmp_path / "run")
+    _manifest(run / "align" / "alpha", "align", 0.5, {"positions": 8000, "coverage": 0.75, "stored_mass": 0.98,
+                                                      "mapped_mass": 0.9, "actual_ratio": 1.02})
+    _manifest(run / "fuse", "fuse", 1.0, {"teacher_share": {"positions": 8000, "share": [0.4, 0.6]},
+                                          "teachers": ["target", "alpha"]})
+    md, page = write_report([run], None)
+    text = md.read_text()
+    section = text.split("## Transfer", 1)[1].split("\n## ", 1)[0]
+    gap = [line for line in section.split("### Gap closed", 1)[1].split("###", 1)[0].splitlines() if line.startswith("| target+fused")]
+    assert gap and "+25.0%" in gap[0] and f"{MINUS}83.3%" in gap[0].replace("-", MINUS)
+    signal = [line for line in section.split("### Teacher signal per source", 1)[1].splitlines() if line.startswith("| alpha")]
+    assert signal and all(cell in signal[0] for cell in ("75.0%", "0.980", "0.900", "1.020", "60.0%"))
+    assert "Gap closed" in page.read_text()
