@@ -177,6 +177,15 @@ def test_fuse_fallback_without_the_target(tmp_path: Path, tiny_world: Path) -> N
         np.testing.assert_array_equal(np.sort(own.ids[empty]), np.sort(target[b.block_id].ids[empty]))  # ties re-sorted
         np.testing.assert_array_equal(label.ids[~empty], none.ids[~empty])  # elsewhere the sources decide
     assert seen > 0
+    # with the target as a teacher, the label fallback takes exactly the positions no source reaches
+    assert main(["run", str(path), *small, "fuse.include_target=true", "fuse.fallback=label", "--only", "fuse"]) == 0
+    both = StoreReader(tmp_path / "run" / "fuse")
+    manifest = json.loads((tmp_path / "run" / "fuse" / "manifest.json").read_text())
+    assert manifest["outputs"]["teachers"] == ["label", "target", "prose", "math"]
+    for b, enc in zip(blocks, encode_blocks(tok, [b.text for b in blocks]), strict=True):
+        empty = ~(stores["none"][b.block_id].ids >= 0).any(-1)
+        ids = both[b.block_id].ids
+        assert (ids[empty, 0] == enc.ids[1:][empty]).all() and (ids[empty, 1:] == -1).all()
 
 
 def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> None:

@@ -253,11 +253,16 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
 
 
 def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None) -> list:
-    """Teacher 0 is the target (FuseLLM) or, without it, the fallback of ``fuse.fallback``; then each source.
+    """Fusion's teachers at the target's positions: the fallback (if any), the target, then each source.
 
-    A fallback teacher is never valid: the strategies use it only where no source is
-    (:mod:`polyfuse.fuse.strategies`: teacher 0 wherever no teacher has a usable prediction).
-    ``next_ids`` [P]: the target's next tokens (needed by the ``label`` fallback).
+    Positions that some source reaches are fused from the target (``fuse.include_target``, FuseLLM's
+    teacher 0) and the sources. Positions no source reaches learn from ``fuse.fallback``: the target's
+    own distribution (``target``; it is the target's row itself when the target is a teacher), a
+    one-hot on the next token (``label``, FuseLLM's fallback) or nothing (``none``; only without the
+    target, which otherwise covers every position). A fallback that
+    is not the target is teacher 0 and never valid: the strategies use teacher 0 exactly where no
+    teacher has a usable prediction (:mod:`polyfuse.fuse.strategies`). ``next_ids`` [P]: the
+    target's next tokens (the ``label`` fallback).
     """
     import numpy as np
 
@@ -270,22 +275,32 @@ def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None) -> 
 
     p = target_row.n_positions
     opts = recipe.fuse
+    sources = [teacher(row, ~np.isnan(row.target_logprob)) for row in aligned_rows]
+    covered = np.any([t.valid for t in sources], axis=0) if sources else np.zeros(p, dtype=bool)
+    out = []
+    if opts.fallback == "label":
+        out.append(TeacherBlock(np.asarray(next_ids, dtype=np.int64)[:, None], np.zeros((p, 1), np.float32),
+                                np.full(p, np.nan), np.zeros(p, dtype=bool), float("nan")))
+    elif opts.fallback == "target" and not opts.include_target:  # NaN sequence NLL: never chosen for a block
+        out.append(teacher(target_row, np.zeros(p, dtype=bool), float("nan")))
     if opts.include_target:
-        out = [teacher(target_row, np.ones(p, dtype=bool))]
-    elif opts.fallback == "target":  # NaN sequence NLL: never chosen for a whole block either
-        out = [teacher(target_row, np.zeros(p, dtype=bool), float("nan"))]
-    elif opts.fallback == "label":
-        out = [TeacherBlock(np.asarray(next_ids, dtype=np.int64)[:, None], np.zeros((p, 1), np.float32),
-                            np.full(p, np.nan), np.zeros(p, dtype=bool), float("nan"))]
-    else:
-        out = []
-    out += [teacher(row, ~np.isnan(row.target_logprob)) for row in aligned_rows]
-    return out
+        out.append(teacher(target_row, covered if opts.fallback == "label" else np.ones(p, dtype=bool)))
+    return out + sources
 
 
-def _has_teacher0(recipe: Recipe) -> bool:
-    """Whether fusion's teacher 0 is the target (or a fallback standing in for it)."""
-    return recipe.fuse.include_target or recipe.fuse.fallback != "none"
+def _n_teacher0(recipe: Recipe) -> int:
+    """How many teachers come before the sources (the fallback and/or the target)."""
+    opts = recipe.fuse
+    fallback = opts.fallback == "label" or (opts.fallback == "target" and not opts.include_target)
+    return int(fallback) + int(opts.include_target)
+
+
+def _teacher_names(recipe: Recipe, names: list[str]) -> list[str]:
+    """Fusion's teacher names, in :func:`_teachers` order (a label fallback is ``label``)."""
+    opts, target = recipe.fuse, recipe.target.name
+    lead = {0: [], 1: ["label" if opts.fallback == "label" and not opts.include_target else target],
+            2: ["label", target]}[_n_teacher0(recipe)]
+    return lead + names
 
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
@@ -314,12 +329,12 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
         toks = _tokenizers(recipe)
         groups = _teacher_groups(recipe, names, len(toks[target]))
         next_ids = None
-        if not opts.include_target and opts.fallback == "label":
+        if opts.fallback == "label":
             from polyfuse.corpus.tokens import encode_blocks
 
             encoded = encode_blocks(toks[target], [b.text for b in blocks], [b.response_spans is not None for b in blocks])
             next_ids = {b.block_id: e.ids[1:] for b, e in zip(blocks, encoded, strict=True)}
-        widths = [r.k for r in ([own] if _has_teacher0(recipe) else []) + aligned]
+        widths = [r.k for r in [own] * _n_teacher0(recipe) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
         n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
@@ -327,7 +342,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
             atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
         writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
-                                   "teachers": ([target] if _has_teacher0(recipe) else []) + names,
+                                   "teachers": _teacher_names(recipe, names),
                                    "temperature": own.temperature})
         stats = None
         shard = recipe.capture.shard_size
@@ -349,7 +364,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 writer.write_shard(start // shard, rows)
         writer.finalize()
         return {"teacher_share": stats.as_dict() if stats is not None else {},
-                "teachers": ([target] if _has_teacher0(recipe) else []) + names}
+                "teachers": _teacher_names(recipe, names)}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
 
@@ -368,7 +383,7 @@ def _teacher_groups(recipe: Recipe, names: list[str], n_tgt: int):
     maps = [VocabMap.load(stage_dir(recipe, "vocab", n)) for n in names]
     if all(m.tgt_group is None for m in maps):
         return None
-    rows = [np.arange(n_tgt)] if _has_teacher0(recipe) else []
+    rows = [np.arange(n_tgt)] * _n_teacher0(recipe)
     rows += [np.arange(n_tgt) if m.tgt_group is None else m.tgt_group for m in maps]
     return np.stack(rows).astype(np.int64)
 

@@ -335,9 +335,10 @@ class FuseSection(Section):
     level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
     include_target: bool = Field(True, description="the target's own distribution is one of the teachers (FuseLLM)")
     fallback: Literal["target", "label", "none"] = Field(
-        "target", description="without include_target, what positions no source reaches learn from: target "
-        "(the target's own distribution, which keeps them where they were), label (a one-hot on the next "
-        "token, FuseLLM's fallback) or none (nothing: the student drifts toward tokens the sources align with)")
+        "target", description="what positions no source reaches learn from: target (the target's own "
+        "distribution, which keeps them where they were), label (a one-hot on the next token, FuseLLM's "
+        "fallback) or none (nothing, only without include_target: the student then drifts toward the "
+        "tokens the sources align with)")
     top_k: int | None = Field(None, ge=1, description="entries kept per position in the fused distribution "
                               "(null: as many as a teacher store holds, which keeps a sampled tail whole)")
 
