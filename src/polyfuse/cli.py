@@ -240,9 +240,14 @@ def bench(
     workdir: Annotated[Path, typer.Option(help="scratch directory for generated inputs")] = Path("runs/bench"),
 ) -> None:
     """Measure speed and memory as ratios taken side by side in one run."""
+    import contextlib
+    import sys
+
     from polyfuse.bench import run_suites
 
-    figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir)
+    # with --json, stdout carries the JSON object alone: progress bars and logs go to stderr
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir)
     if as_json:
         typer.echo(json.dumps({f.key: round(f.value, 6) for f in figures}))
         return
