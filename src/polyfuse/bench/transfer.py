@@ -13,8 +13,12 @@ default           the packaged ``tiny.yaml`` (its projection, ``w`` and strategy
 distill           the same with ``w = 0``: distillation alone
 PROJ / PROJ-w0    the three sources through each projection (:data:`PROJECTIONS`), default ``w`` and 0
 self              ``w = 0``, the only teacher is the starting target itself (self-distillation)
-oracle            ``w = 0``, the only teacher is ``world:oracle`` (the target's own tokenizer)
+oracle            ``w = 0``, the only teacher is ``world:oracle`` (the target's own tokenizer); in these
+                  single-teacher runs the target is no teacher and the positions the teacher does
+                  not reach keep the target's own distribution (``fuse.fallback=target``)
 twin              ``w = 0``, the only teacher is ``world:oracle-twin`` (same training, other tokenizer)
+distill-label,    as ``distill`` and ``twin``, with ``fuse.fallback=label``: the positions no source
+twin-label        reaches learn the next token (FuseLLM's one-hot fallback; not pure distillation)
 ================  =================================================================================
 
 Headline keys (``--json``):
@@ -112,6 +116,8 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
     measure("default", sources, [], {"target": "target", "target+clm": "clm", "target+fused": "default",
                                      **{s["name"]: s["name"] for s in base["sources"]}})
     measure("distill", sources, ["train.lm_loss_weight=0"], {"target+fused": "distill"})
+    measure("distill-label", sources, ["train.lm_loss_weight=0", "fuse.fallback=label"],
+            {"target+fused": "distill-label"})
     default_w = float(base.get("train", {}).get("lm_loss_weight", 0.9))
     for method, (vocab, align) in PROJECTIONS.items():
         for w in (default_w, 0.0):
@@ -121,6 +127,8 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
     for name, model in (("self", "world:target"), ("oracle", "world:oracle"), ("twin", "world:oracle-twin")):
         rows = {"target+fused": name, **({} if name == "self" else {"teacher": f"{name}-teacher"})}
         measure(name, _single_teacher(base, model, workdir / name), ["train.lm_loss_weight=0"], rows)
+    measure("twin-label", _single_teacher(base, "world:oracle-twin", workdir / "twin"),
+            ["train.lm_loss_weight=0", "fuse.fallback=label"], {"target+fused": "twin-label"})
 
     results = {"models": {"target": {"bpb": bpb["target"]}, "target+clm": {"bpb": bpb["clm"]},
                           "target+fused": {"bpb": bpb["default"]},
