@@ -338,3 +338,16 @@ def test_every_field_documented_and_extra_forbidden() -> None:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
             assert "\n" not in field.description and ";" not in field.description
+
+
+def test_sampled_tail_and_starts_combinations_are_checked():
+    from polyfuse.errors import RecipeError
+    from polyfuse.recipe import parse_recipe
+
+    base = {"target": {"model": "world:target"}, "sources": [{"name": "a", "model": "world:prose"}]}
+    with pytest.raises(RecipeError, match="train.temperature must be 1.0"):
+        parse_recipe(base, ["capture.samples=8", "train.temperature=2.0", "train.teacher_mass=renormalise"])
+    with pytest.raises(RecipeError, match="vocab.method=groups"):
+        parse_recipe(base, ["align.method=starts"])
+    ok = parse_recipe(base, ["capture.samples=8", "align.method=starts", "vocab.method=groups"])
+    assert ok.capture.samples == 8 and ok.align.method == "starts"

@@ -466,6 +466,16 @@ class Recipe(RecipeBase):
     train: TrainSection = Field(default_factory=TrainSection, description="continual training")
     merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
 
+    @model_validator(mode="after")
+    def _sampled_tail_needs_temperature_one(self) -> Recipe:
+        if self.capture.samples and self.train.temperature != 1.0:
+            raise ValueError(f"capture.samples stores draws weighted for temperature 1, so train.temperature must be "
+                             f"1.0 (got {self.train.temperature}); set capture.samples=0 to train at another temperature")
+        if self.align.method == "starts" and self.vocab.method != "groups":
+            raise ValueError(f"align.method starts pairs next tokens of different lengths, which only vocab.method "
+                             f"groups projects correctly (got {self.vocab.method!r}); set vocab.method=groups")
+        return self
+
 
 # --------------------------------------------------------------------------------------------------
 # YAML loading and overrides
