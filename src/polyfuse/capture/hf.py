@@ -173,9 +173,13 @@ def sampled_tail(
     empty = rest[:, 0] <= 0
     if empty.any():  # every id is in the head: nothing to draw; keep multinomial well defined
         probs[empty] = 1.0
-    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)  # [c, S]
-    counts = probs.zero_().scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))  # [c, V]
-    n, drawn = torch.topk(counts, samples, dim=-1)  # [c, S], the drawn ids first
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator).sort(-1).values  # [c, S]
+    # run-length count of the sorted draws: run r of a row holds one distinct id and its count
+    fresh = torch.ones_like(draws, dtype=torch.bool)
+    fresh[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    run = fresh.cumsum(-1) - 1                                                  # [c, S] run index
+    drawn = torch.full_like(draws, -1).scatter_(-1, run, draws)
+    n = torch.zeros_like(draws, dtype=probs.dtype).scatter_add_(-1, run, torch.ones_like(draws, dtype=probs.dtype))
     tail_lp = (rest * n / samples).log()  # -inf where n == 0 (or r == 0)
     tail_lp[empty] = float("-inf")
     drawn = torch.where(torch.isfinite(tail_lp), drawn, -1)
