@@ -229,12 +229,16 @@ def test_prefix_map_sends_mass_to_a_piece_the_target_can_emit_next() -> None:
     assert m.method == "prefix"
 
 
-def test_prefix_map_tiny_world_maps_every_text_token(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
+def _source_maps(world_toks: dict[str, PreTrainedTokenizerFast], method: str):
+    """``(map, source pieces, target pieces)`` of every tiny-world source onto the target."""
     tgt = world_toks["target"]
     tgt_pieces = token_table(tgt).pieces
     for name in ("prose", "code", "math"):
-        m = vocab_map(world_toks[name], tgt, method="prefix")
-        pieces = token_table(world_toks[name]).pieces
+        yield vocab_map(world_toks[name], tgt, method=method), token_table(world_toks[name]).pieces, tgt_pieces
+
+
+def test_prefix_map_tiny_world_maps_every_text_token(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
+    for m, pieces, tgt_pieces in _source_maps(world_toks, "prefix"):
         for i in np.nonzero(m.kind == MapKind.PREFIX)[0].tolist():
             assert pieces[i].startswith(tgt_pieces[m.src_to_tgt[i]]) and pieces[i] != tgt_pieces[m.src_to_tgt[i]]
         text = [i for i, p in enumerate(pieces) if p is not None]
@@ -242,11 +246,7 @@ def test_prefix_map_tiny_world_maps_every_text_token(world_toks: dict[str, PreTr
 
 
 def test_group_map_tiny_world_groups_are_prefix_consistent(world_toks: dict[str, PreTrainedTokenizerFast]) -> None:
-    tgt = world_toks["target"]
-    tgt_pieces = token_table(tgt).pieces
-    for name in ("prose", "code", "math"):
-        m = vocab_map(world_toks[name], tgt, method="groups")
-        pieces = token_table(world_toks[name]).pieces
+    for m, pieces, tgt_pieces in _source_maps(world_toks, "groups"):
         groups = m.tgt_group
         assert sorted(set(groups.tolist())) == list(range(int(groups.max()) + 1))  # dense 0..G-1
         members: dict[int, list[int]] = {}

@@ -326,18 +326,18 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
         blocks = _blocks(recipe)
         own = StoreReader(stage_dir(recipe, "capture", target))
         aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
-        toks = _tokenizers(recipe)
-        groups = _teacher_groups(recipe, names, len(toks[target]))
+        n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
+        groups = _teacher_groups(recipe, names, n_tgt)
         next_ids = None
-        if opts.fallback == "label":
+        if opts.fallback == "label":  # the target's next tokens: only this fallback needs its tokenizer
             from polyfuse.corpus.tokens import encode_blocks
 
-            encoded = encode_blocks(toks[target], [b.text for b in blocks], [b.response_spans is not None for b in blocks])
+            encoded = encode_blocks(_tokenizers(recipe)[target], [b.text for b in blocks],
+                                    [b.response_spans is not None for b in blocks])
             next_ids = {b.block_id: e.ids[1:] for b, e in zip(blocks, encoded, strict=True)}
         widths = [r.k for r in [own] * _n_teacher0(recipe) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
-        n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
         if groups is not None:  # entries carry their teacher: id = teacher * n_tgt + target id
             atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
         writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),

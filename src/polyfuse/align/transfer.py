@@ -70,13 +70,14 @@ def shared_start_positions(src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
     if not (src.has_context and tgt.has_context):
         raise ValueError("shared_start_positions needs blocks with a context token (position t predicts t + 1)")
     s_begin, t_begin = starts(src), starts(tgt)
-    keys = np.nonzero(s_begin >= 0)[0]
+    keys = np.nonzero(s_begin >= 0)[0]                                 # source positions with a fresh start
+    if not keys.size:
+        return np.full(len(t_begin), -1, dtype=np.int64)
     order = np.argsort(s_begin[keys], kind="stable")
     sorted_begin, sorted_pos = s_begin[keys][order], keys[order]
-    at = np.searchsorted(sorted_begin, t_begin).clip(max=max(len(sorted_begin) - 1, 0))
-    hit = (t_begin >= 0) & (len(sorted_begin) > 0)
-    hit &= sorted_begin[at] == t_begin if len(sorted_begin) else hit
-    return np.where(hit, sorted_pos[at] if len(sorted_begin) else -1, -1).astype(np.int64)
+    at = np.searchsorted(sorted_begin, t_begin).clip(max=len(sorted_begin) - 1)
+    hit = (t_begin >= 0) & (sorted_begin[at] == t_begin)
+    return np.where(hit, sorted_pos[at], -1).astype(np.int64)
 
 
 def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int) -> BlockTopK:

@@ -282,6 +282,16 @@ def mined_map(src: TokenTable | Any, tgt: TokenTable | Any, *, workers: int = -1
     return VocabMap(out, kind, "mined", n_tgt=len(tgt))
 
 
+def _longest_prefix(piece: bytes, by_bytes: dict[bytes, int], longest: int, *, proper: bool = False) -> int:
+    """The id of the longest key of ``by_bytes`` that ``piece`` starts with (shorter than ``piece`` when
+    ``proper``), -1 when none; ``longest`` is the length of the longest key."""
+    for n in range(min(len(piece) - int(proper), longest), 0, -1):
+        hit = by_bytes.get(piece[:n])
+        if hit is not None:
+            return hit
+    return -1
+
+
 def prefix_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
     """Exact first, then each other source token → the longest target piece its bytes start with.
 
@@ -307,11 +317,9 @@ def prefix_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
     for i, piece in enumerate(src.pieces):
         if piece is None or kind[i] != MapKind.NONE:
             continue
-        for n in range(min(len(piece) - 1, longest), 0, -1):
-            hit = by_bytes.get(piece[:n])
-            if hit is not None:
-                out[i], kind[i] = hit, MapKind.PREFIX
-                break
+        hit = _longest_prefix(piece, by_bytes, longest, proper=True)
+        if hit >= 0:
+            out[i], kind[i] = hit, MapKind.PREFIX
     return VocabMap(out, kind, "prefix", n_tgt=len(tgt))
 
 
@@ -349,15 +357,8 @@ def group_map(src: TokenTable | Any, tgt: TokenTable | Any) -> VocabMap:
     exact = exact_map(src, tgt)
     by_src = _preferred_ids(src)
     longest = max((len(p) for p in by_src), default=0)
-    owner = np.full(len(tgt), -1, dtype=np.int64)
-    for t, piece in enumerate(tgt.pieces):
-        if piece is None:
-            continue
-        for n in range(min(len(piece), longest), 0, -1):
-            hit = by_src.get(piece[:n])
-            if hit is not None:
-                owner[t] = hit
-                break
+    owner = np.array([-1 if piece is None else _longest_prefix(piece, by_src, longest) for piece in tgt.pieces],
+                     dtype=np.int64)
     special = exact.kind == MapKind.SPECIAL  # specials by role: the target special belongs to its source twin
     owner[exact.src_to_tgt[special]] = np.nonzero(special)[0]
     # dense group ids: owned target ids by owner, then every unowned target id alone
