@@ -104,3 +104,74 @@ def test_shared_starts_pair_next_tokens_that_begin_at_the_same_character() -> No
     assert shared_start_positions(src, tgt).tolist() == [0, 2]
     tgt_cut = EncodedBlock(ids=np.array([0, 5, 6]), offsets=np.array([[0, 0], [0, 2], [2, 2]]), has_context=True)
     assert shared_start_positions(src, tgt_cut).tolist() == [0, -1]  # no source token starts at 2
+
+
+def _inside_world():
+    """Text "end.\\nok": the source glues ".\\n" (as the tiny world's twin does), the target cuts "." | "\\n"."""
+    from polyfuse.align.normalize import TokenTable
+
+    src_table = TokenTable([None, b"end", b".\n", b"ok", b". ", b"x", b".\nok"], {}, {}, np.zeros(7, bool))
+    tgt_table = TokenTable([None, b"end", b".", b"\n", b" ", b"ok"], {}, {}, np.zeros(6, bool))
+    src = EncodedBlock(ids=np.array([0, 1, 2, 3]), offsets=np.array([[0, 0], [0, 3], [3, 5], [5, 7]]),
+                       has_context=True)
+    tgt = EncodedBlock(ids=np.array([0, 1, 2, 3, 5]),
+                       offsets=np.array([[0, 0], [0, 3], [3, 4], [4, 5], [5, 7]]), has_context=True)
+    return src_table, tgt_table, src, tgt
+
+
+def test_inside_token_entries_condition_on_the_emitted_bytes() -> None:
+    """After the target emitted ".", the twin's ".\\n" (0.6) and ". " (0.3) say what follows; "x" is not
+    consistent with "." and is dropped; ".\\nok" (0.05) leaves "\\nok", which the target begins with "\\n"."""
+    from polyfuse.align.transfer import RemainderMap, inside_token_entries, shared_start_positions
+
+    src_table, tgt_table, src, tgt = _inside_world()
+    pos = shared_start_positions(src, tgt)
+    assert pos.tolist() == [0, 1, -1, 2]                    # t = 2 predicts "\n", inside the source's ".\n"
+    row = _topk(ids=[[1, 5, 4, 6]] * 3 + [[3, 5, 4, 6]], probs=[[0.5, 0.3, 0.1, 0.1]] * 3 + [[0.6, 0.1, 0.2, 0.1]],
+                target_lp=[-0.7, float(np.log(0.6)), -0.5, -0.4])
+    row.ids[1] = [2, 4, 5, 6]
+    row.logprobs[1] = np.log(np.array([0.6, 0.3, 0.05, 0.05], dtype=np.float32)).astype(np.float16)
+    inside = inside_token_entries(row, src, tgt, "end.\nok", src_table, RemainderMap(tgt_table), pos)
+    assert inside.positions.tolist() == [2]
+    got = dict(zip(inside.ids.tolist(), inside.probs.tolist(), strict=False))
+    assert set(inside.ids.tolist()) == {3, 4} and inside.rows.tolist() == [2, 2, 2]
+    mass = 0.6 + 0.3 + 0.05
+    np.testing.assert_allclose(sum(p for i, p in zip(inside.ids, inside.probs, strict=True) if i == 3),
+                               0.65 / mass, rtol=2e-3)
+    assert got[4] == pytest.approx(0.3 / mass, rel=2e-3)
+    assert float(inside.target_logprob[0]) == pytest.approx(np.log(0.6 / mass), rel=2e-3)
+
+    out = transfer_block(row, pos, _vmap([0, 1, 2, -1, 4, -1, -1], n_tgt=6), k=3, inside=inside)
+    assert out.ids[2].tolist() == [3, 4, -1]                 # the two candidates summed into "\n", then " "
+    np.testing.assert_allclose(np.exp(out.logprobs[2, :2].astype(np.float32)), [0.65 / mass, 0.3 / mass], rtol=3e-3)
+    assert out.ids[1].tolist()[:2] == [2, 4]                # the shared start keeps its own mapping
+    stats = TransferStats()
+    stats.add(row, pos, out, tgt.ids[1:], inside)
+    assert stats.as_dict()["inside_positions"] == 1 and stats.as_dict()["coverage"] == 1.0
+
+
+def test_inside_token_entries_add_the_actual_token_and_skip_what_they_cannot_read() -> None:
+    from polyfuse.align.transfer import RemainderMap, inside_token_entries, shared_start_positions
+
+    src_table, tgt_table, src, tgt = _inside_world()
+    pos = shared_start_positions(src, tgt)
+    # the stored entries miss the actual ".\n" (p = 0.6 from target_logprob): it is added
+    row = _topk(ids=[[4, 5]] * 4, probs=[[0.3, 0.1]] * 4, target_lp=[-0.7, float(np.log(0.6)), -0.5, -0.4])
+    inside = inside_token_entries(row, src, tgt, "end.\nok", src_table, RemainderMap(tgt_table), pos)
+    assert sorted(zip(inside.ids.tolist(), np.round(inside.probs, 3).tolist(), strict=True)) == [(3, round(0.6 / 0.9, 3)),
+                                                                                  (4, round(0.3 / 0.9, 3))]
+    # a source token whose bytes do not end with the text after the cut (a special) teaches nothing
+    special = _with_special(src_table, 2)
+    assert inside_token_entries(row, src, tgt, "end.\nok", special, RemainderMap(tgt_table), pos).positions.size == 0
+    # positions reached by a shared start are never taught twice
+    assert inside_token_entries(row, src, tgt, "end.\nok", src_table, RemainderMap(tgt_table),
+                                np.zeros(4, dtype=np.int64)).positions.size == 0
+
+
+def _with_special(table, token_id: int):
+    """``table`` with ``token_id`` made a special token (no bytes)."""
+    from polyfuse.align.normalize import TokenTable
+
+    pieces = list(table.pieces)
+    pieces[token_id] = None
+    return TokenTable(pieces, {}, {token_id: "<x>"}, table.byte_fallback)

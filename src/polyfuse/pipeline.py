@@ -195,10 +195,13 @@ def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
 
 def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Each source's captured top-k carried to the target's positions and vocabulary."""
+    from polyfuse.align.normalize import token_table
     from polyfuse.align.tokens import align_blocks
     from polyfuse.align.transfer import (
+        RemainderMap,
         TransferStats,
         aligned_source_positions,
+        inside_token_entries,
         shared_start_positions,
         transfer_block,
     )
@@ -229,6 +232,9 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                  meta={"kind": "aligned", "source": name, "target": target, "align": method,
                                        "vocab": vmap.method, "temperature": reader.temperature})
             stats = TransferStats()
+            inside = recipe.align.inside
+            src_table = token_table(toks[name]) if inside else None
+            remainder = RemainderMap(token_table(toks[target])) if inside else None
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
                 for start in range(0, len(blocks), shard):
                     rows = []
@@ -241,8 +247,10 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                             pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
                                                            vmap if method == "dtw" else None)
                         src_row = reader[blocks[i].block_id]
-                        rows.append(transfer_block(src_row, pos, vmap, reader.k))
-                        stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:])
+                        extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], texts[i], src_table,
+                                                      remainder, pos) if inside else None)
+                        rows.append(transfer_block(src_row, pos, vmap, reader.k, extra))
+                        stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
                         advance()
                     writer.write_shard(start // shard, rows)
             writer.finalize()

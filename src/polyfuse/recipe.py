@@ -325,6 +325,10 @@ class AlignSection(Section):
         "offsets", description="offsets (one-to-one tokens with identical character spans), dtw (FuseLLM's "
         "dynamic programming) or starts (next tokens that start at the same character, for vocab.method "
         "groups, whose projection handles tokens of different lengths)")
+    inside: bool = Field(
+        False, description="also teach target positions whose next token starts inside a source token: the "
+        "source's prediction before that token, conditioned on the bytes the target has already emitted, each "
+        "candidate's remaining bytes mapped to the target piece they begin")
 
 
 class FuseSection(Section):

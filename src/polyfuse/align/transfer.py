@@ -24,10 +24,13 @@ whole)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from polyfuse.align.normalize import TokenTable
 from polyfuse.align.tokens import Alignment, one_to_one
-from polyfuse.align.vocab import VocabMap
+from polyfuse.align.vocab import VocabMap, _longest_prefix, _preferred_ids
 from polyfuse.capture.store import BlockTopK
 from polyfuse.corpus.tokens import EncodedBlock
 
@@ -80,7 +83,120 @@ def shared_start_positions(src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
     return np.where(hit, sorted_pos[at], -1).astype(np.int64)
 
 
-def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int) -> BlockTopK:
+@dataclass(frozen=True)
+class InsideEntries:
+    """Teacher entries at target positions that fall inside a source token (:func:`inside_token_entries`).
+
+    Entry ``e`` gives target position ``rows[e]`` probability ``probs[e]`` on target id ``ids[e]``
+    (several entries of one row may share an id: they are summed); ``target_logprob[r]`` is the
+    source's conditional log-probability of its actual token at row ``positions[r]``.
+    """
+
+    rows: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+    positions: np.ndarray
+    target_logprob: np.ndarray
+
+    @classmethod
+    def empty(cls) -> InsideEntries:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, none, np.zeros(0), none, np.zeros(0))
+
+
+class RemainderMap:
+    """Bytes left of a source token → the target piece the target would emit first for them.
+
+    The longest target piece that is a prefix of the bytes (the bytes themselves when the target has
+    them), as :func:`polyfuse.align.vocab.prefix_map` does for whole tokens; memoised, −1 when none.
+    """
+
+    def __init__(self, tgt: TokenTable) -> None:
+        self._by_bytes = _preferred_ids(tgt)
+        self._longest = max((len(p) for p in self._by_bytes), default=0)
+        self._memo: dict[bytes, int] = {}
+
+    def __call__(self, rest: bytes) -> int:
+        hit = self._memo.get(rest)
+        if hit is None:
+            hit = self._memo[rest] = _longest_prefix(rest, self._by_bytes, self._longest)
+        return hit
+
+
+def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlock, text: str,
+                         src_table: TokenTable, remainder: RemainderMap, src_pos: np.ndarray) -> InsideEntries:
+    """The source's prediction at target positions whose next token starts *inside* a source token.
+
+    Target position ``t`` (not reached by ``src_pos``) predicts a target token that begins at character
+    ``b`` inside source token ``j``; the target has already emitted ``u``, the bytes of ``j`` before
+    ``b``. The source's distribution before ``j`` (position ``j − 1``) says which tokens follow; those
+    whose bytes start with ``u`` and go on past it are the ones consistent with the text so far, and
+    each one's remaining bytes begin what the target emits next. So each consistent candidate's
+    probability goes to the target piece its remaining bytes begin (:class:`RemainderMap`), divided by
+    the consistent mass (the source's distribution conditioned on ``u``); candidates that end inside
+    ``u`` or spell other text are dropped. Example: the twin's ``".\n"`` at 0.6 and ``". "`` at 0.3
+    after "end", the target has emitted ``"."``: the target's next ``"\n"`` gets 2/3 and ``" "`` 1/3.
+
+    Positions where nothing is consistent (or whose source token cannot be read byte for byte:
+    specials, byte-fallback pieces of one character) get no entry. The source's actual token ``j`` is
+    always consistent; when the stored entries miss it, it is added with its own log-probability.
+    """
+    if not (src.has_context and tgt.has_context):
+        raise ValueError("inside_token_entries needs blocks with a context token (position t predicts t + 1)")
+    t_begin = tgt.offsets[1:, 0].astype(np.int64)
+    s_begin = src.offsets[1:, 0].astype(np.int64)
+    s_end = src.offsets[1:, 1].astype(np.int64)
+    fresh = np.ones(len(s_begin), dtype=bool)
+    fresh[1:] = s_begin[1:] > np.maximum.accumulate(s_begin)[:-1]
+    keys = np.nonzero(fresh)[0]
+    if not keys.size:
+        return InsideEntries.empty()
+    at = np.searchsorted(s_begin[keys], t_begin, side="right") - 1    # the last source start at or before b
+    j = np.where(at >= 0, keys[at.clip(min=0)], -1)                    # source position predicting that token
+    inside = (src_pos < 0) & (j >= 0) & (s_begin[j.clip(min=0)] < t_begin) & (t_begin < s_end[j.clip(min=0)])
+    rows, e_ids, e_probs, done, target_lp = [], [], [], [], []
+    pieces = src_table.pieces
+    for t in np.nonzero(inside)[0].tolist():
+        i = int(j[t])
+        actual = int(src.ids[i + 1])
+        piece = pieces[actual] if 0 <= actual < len(pieces) else None
+        tail = text[t_begin[t]:s_end[i]].encode("utf-8")
+        if piece is None or not tail or len(tail) >= len(piece) or not piece.endswith(tail):
+            continue
+        emitted = piece[:len(piece) - len(tail)]
+        cand_ids = src_topk.ids[i].tolist()
+        cand_probs = np.exp(src_topk.logprobs[i].astype(np.float64)).tolist()
+        if actual not in cand_ids:
+            cand_ids.append(actual)
+            cand_probs.append(float(np.exp(np.float64(src_topk.target_logprob[i]))))
+        mass = actual_p = 0.0
+        out_ids, out_probs = [], []
+        for v, p in zip(cand_ids, cand_probs, strict=True):
+            cand = pieces[v] if 0 <= v < len(pieces) else None
+            if cand is None or p <= 0 or len(cand) <= len(emitted) or not cand.startswith(emitted):
+                continue
+            mass += p
+            actual_p += p if v == actual else 0.0
+            target_id = remainder(cand[len(emitted):])
+            if target_id >= 0:
+                out_ids.append(target_id)
+                out_probs.append(p)
+        if mass <= 0 or not out_ids or actual_p <= 0:
+            continue
+        rows.extend([t] * len(out_ids))
+        e_ids.extend(out_ids)
+        e_probs.extend(p / mass for p in out_probs)
+        done.append(t)
+        target_lp.append(np.log(actual_p / mass))
+    if not done:
+        return InsideEntries.empty()
+    return InsideEntries(np.asarray(rows, dtype=np.int64), np.asarray(e_ids, dtype=np.int64),
+                         np.asarray(e_probs, dtype=np.float64), np.asarray(done, dtype=np.int64),
+                         np.asarray(target_lp, dtype=np.float64))
+
+
+def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int,
+                   inside: InsideEntries | None = None) -> BlockTopK:
     """The source's top-k at target positions, in target vocabulary ids (see the module docstring).
 
     Args:
@@ -93,31 +209,41 @@ def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: 
         ``target_logprob`` [P_tgt] = the source's log-prob of the aligned next token (NaN where
         invalid) and ``nll_sum`` = the source's own total NLL of the block (tokenizer-neutral: the
         same text).
+        inside: entries for positions inside source tokens (:func:`inside_token_entries`), added.
     """
     n_tgt = len(src_pos)
     ids = np.full((n_tgt, k), -1, dtype=np.int64)
     logprobs = np.full((n_tgt, k), -np.inf, dtype=np.float32)
     target_lp = np.full(n_tgt, np.nan, dtype=np.float32)
     rows = np.nonzero(src_pos >= 0)[0]
+    e_rows, e_ids, e_probs = [], [], []
     if rows.size:
         s = src_pos[rows]
         target_lp[rows] = src_topk.target_logprob[s].astype(np.float32)
         src_ids = src_topk.ids[s]  # [R, k_src]
         mapped = np.where(src_ids >= 0, vmap(np.maximum(src_ids, 0)), -1)
         probs = np.exp(src_topk.logprobs[s].astype(np.float32))
-        r_idx = np.broadcast_to(np.arange(rows.size)[:, None], mapped.shape)
         keep = mapped >= 0
-        keys = r_idx[keep].astype(np.int64) * vmap.n_tgt + mapped[keep]
+        e_rows.append(np.broadcast_to(rows[:, None], mapped.shape)[keep])
+        e_ids.append(mapped[keep])
+        e_probs.append(probs[keep])
+    if inside is not None and inside.positions.size:
+        target_lp[inside.positions] = inside.target_logprob.astype(np.float32)
+        e_rows.append(inside.rows)
+        e_ids.append(inside.ids)
+        e_probs.append(inside.probs)
+    if e_rows:
+        keys = np.concatenate(e_rows).astype(np.int64) * vmap.n_tgt + np.concatenate(e_ids)
         uniq, inverse = np.unique(keys, return_inverse=True)
-        summed = np.bincount(inverse, weights=probs[keep])  # duplicates summed
+        summed = np.bincount(inverse, weights=np.concatenate(e_probs))  # duplicates summed
         u_row, u_id = uniq // vmap.n_tgt, uniq % vmap.n_tgt
         order = np.lexsort((-summed, u_row))  # by row, then descending probability
         u_row, u_id, summed = u_row[order], u_id[order], summed[order]
         first = np.searchsorted(u_row, u_row, side="left")
         rank = np.arange(u_row.size) - first
         top = rank < k
-        ids[rows[u_row[top]], rank[top]] = u_id[top]
-        logprobs[rows[u_row[top]], rank[top]] = np.log(summed[top])
+        ids[u_row[top], rank[top]] = u_id[top]
+        logprobs[u_row[top], rank[top]] = np.log(summed[top])
     return BlockTopK(block_id=src_topk.block_id, ids=ids, logprobs=logprobs.astype(np.float16),
                      target_logprob=target_lp.astype(np.float16), nll_sum=src_topk.nll_sum)
 
@@ -134,16 +260,21 @@ class TransferStats:
       source's own probability of the same text (the same next piece of text, by construction of
       the alignment): below 1 where the projection moved mass away from what comes next, above 1
       where it credited a target token with more than the source gave that text.
+
+    ``inside_positions`` counts the positions taught from inside a source token
+    (:func:`inside_token_entries`); ``coverage`` counts them too, the mass figures do not.
     """
 
     def __init__(self) -> None:
-        self.positions = self.aligned = 0
+        self.positions = self.aligned = self.inside = 0
         self.stored = self.mapped = self.projected_actual = self.source_actual = 0.0
 
-    def add(self, src_topk: BlockTopK, src_pos: np.ndarray, out: BlockTopK, next_ids: np.ndarray) -> None:
-        """One block: the source store row, :func:`aligned_source_positions`, the transferred row and
-        the target's next-token ids ``[P_tgt]``."""
+    def add(self, src_topk: BlockTopK, src_pos: np.ndarray, out: BlockTopK, next_ids: np.ndarray,
+            inside: InsideEntries | None = None) -> None:
+        """One block: the source store row, :func:`aligned_source_positions`, the transferred row,
+        the target's next-token ids ``[P_tgt]`` and the inside-token entries, if any."""
         self.positions += len(src_pos)
+        self.inside += 0 if inside is None else int(inside.positions.size)
         rows = np.nonzero(src_pos >= 0)[0]
         if not rows.size:
             return
@@ -158,7 +289,8 @@ class TransferStats:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"positions": self.positions, "aligned_positions": self.aligned,
-                "coverage": self.aligned / max(self.positions, 1),
+                "inside_positions": self.inside,
+                "coverage": (self.aligned + self.inside) / max(self.positions, 1),
                 "stored_mass": self.stored / max(self.aligned, 1),
                 "mapped_mass": self.mapped / max(self.stored, 1e-30),
                 "actual_ratio": self.projected_actual / max(self.source_actual, 1e-30)}
