@@ -199,8 +199,10 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     from polyfuse.align.tokens import align_blocks
     from polyfuse.align.transfer import (
         RemainderMap,
+        TargetCuts,
         TransferStats,
         aligned_source_positions,
+        consistent_entries,
         inside_token_entries,
         shared_start_positions,
         transfer_block,
@@ -233,8 +235,9 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                        "vocab": vmap.method, "temperature": reader.temperature})
             stats = TransferStats()
             inside = recipe.align.inside
-            src_table = token_table(toks[name]) if inside else None
+            src_table = token_table(toks[name]) if inside or recipe.align.cuts else None
             remainder = RemainderMap(token_table(toks[target])) if inside else None
+            cuts = TargetCuts(toks[target]) if recipe.align.cuts else None
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
                 for start in range(0, len(blocks), shard):
                     rows = []
@@ -248,8 +251,10 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                                            vmap if method == "dtw" else None)
                         src_row = reader[blocks[i].block_id]
                         extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], texts[i], src_table,
-                                                      remainder, pos) if inside else None)
-                        rows.append(transfer_block(src_row, pos, vmap, reader.k, extra))
+                                                      remainder, pos, cuts) if inside else None)
+                        keep = (consistent_entries(src_row, pos, src_enc[i], tgt_enc[i], texts[i], src_table, cuts)
+                                if cuts is not None else None)
+                        rows.append(transfer_block(src_row, pos, vmap, reader.k, extra, keep))
                         stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
                         advance()
                     writer.write_shard(start // shard, rows)

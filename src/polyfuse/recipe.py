@@ -329,6 +329,10 @@ class AlignSection(Section):
         False, description="also teach target positions whose next token starts inside a source token: the "
         "source's prediction before that token, conditioned on the bytes the target has already emitted, each "
         "candidate's remaining bytes mapped to the target piece they begin")
+    cuts: bool = Field(
+        False, description="keep only the source continuations after which the target's tokenizer still ends its "
+        "previous token where it did (a target that emitted a newline and three spaces as one token knows no "
+        "fourth space follows), renormalised")
 
 
 class FuseSection(Section):

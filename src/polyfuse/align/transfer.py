@@ -24,7 +24,9 @@ whole)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +125,75 @@ class RemainderMap:
         return hit
 
 
+class TargetCuts:
+    """Would the target's tokenizer end its previous token where the source's continuation begins?
+
+    A target that emitted ``"\n   "`` (newline and three spaces) as one token did so because no
+    fourth space follows (else it would have emitted the longer token): the target's position carries
+    information about the text ahead that the source's position, at the same text, does not have. A
+    source continuation ``c`` is consistent with the target's cut when tokenizing the target's previous
+    token's text followed by ``c`` still cuts before ``c``; the others are dropped and the rest
+    renormalised (the source's distribution conditioned on the target's tokenization). The check sees
+    only the previous token and the continuation, not the text after it; it is memoised and run in
+    batches. Continuations that are not whole UTF-8 are kept.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._memo: dict[tuple[str, bytes], bool] = {}
+
+    def __call__(self, pairs: Sequence[tuple[str, bytes]]) -> np.ndarray:
+        """[len(pairs)] bool: the cut between ``prev`` and ``cont`` survives, for each ``(prev, cont)``."""
+        missing, texts = [], []
+        for pair in dict.fromkeys(pairs):
+            if pair in self._memo:
+                continue
+            prev, cont = pair
+            try:
+                texts.append(prev + cont.decode("utf-8"))
+                missing.append(pair)
+            except UnicodeDecodeError:
+                self._memo[pair] = True
+        if texts:
+            enc = self._tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            for (prev, cont), offsets in zip(missing, enc["offset_mapping"], strict=True):
+                self._memo[(prev, cont)] = not prev or any(start == len(prev) for start, _ in offsets)
+        return np.fromiter((self._memo[p] for p in pairs), dtype=bool, count=len(pairs))
+
+
+def consistent_entries(src_topk: BlockTopK, src_pos: np.ndarray, src: EncodedBlock, tgt: EncodedBlock,
+                       text: str, src_table: TokenTable, cuts: TargetCuts) -> np.ndarray:
+    """[P_tgt, k_src] bool: which of the source's entries at ``src_pos[t]`` keep the target's cut (:class:`TargetCuts`).
+
+    Rows without a source position are all False; specials and the source's actual next token are
+    always kept.
+    """
+    keep = np.zeros((len(src_pos), src_topk.ids.shape[1]), dtype=bool)
+    rows = np.nonzero(src_pos >= 0)[0]
+    if not rows.size:
+        return keep
+    pieces, pairs, where = src_table.pieces, [], []
+    for t in rows.tolist():
+        start, end = int(tgt.offsets[t, 0]), int(tgt.offsets[t + 1, 0])
+        prev = text[start:end] if t > 0 or not tgt.has_context else ""
+        for e, v in enumerate(src_topk.ids[src_pos[t]].tolist()):
+            piece = pieces[v] if 0 <= v < len(pieces) else None
+            if piece is None or not prev:
+                keep[t, e] = v >= 0
+            else:
+                pairs.append((prev, piece))
+                where.append((t, e))
+    if pairs:
+        at = np.asarray(where, dtype=np.int64)
+        keep[at[:, 0], at[:, 1]] = cuts(pairs)
+    actual = src_topk.ids[src_pos[rows]] == src.ids[src_pos[rows] + 1][:, None]   # the text that came next
+    keep[rows] |= actual
+    return keep
+
+
 def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlock, text: str,
-                         src_table: TokenTable, remainder: RemainderMap, src_pos: np.ndarray) -> InsideEntries:
+                         src_table: TokenTable, remainder: RemainderMap, src_pos: np.ndarray,
+                         cuts: TargetCuts | None = None) -> InsideEntries:
     """The source's prediction at target positions whose next token starts *inside* a source token.
 
     Target position ``t`` (not reached by ``src_pos``) predicts a target token that begins at character
@@ -140,6 +209,8 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     Positions where nothing is consistent (or whose source token cannot be read byte for byte:
     specials, byte-fallback pieces of one character) get no entry. The source's actual token ``j`` is
     always consistent; when the stored entries miss it, it is added with its own log-probability.
+    With ``cuts``, candidates whose remaining bytes the target would not begin a token with, after its
+    previous token, are dropped too (:class:`TargetCuts`).
     """
     if not (src.has_context and tgt.has_context):
         raise ValueError("inside_token_entries needs blocks with a context token (position t predicts t + 1)")
@@ -169,15 +240,21 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
         if actual not in cand_ids:
             cand_ids.append(actual)
             cand_probs.append(float(np.exp(np.float64(src_topk.target_logprob[i]))))
-        mass = actual_p = 0.0
-        out_ids, out_probs = [], []
+        consistent = []
         for v, p in zip(cand_ids, cand_probs, strict=True):
             cand = pieces[v] if 0 <= v < len(pieces) else None
-            if cand is None or p <= 0 or len(cand) <= len(emitted) or not cand.startswith(emitted):
-                continue
+            if cand is not None and p > 0 and len(cand) > len(emitted) and cand.startswith(emitted):
+                consistent.append((v, p, cand[len(emitted):]))
+        if cuts is not None and consistent:
+            prev = text[int(tgt.offsets[t, 0]):int(t_begin[t])]
+            cut = cuts([(prev, rest) for _, _, rest in consistent])
+            consistent = [c for c, ok in zip(consistent, cut.tolist(), strict=True) if ok or c[0] == actual]
+        mass = actual_p = 0.0
+        out_ids, out_probs = [], []
+        for v, p, rest in consistent:
             mass += p
             actual_p += p if v == actual else 0.0
-            target_id = remainder(cand[len(emitted):])
+            target_id = remainder(rest)
             if target_id >= 0:
                 out_ids.append(target_id)
                 out_probs.append(p)
@@ -196,7 +273,7 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
 
 
 def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int,
-                   inside: InsideEntries | None = None) -> BlockTopK:
+                   inside: InsideEntries | None = None, keep: np.ndarray | None = None) -> BlockTopK:
     """The source's top-k at target positions, in target vocabulary ids (see the module docstring).
 
     Args:
@@ -210,6 +287,8 @@ def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: 
         invalid) and ``nll_sum`` = the source's own total NLL of the block (tokenizer-neutral: the
         same text).
         inside: entries for positions inside source tokens (:func:`inside_token_entries`), added.
+        keep: [P_tgt, k_src] the entries to keep (:func:`consistent_entries`); the kept ones are
+            renormalised to the row's stored mass, and ``target_logprob`` with them.
     """
     n_tgt = len(src_pos)
     ids = np.full((n_tgt, k), -1, dtype=np.int64)
@@ -223,10 +302,15 @@ def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: 
         src_ids = src_topk.ids[s]  # [R, k_src]
         mapped = np.where(src_ids >= 0, vmap(np.maximum(src_ids, 0)), -1)
         probs = np.exp(src_topk.logprobs[s].astype(np.float32))
-        keep = mapped >= 0
-        e_rows.append(np.broadcast_to(rows[:, None], mapped.shape)[keep])
-        e_ids.append(mapped[keep])
-        e_probs.append(probs[keep])
+        if keep is not None:
+            kept = np.where(keep[rows], probs, 0.0)
+            scale = probs.sum(axis=1) / np.maximum(kept.sum(axis=1), 1e-30)   # [R]: renormalise
+            probs = kept * scale[:, None]
+            target_lp[rows] += np.log(scale).astype(np.float32)
+        use = (mapped >= 0) if keep is None else (mapped >= 0) & (probs > 0)
+        e_rows.append(np.broadcast_to(rows[:, None], mapped.shape)[use])
+        e_ids.append(mapped[use])
+        e_probs.append(probs[use])
     if inside is not None and inside.positions.size:
         target_lp[inside.positions] = inside.target_logprob.astype(np.float32)
         e_rows.append(inside.rows)
