@@ -2,15 +2,18 @@
 
 Used by the code verifier (:mod:`polyfuse.implicit.verify`) to decide whether a sampled response passes the
 prompt's tests. The code is hostile until proven otherwise: it may loop forever, allocate without bound,
-fork, open sockets or write anywhere. Each run goes through three processes::
+fork, open sockets or write anywhere. Each run goes through four processes::
 
     polyfuse ──Popen──► launcher L (python -I -S this file; same user as polyfuse)
                           │ enters new namespaces, becomes child subreaper, enforces the wall clock
                           └─fork─► init I (pid 1 of the new pid namespace when there is one)
                                      │ read-only remount, chdir to the work dir, drops privileges
                                      └─fork+exec─► runner R (python -I -S -B -u -c RUNNER, rlimits)
-                                                     reads solution.py + tests.py, installs the audit
-                                                     hook, execs the solution, then the tests
+                                                     │ non-dumpable; holds the report pipe; judges T
+                                                     └─fork─► test process T (closes the report pipe)
+                                                                reads solution.py + tests.py, installs
+                                                                the audit hook, execs the solution, then
+                                                                the tests
 
 Isolation layers; they stack, and each attack is stopped by every layer that applies:
 
@@ -37,11 +40,11 @@ pid namespace          stray processes: when the runner's init exits the kernel 
                        kills everything left in the namespace
 child subreaper        stray processes (orphans re-parent to the launcher, which  always (Linux)
                        kills them); with a fresh uid also ``kill(-1)`` as that uid
-audit hook             (in the runner, before user code) open-for-write outside   ``audit_hook=True``
-                       the work dir, file renames/removals outside it, socket
-                       connect/bind/send; in *strict* mode (a network or mount
-                       layer is missing) also exec/spawn/subprocess and ctypes,
-                       which would escape the hook
+audit hook             (in the test process, before user code) open-for-write     ``audit_hook=True``
+                       outside the work dir, file renames/removals outside it,
+                       socket connect/bind/send; in *strict* mode (a network or
+                       mount layer is missing) also exec/spawn/subprocess and
+                       ctypes, which would escape the hook
 =====================  =========================================================  ==========================
 
 As root (CI, containers) every kernel layer applies where the kernel allows namespaces
@@ -61,6 +64,32 @@ The interpreter that runs the code must be executable by the sandbox user; when 
 lives under a private directory (``/root/.pyenv``) the first usable one of ``/usr/local/bin/python3`` and
 ``/usr/bin/python3`` is used instead (or set ``SandboxConfig.python``). Only the standard library is
 importable unless ``site_packages=True``.
+
+Verdict integrity: the code must not report a pass it did not earn. The verdict reaches polyfuse on a pipe
+(descriptor 3 of the runner) that only the runner R holds. R never runs untrusted code: it forks the test
+process T, which closes that pipe (and every descriptor but 0-2 and its own result pipe) before it reads
+the solution; R makes itself non-dumpable first, so T (same uid) cannot reopen R's descriptors through
+``/proc/<pid>/fd``, read its memory or ptrace it. T reports to R on a pipe of its own, and R accepts a pass
+only as the line ``<token> passed`` followed by T's exit with code 0; the token is 128 random bits R drew
+before the fork, which T keeps in one closure of its harness only (no file, argument, environment variable
+or frame local on the stack). Anything else is not a pass: T killed by a signal (R then dies by the same
+signal, so the CPU limit still reads as ``timeout``), T exiting before its report (``os._exit`` with any
+code), T closing or replacing its descriptors, R killed, or lines without the token (counted as forged).
+Any exception while the solution loads is ``crashed``; during the tests any exception is ``failed``
+(``KeyboardInterrupt`` and other ``BaseException`` subclasses included), and a ``SystemExit`` counts as the
+tests finishing only when it is a plain ``SystemExit`` of code 0, ``None`` or ``False`` whose traceback holds
+nothing but the tests' own code and, on their behalf, unittest's or ``exit()``'s (code objects compared by
+identity, collected before the solution runs): ``sys.exit(0)`` or ``unittest.main()`` in the tests still
+pass, a ``SystemExit`` from solution code that a test calls does not. After the solution has run, T's harness
+uses only references it bound before, so rebinding builtins or module attributes does not change its
+decision.
+
+Not defended against: the solution and the tests share one interpreter, so code written against this
+harness can still fake a pass from inside T. It can read the tests (``tests.py`` is in the work dir, their
+code is on the stack) and answer them, rebind what they rely on (builtins, modules, ``unittest``), return
+objects that compare equal to anything, skip test lines with a trace function, or dig the token out of T's
+memory (``gc``, closures, frames, ``ctypes``, ``/proc/self/mem``) and write the pass line itself. Closing that
+needs the tests evaluated outside the solution's process, which this module does not do.
 
 The launcher part of this file runs as a script under ``python -I -S``: module-level imports must stay
 standard-library only.
@@ -152,7 +181,8 @@ class SandboxConfig:
     memory_mb: int = 256
     """Address-space limit per process (RLIMIT_AS); an allocation past it gives status ``memory``."""
     max_processes: int = 16
-    """RLIMIT_NPROC: processes and threads of the sandbox user, runner and its init included."""
+    """RLIMIT_NPROC: processes and threads of the sandbox user, the runner and its init included (the runner's
+    test process comes on top)."""
     max_file_mb: int = 16
     """Largest file the code may write (RLIMIT_FSIZE)."""
     max_disk_mb: int = 64
@@ -194,7 +224,8 @@ class SandboxResult:
     status: Status
     duration_s: float
     exit_code: int | None
-    """Exit code of the runner; negative: killed by that signal; ``None``: killed at the wall clock."""
+    """Exit code of the runner, which repeats its test process's (codes of 128 and above read as 1); negative:
+    killed by that signal; ``None``: killed at the wall clock."""
     stdout: str
     stderr: str
     stdout_truncated: bool = False
@@ -239,10 +270,13 @@ def run_code(code: str, tests: str = "", config: SandboxConfig | None = None, *,
 
     Both run in one module namespace (``__name__ == "solution"``, so ``if __name__ == "__main__":``
     blocks of the solution do not run); the tests pass when they finish without an exception (a
-    ``SystemExit(0)``, as from ``unittest.main()``, counts as finishing). Status:
+    ``SystemExit`` of code 0, ``None`` or ``False`` raised by the tests themselves, as from ``sys.exit(0)``
+    or ``unittest.main()``, counts as finishing; one raised by solution code does not). Any other way out
+    of the code (``os._exit``, a signal, closing its descriptors) is not a pass; see the module docstring.
+    Status:
 
     * ``passed``: solution and tests ran to the end;
-    * ``failed``: the tests raised (an ``AssertionError`` or anything else);
+    * ``failed``: the tests raised (an ``AssertionError``, an exit from solution code, anything else);
     * ``timeout``: wall clock or CPU time ran out;
     * ``memory``: a ``MemoryError`` (the address-space limit);
     * ``blocked``: the audit hook refused an action (whatever happened next);
@@ -538,17 +572,30 @@ def _classify(streams: Mapping[str, tuple[bytes, bool]], run_id: str, duration: 
 # the runner: executed by the sandbox's interpreter with `-c`; must not import anything but the stdlib
 
 RUNNER_SOURCE = r'''
-import json, os, sys, types
+import json, os, select, signal, sys, types
 _spec = json.loads(sys.argv[1])
-_FD = 3
+_FD = 3  # the report channel to the launcher; only this process, never the test process, holds it
+_STATUSES = ("passed", "failed", "crashed", "memory")
+_MAX_LINE = 1 << 16
+_MAX_BLOCKED = 20
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 
-def _report(obj):
+
+def _send(obj):
     try:
         os.write(_FD, (json.dumps(obj) + "\n").encode())
     except Exception:
         pass
 
-def _install_hook(workdir, strict):
+
+def _prctl(option, value):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(%d, %d) failed" % (option, value))
+
+
+def _install_hook(workdir, strict, emit):
     realpath, join, isabs, fspath = os.path.realpath, os.path.join, os.path.isabs, os.fspath
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     allowed = ("/dev/null",)
@@ -566,7 +613,7 @@ def _install_hook(workdir, strict):
         return full == workdir or full.startswith(workdir + os.sep) or full in allowed
 
     def refuse(what):
-        _report({"blocked": what})
+        emit("blocked", what)
         raise PermissionError("polyfuse sandbox: %s is not allowed" % what)
 
     paths1 = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 2, "os.chmod": 2, "os.chown": 3, "os.utime": 3,
@@ -603,54 +650,286 @@ def _install_hook(workdir, strict):
 
     sys.addaudithook(hook)
 
-def _main():
-    workdir = os.getcwd()
-    with open(_spec["solution"], encoding="utf-8") as f:
-        solution = f.read()
-    with open(_spec["tests"], encoding="utf-8") as f:
-        tests = f.read()
-    try:
-        sol_code = compile(solution, "solution.py", "exec")
-        test_code = compile(tests, "tests.py", "exec")
-    except MemoryError:
-        return {"status": "memory", "error": "MemoryError while compiling"}
-    except (SyntaxError, ValueError) as e:
-        return {"status": "crashed", "stage": "compile", "error": "%s: %s" % (type(e).__name__, e)}
-    if _spec["hook"]:
-        _install_hook(workdir, _spec["strict"])
-    module = types.ModuleType("solution")
-    module.__file__ = os.path.join(workdir, "solution.py")
-    sys.modules["solution"] = module
-    scope = module.__dict__
-    for stage, code in (("solution", sol_code), ("tests", test_code)):
-        try:
-            exec(code, scope)
-        except MemoryError:
-            return {"status": "memory", "stage": stage, "error": "MemoryError in %s" % stage}
-        except SystemExit as e:
-            if stage == "tests" and e.code in (None, 0):
-                break
-            return {"status": "failed" if stage == "tests" else "crashed", "stage": stage,
-                    "error": "SystemExit(%r) in %s" % (e.code, stage)}
-        except BaseException as e:
-            status = "failed" if stage == "tests" else "crashed"
-            text = "%s: %s" % (type(e).__name__, e) if str(e) else type(e).__name__
-            return {"status": status, "stage": stage, "error": text + " (in %s)" % stage}
-    return {"status": "passed"}
 
-try:
-    _result = _main()
-except MemoryError:
-    _result = {"status": "memory", "error": "MemoryError"}
-except BaseException as e:
-    _result = {"status": "crashed", "error": "runner: %s: %s" % (type(e).__name__, e)}
-for _stream in (sys.stdout, sys.stderr):
+def _allowed_exit_codes(test_code, with_unittest):
+    """id -> code object of the code that may be on the traceback of a clean ``SystemExit`` of the tests:
+    the tests' own, and unittest's and ``exit()``/``quit()``'s (``_sitebuiltins``) as loaded before the
+    solution runs."""
+    found = {}
+
+    def add(code):
+        found[id(code)] = code
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                add(const)
+
+    add(test_code)
+    if with_unittest:
+        import unittest  # noqa: F401 - imported now, so that its code objects are the genuine ones
+    for name, module in list(sys.modules.items()):
+        if name != "_sitebuiltins" and name != "unittest" and not name.startswith("unittest."):
+            continue
+        for value in list(vars(module).values()):
+            for item in (list(vars(value).values()) if isinstance(value, type) else [value]):
+                code = getattr(getattr(item, "__func__", item), "__code__", None)
+                if isinstance(code, types.CodeType):
+                    add(code)
+    return found
+
+
+def _verdict_writer(token, out, write):
+    """The one writer of verdict lines, ``<token> <status>``; from here on the token lives in this closure only."""
+    def verdict(status):
+        write(out, ("%s %s\n" % (token, status)).encode())
+    return verdict
+
+
+def _test_process(box, out):
+    """The child that runs untrusted code: the solution, then the tests; reports on ``out``; never returns."""
+    for option, value in ((_PR_SET_DUMPABLE, 1), (_PR_SET_PDEATHSIG, signal.SIGKILL)):
+        try:  # dumpable like any exec'd process (the runner itself stays non-dumpable); dies with the runner
+            _prctl(option, value)
+        except Exception:
+            pass
+    # Everything used once the solution has run is bound here, as locals and closure cells: the solution shares
+    # this interpreter and may rebind builtins and module attributes (this module's included).
+    write, exit_, exec_, compile_, type_, id_, int_, bool_ = os.write, os._exit, exec, compile, type, id, int, bool
+    isinstance_ = isinstance
+    base_exc, memory_exc, exit_exc, code_type = BaseException, MemoryError, SystemExit, types.CodeType
+    quote = json.encoder.encode_basestring_ascii
+    streams = (sys.stdout, sys.stderr)
+    verdict = _verdict_writer(box.pop(), out, write)
+
+    def emit(key, text):  # an information line: the error behind a verdict, a blocked action
+        try:
+            write(out, ('{"%s": %s}\n' % (key, quote("%s" % (text,)))).encode())
+        except base_exc:
+            pass
+
+    def describe(exc, stage):
+        try:
+            name = "%s" % (type_(exc).__name__,)
+            if isinstance_(exc, exit_exc):
+                text = "%s(%r)" % (name, exc.code)
+                return text + (" not raised by the tests themselves" if stage == "tests" else "")
+            text = "%s" % (exc,)
+            return "%s: %s" % (name, text) if text else name
+        except base_exc:
+            return "an exception that cannot be printed"
+
+    def clean_exit(exc, test_code, allowed):
+        """Whether ``exc`` is the tests ending themselves: a plain ``SystemExit`` of code 0, ``None`` or ``False``
+        whose traceback holds only the tests' own code (and unittest's or ``exit()``'s on their behalf)."""
+        try:
+            if type_(exc) is not exit_exc:
+                return False
+            code = exc.code
+            if not (code is None or ((type_(code) is int_ or type_(code) is bool_) and code == 0)):
+                return False
+            tb = exc.__traceback__.tb_next  # the first entry is this process's own frame
+            if tb is None or tb.tb_frame.f_code is not test_code:
+                return False
+            while tb is not None:
+                frame_code = tb.tb_frame.f_code
+                if type_(frame_code) is not code_type or allowed.get(id_(frame_code)) is not frame_code:
+                    return False
+                tb = tb.tb_next
+            return True
+        except base_exc:
+            return False
+
+    def run():
+        """(status, error) of compiling and running the solution, then the tests."""
+        workdir = os.getcwd()
+        with open(_spec["solution"], encoding="utf-8") as f:
+            solution = f.read()
+        with open(_spec["tests"], encoding="utf-8") as f:
+            tests = f.read()
+        try:
+            sol_code = compile_(solution, "solution.py", "exec")
+            test_code = compile_(tests, "tests.py", "exec")
+        except memory_exc:
+            return "memory", "MemoryError while compiling"
+        except (SyntaxError, ValueError) as e:
+            return "crashed", "%s: %s" % (type(e).__name__, e)
+        allowed = _allowed_exit_codes(test_code, "unittest" in tests)
+        if _spec["hook"]:
+            _install_hook(workdir, _spec["strict"], emit)
+        module = types.ModuleType("solution")
+        module.__file__ = os.path.join(workdir, "solution.py")
+        sys.modules["solution"] = module
+        scope = module.__dict__
+        # untrusted code runs from here on
+        for stage, code in (("solution", sol_code), ("tests", test_code)):
+            try:
+                exec_(code, scope)
+            except memory_exc:
+                return "memory", "MemoryError in %s" % stage
+            except base_exc as e:
+                if stage == "tests" and clean_exit(e, test_code, allowed):
+                    break
+                return ("failed" if stage == "tests" else "crashed"), "%s (in %s)" % (describe(e, stage), stage)
+        return "passed", ""
+
     try:
-        _stream.flush()
-    except Exception:
+        status, error = run()
+    except base_exc:
+        status, error = "crashed", "the test process failed outside the solution and the tests"
+    for stream in streams:
+        try:
+            stream.flush()
+        except base_exc:
+            pass
+    if error:
+        emit("error", error)
+    try:
+        verdict(status)
+    except base_exc:
         pass
-_report(_result)
-os._exit(0)
+    exit_(0)
+
+
+def _line_reader(token):
+    """(feed, state): ``feed(chunk)`` parses the test process's lines as they come, so that no amount of noise
+    can push its verdict out; over-long lines are dropped."""
+    state = {"verdict": None, "error": "", "blocked": [], "forged": 0}
+    prefix = token + " "
+    pending, skipping = bytearray(), [False]
+
+    def take(raw):
+        line = raw.decode("utf-8", "replace")
+        if line.startswith(prefix) and line[len(prefix):] in _STATUSES:
+            state["verdict"] = line[len(prefix):]
+            return
+        obj = None
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except Exception:
+                pass
+        if isinstance(obj, dict):
+            if "blocked" in obj and len(state["blocked"]) < _MAX_BLOCKED:
+                state["blocked"].append(str(obj["blocked"])[:1000])
+            if "error" in obj:
+                state["error"] = str(obj["error"])[:1000]
+            state["forged"] += "status" in obj or "setup_error" in obj
+        elif line.rstrip().endswith(_STATUSES):
+            state["forged"] += 1
+
+    def feed(chunk):
+        parts = (bytes(pending) + chunk).split(b"\n")
+        pending[:] = parts.pop()
+        for raw in parts:
+            if skipping[0]:
+                skipping[0] = False  # the end of an over-long line
+            else:
+                take(raw)
+        if len(pending) > _MAX_LINE:
+            pending.clear()
+            skipping[0] = True
+
+    return feed, state
+
+
+def _read_available(fd, feed):
+    """Feed what ``fd`` holds now; False at end of file."""
+    for _ in range(64):
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        feed(chunk)
+    return True
+
+
+def _collect(pid, fd, feed):
+    """Feed the test process's output until it exits; returns its wait status."""
+    os.set_blocking(fd, False)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    readable = True
+    try:
+        while True:
+            if readable:
+                select.select([fd] if pidfd is None else [fd, pidfd], [], [], 0.01 if pidfd is None else None)
+                readable = _read_available(fd, feed)
+            done, status = os.waitpid(pid, os.WNOHANG if readable else 0)
+            if done == pid:
+                break
+        _read_available(fd, feed)  # what came just before the exit; strays may hold the pipe open: no EOF wait
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return status
+
+
+def _die_like(sig):
+    """End this process by signal ``sig``, as the test process did (the init and launcher decode it)."""
+    try:
+        signal.signal(sig, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+
+
+def _judge(pid, fd, token):
+    """Relay the test process's outcome to the launcher; never returns.
+
+    ``passed`` only when it wrote ``<token> passed`` and then exited with code 0."""
+    feed, state = _line_reader(token)
+    status = _collect(pid, fd, feed)
+    verdict, error = state["verdict"], state["error"]
+    for what in state["blocked"]:
+        _send({"blocked": what})
+    if os.WIFSIGNALED(status):
+        if verdict not in (None, "passed"):
+            _send({"status": verdict, "error": error})
+        _die_like(os.WTERMSIG(status))
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+    if verdict == "passed" and code == 0:
+        _send({"status": "passed"})
+    elif verdict not in (None, "passed"):
+        _send({"status": verdict, "error": error})
+    else:
+        why = "the test process exited with code %d %s" % (
+            code, "after reporting a pass" if verdict else "before the tests finished")
+        if state["forged"]:
+            why += "; the code wrote %d forged report line(s)" % state["forged"]
+        _send({"status": "crashed", "error": why})
+    os._exit(code if code < 128 else 1)  # 128 + N would read as "killed by signal N"
+
+
+def _runner():
+    exit_ = os._exit
+    try:
+        _prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/<pid>/fd or /proc/<pid>/mem for the test process
+    except Exception as e:
+        _send({"setup_error": "the sandbox runner cannot make itself non-dumpable (%s: %s)" % (type(e).__name__, e)})
+        exit_(127)
+    box = [os.urandom(16).hex()]
+    rfd, wfd = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        _send({"status": "crashed", "error": "cannot start the test process: %s" % e})
+        exit_(1)
+    if pid == 0:
+        try:
+            os.closerange(_FD, wfd)  # the report channel and the read end
+            os.closerange(wfd + 1, 1 << 16)
+            _test_process(box, wfd)
+        finally:
+            exit_(1)
+    os.close(wfd)
+    _judge(pid, rfd, box[0])
+
+
+_runner()
 '''
 
 
@@ -884,7 +1163,7 @@ def _init_main(spec: Mapping[str, Any], namespaces: list[str], root: bool, setup
                 os.dup2(runner_fd, _RUNNER_FD)
             os.closerange(_RUNNER_FD + 1, 65536)
             os.set_inheritable(_RUNNER_FD, True)
-            _set_rlimits(spec, nproc)
+            _set_rlimits(spec, nproc + 1)  # + 1: the runner's test process, not the code's allowance
             os.execve(python, argv, env)
         except BaseException as e:  # noqa: BLE001 - report anything, then die
             with contextlib.suppress(OSError):
