@@ -175,3 +175,55 @@ def _with_special(table, token_id: int):
     pieces = list(table.pieces)
     pieces[token_id] = None
     return TokenTable(pieces, {}, {token_id: "<x>"}, table.byte_fallback)
+
+
+@pytest.fixture(scope="module")
+def indent_tokenizer():
+    """A byte-level BPE trained on indented code: it learns newline-plus-spaces tokens, as GPT-2's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = "def f(x):\n    if x:\n        return x\n    return 1\n" * 50
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_target_cuts_drop_continuations_the_target_would_have_merged(indent_tokenizer) -> None:
+    """After the target's "\\n   " a fourth space cannot follow (the target would have emitted "\\n    ")."""
+    from polyfuse.align.transfer import TargetCuts
+
+    enc = indent_tokenizer("\n    if", add_special_tokens=False, return_offsets_mapping=True)
+    assert enc["offset_mapping"][0] == (0, 4)                  # the target's "\n   " then " if"
+    cuts = TargetCuts(indent_tokenizer)
+    got = cuts([("\n   ", b" "), ("\n   ", b" if"), ("", b" "), ("\n   ", b"\xe2")])
+    assert got.tolist() == [False, True, True, True]           # no previous token, partial UTF-8: kept
+
+
+def test_consistent_entries_renormalise_what_the_target_cut_allows(indent_tokenizer) -> None:
+    """The source (one token per space) says " " 0.5, " if" 0.3, " return" 0.2 after three spaces; the
+    target emitted "\\n   ", so only " if" and " return" remain: 0.6 and 0.4."""
+    from polyfuse.align.normalize import TokenTable
+    from polyfuse.align.transfer import TargetCuts, consistent_entries, shared_start_positions
+
+    text = "\n    if"
+    src_table = TokenTable([None, b"\n", b" ", b" if", b" return"], {}, {}, np.zeros(5, bool))
+    src = EncodedBlock(ids=np.array([0, 1, 2, 2, 2, 3]),
+                       offsets=np.array([[0, 0], [0, 1], [1, 2], [2, 3], [3, 4], [4, 7]]), has_context=True)
+    enc = indent_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tgt = EncodedBlock(ids=np.array([0, *enc["input_ids"]]), offsets=np.array([[0, 0], *enc["offset_mapping"]]),
+                       has_context=True)
+    pos = shared_start_positions(src, tgt)
+    assert pos.tolist() == [0, 4]                              # " if" starts where the source's " if" does
+    row = _topk(ids=[[2, 3, 4]] * 5, probs=[[0.5, 0.3, 0.2]] * 5, target_lp=[float(np.log(0.3))] * 5)
+    keep = consistent_entries(row, pos, src, tgt, text, src_table, TargetCuts(indent_tokenizer))
+    assert keep[1].tolist() == [False, True, True]
+    n_tgt = len(indent_tokenizer)
+    vmap = _vmap([0, 0, 1, 2, 3], n_tgt=n_tgt)
+    out = transfer_block(row, pos, vmap, k=3, keep=keep)
+    assert out.ids[1].tolist() == [2, 3, -1]
+    np.testing.assert_allclose(np.exp(out.logprobs[1, :2].astype(np.float32)), [0.6, 0.4], rtol=3e-3)
+    assert float(out.target_logprob[1]) == pytest.approx(np.log(0.6), abs=3e-3)   # renormalised with them
