@@ -348,6 +348,21 @@ def test_sampled_tail_and_starts_combinations_are_checked():
     with pytest.raises(RecipeError, match="train.temperature must be 1.0"):
         parse_recipe(base, ["capture.samples=8", "train.temperature=2.0", "train.teacher_mass=renormalise"])
     with pytest.raises(RecipeError, match="vocab.method=groups"):
-        parse_recipe(base, ["align.method=starts"])
+        parse_recipe(base, ["align.method=starts", "vocab.method=mined"])
     ok = parse_recipe(base, ["capture.samples=8", "align.method=starts", "vocab.method=groups"])
     assert ok.capture.samples == 8 and ok.align.method == "starts"
+
+
+def test_align_defaults_follow_the_vocabulary_map():
+    """groups (the default) gets starts with inside and cuts; any other map gets FuseLLM's offsets alone."""
+    from polyfuse.recipe import parse_recipe
+
+    base = {"target": {"model": "world:target"}, "sources": [{"name": "a", "model": "world:prose"}]}
+    default = parse_recipe(base)
+    assert (default.vocab.method, default.align.method, default.align.inside, default.align.cuts) == \
+        ("groups", "starts", True, True)
+    assert "align" not in yaml.safe_load(default.to_yaml())
+    mined = parse_recipe(base, ["vocab.method=mined"])
+    assert (mined.align.method, mined.align.inside, mined.align.cuts) == ("offsets", False, False)
+    offsets = parse_recipe(base, ["align.method=offsets", "align.cuts=true"])
+    assert (offsets.vocab.method, offsets.align.inside, offsets.align.cuts) == ("groups", False, True)

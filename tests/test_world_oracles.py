@@ -11,10 +11,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import polyfuse.demo.world as world_mod
 from polyfuse.cli import main
-from polyfuse.demo.world import ORACLES, PRESETS, build_world, load_world
+from polyfuse.demo.world import ORACLES, PRESETS, SPECIALIST_PREFIX, build_world, load_world, oracle_plans
 from polyfuse.models import resolve_model_ref
 from polyfuse.workspace import Manifest
 
+SPECIALISTS = tuple(p.name for p in oracle_plans(PRESETS["test"])[len(ORACLES):])
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
 
 
@@ -36,8 +37,25 @@ def _config(world: Path, name: str) -> dict:
 
 
 def test_oracles_are_opt_in(tiny_world: Path) -> None:
-    assert not any((tiny_world / "models" / name).exists() for name in ORACLES)
-    assert set(load_world(tiny_world)["models"]).isdisjoint(ORACLES)
+    assert SPECIALISTS == ("oracle-prose", "oracle-code", "oracle-math")
+    assert not any((tiny_world / "models" / name).exists() for name in (*ORACLES, *SPECIALISTS))
+    assert set(load_world(tiny_world)["models"]).isdisjoint((*ORACLES, *SPECIALISTS))
+
+
+def test_specialist_oracles_are_the_sources_with_the_targets_tokenizer(oracle_world: Path) -> None:
+    """oracle-<source>: the target's tokenizer and architecture, the source's mix and steps, their own seed."""
+    models = oracle_world / "models"
+    target_plan = _config(oracle_world, "target")["plan"]
+    seeds = []
+    for name in SPECIALISTS:
+        source = name.removeprefix(SPECIALIST_PREFIX)
+        cfg, src = _config(oracle_world, name), _config(oracle_world, source)
+        assert (models / name / "tokenizer.json").read_bytes() == (models / "target/tokenizer.json").read_bytes()
+        assert (cfg["plan"]["arch"], cfg["plan"]["mix"], cfg["plan"]["steps"]) == \
+            (target_plan["arch"], src["plan"]["mix"], src["plan"]["steps"])
+        assert load_world(oracle_world)["models"][name]["emphasis"] == source
+        seeds.append(cfg["seed"])
+    assert seeds == [5, 6, 7]
 
 
 def test_oracle_tokenizer_is_the_targets(oracle_world: Path) -> None:
@@ -105,4 +123,4 @@ def test_changed_target_makes_only_the_oracle_stale(oracle_world: Path, tmp_path
 
     monkeypatch.setattr(world_mod, "build_model", record)
     assert set(ORACLES) <= set(build_world(world, preset="test", seed=0, oracles=True)["models"])
-    assert built == ["oracle"]
+    assert built == ["oracle", *SPECIALISTS]

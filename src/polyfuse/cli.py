@@ -53,11 +53,12 @@ def world(
     real: Annotated[bool, typer.Option("--real", help="also convert the real packaged models (needs polyfuse[gguf])")] = False,
     accept_gemma_terms: Annotated[bool, typer.Option(help="with --real: also convert Gemma-3-270M (Gemma Terms of Use)")] = False,
     oracles: Annotated[bool, typer.Option(
-        "--oracles", help="also build two oracle teachers that tell distillation apart from cross-tokenizer "
+        "--oracles", help="also build oracle teachers that tell distillation apart from cross-tokenizer "
                           "transfer: world:oracle (the target's own tokenizer and architecture, trained as long "
-                          "as a source) and world:oracle-twin (the same with a metaspace_bpe tokenizer)")] = False,
+                          "as a source), world:oracle-twin (the same with a metaspace_bpe tokenizer) and "
+                          "world:oracle-<source> (a same-tokenizer specialist per source)")] = False,
 ) -> None:
-    """Build (or reuse) the embedded tiny world: corpus, three sources and a target (--oracles: two oracle teachers)."""
+    """Build (or reuse) the embedded tiny world: corpus, three sources and a target (--oracles: oracle teachers)."""
     if real:
         from polyfuse.demo.real import build_real_world
 

@@ -308,7 +308,7 @@ class VocabSection(Section):
     """Source-vocabulary → target-vocabulary maps."""
 
     method: Literal["exact", "mined", "prefix", "groups", "stats"] = Field(
-        "mined", description="exact (normalised string match), mined (exact, else minimum edit distance, "
+        "groups", description="exact (normalised string match), mined (exact, else minimum edit distance, "
         "FuseLLM), prefix (exact, else the longest target piece the token's text starts with), groups (a "
         "source token's mass goes to the target tokens it begins, the student matches their summed "
         "probability) or stats (co-alignment statistics, FuseChat)")
@@ -319,20 +319,25 @@ class VocabSection(Section):
 
 
 class AlignSection(Section):
-    """Token alignment of each source's tokenization to the target's."""
+    """Token alignment of each source's tokenization to the target's.
+
+    The defaults suit ``vocab.method`` groups; with any other map (or another ``method``) a recipe that
+    leaves them out gets ``offsets`` without ``inside`` and ``cuts`` (FuseLLM's reference behaviour).
+    """
 
     method: Literal["offsets", "dtw", "starts"] = Field(
-        "offsets", description="offsets (one-to-one tokens with identical character spans), dtw (FuseLLM's "
+        "starts", description="offsets (one-to-one tokens with identical character spans), dtw (FuseLLM's "
         "dynamic programming) or starts (next tokens that start at the same character, for vocab.method "
-        "groups, whose projection handles tokens of different lengths)")
+        "groups, whose projection handles tokens of different lengths), by default starts with vocab.method "
+        "groups, offsets otherwise")
     inside: bool = Field(
-        False, description="also teach target positions whose next token starts inside a source token: the "
+        True, description="also teach target positions whose next token starts inside a source token: the "
         "source's prediction before that token, conditioned on the bytes the target has already emitted, each "
-        "candidate's remaining bytes mapped to the target piece they begin")
+        "candidate's remaining bytes mapped to the target piece they begin (default: on with starts only)")
     cuts: bool = Field(
-        False, description="keep only the source continuations after which the target's tokenizer still ends its "
+        True, description="keep only the source continuations after which the target's tokenizer still ends its "
         "previous token where it did (a target that emitted a newline and three spaces as one token knows no "
-        "fourth space follows), renormalised")
+        "fourth space follows), renormalised (default: on with starts only)")
 
 
 class FuseSection(Section):
@@ -473,6 +478,27 @@ class Recipe(RecipeBase):
     fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
     train: TrainSection = Field(default_factory=TrainSection, description="continual training")
     merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _align_defaults_follow_the_map(cls, data: Any) -> Any:
+        """Without ``vocab.method`` groups (or with an ``align.method`` other than starts), the align keys a
+        recipe leaves out are FuseLLM's: offsets, nothing inside source tokens, no cut filter."""
+        if not isinstance(data, dict):
+            return data
+        vocab, align = data.get("vocab"), data.get("align")
+        vocab_method = vocab.get("method", "groups") if isinstance(vocab, dict) else "groups"
+        if align is not None and not isinstance(align, dict):
+            return data
+        align = dict(align or {})
+        if vocab_method != "groups":
+            align.setdefault("method", "offsets")
+        if align.get("method", "starts") != "starts":
+            align.setdefault("inside", False)
+            align.setdefault("cuts", False)
+        if align:
+            data = {**data, "align": align}
+        return data
 
     @model_validator(mode="after")
     def _sampled_tail_needs_temperature_one(self) -> Recipe:

@@ -19,6 +19,9 @@ oracle            ``w = 0``, the only teacher is ``world:oracle`` (the target's 
 twin              ``w = 0``, the only teacher is ``world:oracle-twin`` (same training, other tokenizer)
 distill-label,    as ``distill`` and ``twin``, with ``fuse.fallback=label``: the positions no source
 twin-label        reaches learn the next token (FuseLLM's one-hot fallback; not pure distillation)
+specialists       the default recipe with each source replaced by ``world:oracle-<source>``, a
+                  specialist with the same data and steps and the *target's* tokenizer (its own
+                  ``clm`` row is ``specialists-clm``; its blocks are cut for one tokenizer)
 ================  =================================================================================
 
 Headline keys (``--json``):
@@ -28,6 +31,11 @@ key                                    definition
 =====================================  ==========================================================
 gap_closed_min                         ``default``: the smallest, over domains, of (bpb clm - bpb
                                        fused) / (bpb clm - bpb of the best source); goal >= 0.20
+oracle_gap_closed_min                  the same for ``specialists``: what fusion closes when nothing
+                                       is lost across tokenizers
+gap_closed_share_of_oracle             the smallest, over domains, of ``default``'s gap closed /
+                                       ``specialists``' gap closed; goal >= 0.5 where the
+                                       specialists close less than 0.20
 distill_only_over_clm                  bpb ``distill`` / bpb ``clm`` on ``all``; goal <= 1.02
 same_tokenizer_distill_over_teacher    bpb ``oracle`` / bpb of ``world:oracle`` itself on ``all``;
                                        goal <= 1.02
@@ -52,13 +60,20 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.bench import Figure
+from polyfuse.demo.world import SPECIALIST_PREFIX
 
 __all__ = ["PROJECTIONS", "run"]
 
 logger = logging.getLogger(__name__)
 
-PROJECTIONS = {"mined": ("mined", "offsets"), "prefix": ("prefix", "offsets"), "groups": ("groups", "starts")}
-"""The projections compared: name -> (``vocab.method``, ``align.method``); FuseLLM's MinED map is the reference."""
+PROJECTIONS = {
+    "mined": ["vocab.method=mined", "align.method=offsets", "align.inside=false", "align.cuts=false"],
+    "prefix": ["vocab.method=prefix", "align.method=offsets", "align.inside=false", "align.cuts=false"],
+    "groups": ["vocab.method=groups", "align.method=starts", "align.inside=false", "align.cuts=false"],
+    "context": ["vocab.method=groups", "align.method=starts", "align.inside=true", "align.cuts=true"],
+}
+"""The projections compared: name -> recipe overrides. FuseLLM's MinED map on one-to-one tokens is the
+reference; ``context`` adds the positions inside source tokens and the target's cuts (the default)."""
 SAMPLES = 54
 """``capture.samples`` of every run: the top-10 plus a sampled tail (the whole distribution, unbiased)."""
 
@@ -119,11 +134,14 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
     measure("distill-label", sources, ["train.lm_loss_weight=0", "fuse.fallback=label"],
             {"target+fused": "distill-label"})
     default_w = float(base.get("train", {}).get("lm_loss_weight", 0.9))
-    for method, (vocab, align) in PROJECTIONS.items():
+    for method, overrides in PROJECTIONS.items():
         for w in (default_w, 0.0):
             name = method if w == default_w else f"{method}-w0"
-            measure(name, sources, [f"vocab.method={vocab}", f"align.method={align}", f"train.lm_loss_weight={w}"],
-                    {"target+fused": name})
+            measure(name, sources, [*overrides, f"train.lm_loss_weight={w}"], {"target+fused": name})
+    specialists = {**base, "workdir": str(workdir / "specialists"),
+                   "sources": [{**s, "model": f"world:{SPECIALIST_PREFIX}{s['name']}"} for s in base["sources"]]}
+    measure("specialists", specialists, [], {"target+clm": "specialists-clm", "target+fused": "specialists",
+                                             **{s["name"]: SPECIALIST_PREFIX + s["name"] for s in base["sources"]}})
     for name, model in (("self", "world:target"), ("oracle", "world:oracle"), ("twin", "world:oracle-twin")):
         rows = {"target+fused": name, **({} if name == "self" else {"teacher": f"{name}-teacher"})}
         measure(name, _single_teacher(base, model, workdir / name), ["train.lm_loss_weight=0"], rows)
@@ -134,10 +152,21 @@ def run(*, quick: bool, workdir: Path) -> list[Figure]:
                           "target+fused": {"bpb": bpb["default"]},
                           **{s["name"]: {"bpb": bpb[s["name"]]} for s in base["sources"]}}}
     closed = gap_closed(results, "target+fused")
+    oracle_closed = gap_closed(
+        {"models": {"target+clm": {"bpb": bpb["specialists-clm"]}, "target+fused": {"bpb": bpb["specialists"]},
+                    **{s["name"]: {"bpb": bpb[SPECIALIST_PREFIX + s["name"]]} for s in base["sources"]}}},
+        "target+fused")
+    share = {d: closed[d] / v for d, v in oracle_closed.items() if d in closed and v > 0}
     all_of = {k: v["all"] for k, v in bpb.items()}
     figures = [
         Figure("gap_closed_min", round(min(closed.values()), 4) if closed else float("nan"), "share",
                "default recipe, per domain: " + ", ".join(f"{d} {v:.1%}" for d, v in closed.items())),
+        Figure("oracle_gap_closed_min", round(min(oracle_closed.values()), 4) if oracle_closed else float("nan"),
+               "share", "default recipe with same-tokenizer specialists, per domain: "
+               + ", ".join(f"{d} {v:.1%}" for d, v in oracle_closed.items())),
+        Figure("gap_closed_share_of_oracle", round(min(share.values()), 4) if share else float("nan"), "ratio",
+               "per domain, gap closed / the specialists' gap closed: "
+               + ", ".join(f"{d} {v:.2f}" for d, v in share.items())),
         Figure("distill_only_over_clm", round(all_of["distill"] / all_of["clm"], 4), "ratio",
                f"w=0 {all_of['distill']:.4f} vs clm {all_of['clm']:.4f} bpb (all)"),
         Figure("same_tokenizer_distill_over_teacher", round(all_of["oracle"] / all_of["oracle-teacher"], 4),

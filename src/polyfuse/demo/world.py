@@ -106,17 +106,25 @@ ORACLES = ("oracle", "oracle-twin")
 """Names of the opt-in oracle teachers (``build_world(..., oracles=True)``, ``polyfuse world --oracles``)."""
 
 
-def oracle_plans(spec: WorldPreset) -> tuple[ModelPlan, ModelPlan]:
-    """The oracle teachers of a (scaled) preset: ``oracle`` and ``oracle-twin``.
+SPECIALIST_PREFIX = "oracle-"
+"""``oracle-<source>``: a same-tokenizer specialist per source (:func:`oracle_plans`)."""
 
-    Both are the target's plan (llama, uniform mix, the target's vocab size) trained for the sources'
-    step count, so they clearly beat the target. ``oracle`` reuses the built target's tokenizer (see
-    :func:`build_world`); ``oracle-twin`` trains a ``metaspace_bpe`` tokenizer on the same sample instead.
+
+def oracle_plans(spec: WorldPreset) -> tuple[ModelPlan, ...]:
+    """The oracle teachers of a (scaled) preset: ``oracle``, ``oracle-twin``, then one specialist per source.
+
+    ``oracle`` and ``oracle-twin`` are the target's plan (llama, uniform mix, the target's vocab size)
+    trained for the sources' step count, so they clearly beat the target. ``oracle`` reuses the built
+    target's tokenizer (see :func:`build_world`); ``oracle-twin`` trains a ``metaspace_bpe`` tokenizer
+    on the same sample instead. ``oracle-<source>`` is the target's plan with that source's mix and
+    steps and the target's own tokenizer: fusing them is fusion with nothing lost across tokenizers.
     """
     target = next(m for m in spec.models if m.role == "target")
-    steps = max(m.steps for m in spec.models if m.role == "source")
+    sources = [m for m in spec.models if m.role == "source"]
+    steps = max(m.steps for m in sources)
     oracle = replace(target, name=ORACLES[0], role="oracle", steps=steps)
-    return oracle, replace(oracle, name=ORACLES[1], tokenizer="metaspace_bpe")
+    specialists = tuple(replace(oracle, name=SPECIALIST_PREFIX + m.name, mix=m.mix, steps=m.steps) for m in sources)
+    return oracle, replace(oracle, name=ORACLES[1], tokenizer="metaspace_bpe"), *specialists
 
 
 def scaled(preset: WorldPreset, budget: float) -> WorldPreset:
@@ -191,7 +199,7 @@ def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, s
 
 def _entry(plan: ModelPlan, path: Path, manifest: Manifest) -> dict:
     """The model's ``world.json`` entry."""
-    emphasis = max(plan.mix, key=plan.mix.get) if plan.role == "source" else "general"
+    emphasis = max(plan.mix, key=plan.mix.get) if len(set(plan.mix.values())) > 1 else "general"
     return {"role": plan.role, "arch": plan.arch, "tokenizer": plan.tokenizer, "emphasis": emphasis,
             "path": str(path), **{k: manifest.outputs.get(k) for k in ("params", "vocab", "seconds")}}
 
@@ -203,8 +211,9 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
     Each part is a stage: a part whose manifest matches its config and inputs is reused, so a
     killed build resumes at the first model not yet written.
 
-    ``oracles`` also builds the two oracle teachers (:func:`oracle_plans`), both seeded with
-    ``seed + 4`` (the index after the four world models): ``oracle`` with the built target's tokenizer
+    ``oracles`` also builds the oracle teachers (:func:`oracle_plans`): ``oracle`` and ``oracle-twin``
+    seeded with ``seed + 4`` (the index after the four world models), the specialists with ``seed + 5``
+    onwards. ``oracle`` and the specialists use the built target's tokenizer
     loaded from ``models/target`` (whose content hash is an input, so a rebuilt target makes it stale),
     ``oracle-twin`` with its own ``metaspace_bpe`` tokenizer. Without ``oracles`` they are neither built
     nor removed: ``world.json`` lists an oracle only while its directory's manifest is current.
@@ -232,21 +241,23 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
         summary["models"][plan.name] = _entry(plan, res.path, res.manifest)
     oracle_seed = seed + len(spec.models)
     target_dir = world / "models" / "target"
-    for plan in oracle_plans(spec):
+    for j, plan in enumerate(oracle_plans(spec)):
         out_dir = world / "models" / plan.name
         if not oracles and not out_dir.is_dir():
             continue
-        cfg = {"plan": asdict(plan), "preset": common, "seed": oracle_seed}
+        plan_seed = oracle_seed if j < len(ORACLES) else oracle_seed + j - 1
+        cfg = {"plan": asdict(plan), "preset": common, "seed": plan_seed}
         inputs = {"corpus": corpus_hash}
-        if plan.name == ORACLES[0]:  # the target's tokenizer, as built: its bytes are an input
+        if plan.name != ORACLES[1]:  # the target's tokenizer, as built: its bytes are an input
             cfg["tokenizer_from"] = "target"
             inputs["target"] = hash_path(target_dir)
         else:
             cfg["tokenizer_version"] = TOKENIZER_VERSIONS[plan.tokenizer]
         if oracles:
             res = run_stage(out_dir, "world.model", cfg, inputs,
-                            lambda out, plan=plan: build_model(out, plan, spec, world / "corpus", oracle_seed,
-                                                               tokenizer=_target_tokenizer(plan, target_dir)),
+                            lambda out, plan=plan, plan_seed=plan_seed: build_model(
+                                out, plan, spec, world / "corpus", plan_seed,
+                                tokenizer=_target_tokenizer(plan, target_dir)),
                             force=force)
             summary["models"][plan.name] = _entry(plan, res.path, res.manifest)
         elif is_current(out_dir, "world.model", cfg, hash_inputs(inputs)):
@@ -257,8 +268,8 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
 
 
 def _target_tokenizer(plan: ModelPlan, target_dir: Path) -> PreTrainedTokenizerBase | None:
-    """The built target's own tokenizer for ``oracle``; ``None`` (train one) for any other plan."""
-    if plan.name != ORACLES[0]:
+    """The built target's own tokenizer for every oracle but ``oracle-twin`` (``None``: train one)."""
+    if plan.name == ORACLES[1]:
         return None
     from transformers import AutoTokenizer
 
