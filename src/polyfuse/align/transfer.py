@@ -154,10 +154,10 @@ class TargetCuts:
                 missing.append(pair)
             except UnicodeDecodeError:
                 self._memo[pair] = True
-        if texts:
-            enc = self._tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-            for (prev, cont), offsets in zip(missing, enc["offset_mapping"], strict=True):
-                self._memo[(prev, cont)] = not prev or any(start == len(prev) for start, _ in offsets)
+        if texts:  # the Rust tokenizer directly: transformers' per-encoding conversion costs twice the encoding
+            backend = getattr(self._tokenizer, "backend_tokenizer", self._tokenizer)
+            for (prev, cont), enc in zip(missing, backend.encode_batch(texts, add_special_tokens=False), strict=True):
+                self._memo[(prev, cont)] = not prev or any(start == len(prev) for start, _ in enc.offsets)
         return np.fromiter((self._memo[p] for p in pairs), dtype=bool, count=len(pairs))
 
 
