@@ -174,8 +174,7 @@ def consistent_entries(src_topk: BlockTopK, src_pos: np.ndarray, src: EncodedBlo
         return keep
     pieces, pairs, where = src_table.pieces, [], []
     for t in rows.tolist():
-        start, end = int(tgt.offsets[t, 0]), int(tgt.offsets[t + 1, 0])
-        prev = text[start:end] if t > 0 or not tgt.has_context else ""
+        prev = text[int(tgt.offsets[t, 0]):int(tgt.offsets[t + 1, 0])]   # empty after the context token
         for e, v in enumerate(src_topk.ids[src_pos[t]].tolist()):
             piece = pieces[v] if 0 <= v < len(pieces) else None
             if piece is None or not prev:
