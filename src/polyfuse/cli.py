@@ -239,6 +239,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object {key: value}")] = False,
     quick: Annotated[bool, typer.Option(help="smaller inputs (a smoke run; figures are not the reported ones)")] = False,
     workdir: Annotated[Path, typer.Option(help="scratch directory for generated inputs")] = Path("runs/bench"),
+    runs: Annotated[list[str] | None, typer.Option(
+        "--run", help="transfer only: measure this run (repeatable; default every run)")] = None,
 ) -> None:
     """Measure speed and memory as ratios taken side by side in one run."""
     import contextlib
@@ -248,7 +250,7 @@ def bench(
 
     # with --json, stdout carries the JSON object alone: progress bars and logs go to stderr
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir)
+        figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir, runs=runs)
     if as_json:
         typer.echo(json.dumps({f.key: round(f.value, 6) for f in figures}))
         return

@@ -35,15 +35,18 @@ class Figure:
     detail: str = ""
 
 
-def run_suites(names: Sequence[str], *, quick: bool = False, workdir: str | Path = "runs/bench") -> list[Figure]:
-    """Run the named suites in order and return all their figures."""
+def run_suites(names: Sequence[str], *, quick: bool = False, workdir: str | Path = "runs/bench",
+               runs: Sequence[str] | None = None) -> list[Figure]:
+    """Run the named suites in order and return all their figures (``runs``: the transfer suite's runs to measure)."""
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise PolyfuseError(f"unknown bench suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if runs and list(names) != ["transfer"]:
+        raise PolyfuseError("--run selects runs of the transfer suite only; run `polyfuse bench transfer --run NAME`")
     figures: list[Figure] = []
     for name in names:
         module = importlib.import_module(SUITES[name][0])
         out = Path(workdir) / name
         out.mkdir(parents=True, exist_ok=True)
-        figures += module.run(quick=quick, workdir=out)
+        figures += module.run(quick=quick, workdir=out, **({"runs": list(runs)} if runs else {}))
     return figures
