@@ -227,3 +227,30 @@ def test_consistent_entries_renormalise_what_the_target_cut_allows(indent_tokeni
     assert out.ids[1].tolist() == [2, 3, -1]
     np.testing.assert_allclose(np.exp(out.logprobs[1, :2].astype(np.float32)), [0.6, 0.4], rtol=3e-3)
     assert float(out.target_logprob[1]) == pytest.approx(np.log(0.6), abs=3e-3)   # renormalised with them
+
+
+def test_a_target_special_is_not_taught_from_source_text() -> None:
+    """"ok<|im_end|>": the target's marker is one special token, the source spells it "<", "|im_end|>"."""
+    from polyfuse.align.normalize import TokenTable
+    from polyfuse.align.transfer import (
+        RemainderMap,
+        drop_special_mismatches,
+        inside_token_entries,
+        shared_start_positions,
+    )
+
+    text = "ok<|im_end|>"
+    src_table = TokenTable([None, b"ok", b"<", b"|im_end|>", b"o"], {}, {}, np.zeros(5, bool))
+    tgt_table = TokenTable([None, b"ok", None, b"<"], {}, {2: "<|im_end|>"}, np.zeros(4, bool))
+    src = EncodedBlock(ids=np.array([0, 1, 2, 3]), offsets=np.array([[0, 0], [0, 2], [2, 3], [3, 12]]),
+                       has_context=True)
+    tgt = EncodedBlock(ids=np.array([0, 1, 2]), offsets=np.array([[0, 0], [0, 2], [2, 12]]), has_context=True)
+    pos = shared_start_positions(src, tgt)
+    assert pos.tolist() == [0, 1]                            # the marker starts where the source's "<" does
+    assert drop_special_mismatches(pos, src, tgt, src_table, tgt_table).tolist() == [0, -1]
+    glued = EncodedBlock(ids=np.array([0, 4, 3]), offsets=np.array([[0, 0], [0, 1], [1, 12]]), has_context=True)
+    row = _topk(ids=[[4, 3]] * 2, probs=[[0.5, 0.5]] * 2, target_lp=[-0.7, -0.7])
+    src_table_glued = TokenTable([None, b"ok", b"<", b"k<|im_end|>", b"o"], {}, {}, np.zeros(5, bool))
+    inside = inside_token_entries(row, glued, tgt, text, src_table_glued, RemainderMap(tgt_table),
+                                  np.array([0, -1]))
+    assert inside.positions.size == 0                        # nor from inside a source token

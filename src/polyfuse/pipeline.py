@@ -203,6 +203,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
         TransferStats,
         aligned_source_positions,
         consistent_entries,
+        drop_special_mismatches,
         inside_token_entries,
         shared_start_positions,
         transfer_block,
@@ -235,15 +236,16 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                        "vocab": vmap.method, "temperature": reader.temperature})
             stats = TransferStats()
             inside = recipe.align.inside
-            src_table = token_table(toks[name]) if inside or recipe.align.cuts else None
-            remainder = RemainderMap(token_table(toks[target])) if inside else None
+            src_table, tgt_table = token_table(toks[name]), token_table(toks[target])
+            remainder = RemainderMap(tgt_table) if inside else None
             cuts = TargetCuts(toks[target]) if recipe.align.cuts else None
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
                 for start in range(0, len(blocks), shard):
                     rows = []
                     for i in range(start, min(start + shard, len(blocks))):
                         if method == "starts":
-                            pos = shared_start_positions(src_enc[i], tgt_enc[i])
+                            pos = drop_special_mismatches(shared_start_positions(src_enc[i], tgt_enc[i]),
+                                                          src_enc[i], tgt_enc[i], src_table, tgt_table)
                         else:
                             alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
                                                      src_tokenizer=toks[name], tgt_tokenizer=toks[target])

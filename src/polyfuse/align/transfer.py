@@ -114,6 +114,8 @@ class RemainderMap:
     """
 
     def __init__(self, tgt: TokenTable) -> None:
+        self.special = np.array([p is None for p in tgt.pieces], dtype=bool)
+        """[V_tgt] bool: target ids without bytes (special tokens): no remainder begins them."""
         self._by_bytes = _preferred_ids(tgt)
         self._longest = max((len(p) for p in self._by_bytes), default=0)
         self._memo: dict[bytes, int] = {}
@@ -224,6 +226,7 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     at = np.searchsorted(s_begin[keys], t_begin, side="right") - 1    # the last source start at or before b
     j = np.where(at >= 0, keys[at.clip(min=0)], -1)                    # source position predicting that token
     inside = (src_pos < 0) & (j >= 0) & (s_begin[j.clip(min=0)] < t_begin) & (t_begin < s_end[j.clip(min=0)])
+    inside &= ~remainder.special[tgt.ids[1:]]                          # a special is not text the source spells
     rows, e_ids, e_probs, done, target_lp = [], [], [], [], []
     pieces = src_table.pieces
     for t in np.nonzero(inside)[0].tolist():
@@ -269,6 +272,23 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     return InsideEntries(np.asarray(rows, dtype=np.int64), np.asarray(e_ids, dtype=np.int64),
                          np.asarray(e_probs, dtype=np.float64), np.asarray(done, dtype=np.int64),
                          np.asarray(target_lp, dtype=np.float64))
+
+
+def drop_special_mismatches(src_pos: np.ndarray, src: EncodedBlock, tgt: EncodedBlock, src_table: TokenTable,
+                            tgt_table: TokenTable) -> np.ndarray:
+    """``src_pos`` with −1 where the target's next token is a special token and the source's is not.
+
+    A chat marker such as ``<|im_end|>`` is one special token for a target that has it and plain text
+    (``<``, ``|``, ...) for a source that does not: both start at the same character, but the source's
+    prediction of ``<`` says nothing about the marker (and would teach the target to spell it as text).
+    """
+    out = src_pos.copy()
+    t_special = np.array([tgt_table.pieces[i] is None for i in tgt.ids[1:].tolist()], dtype=bool)
+    rows = np.nonzero(t_special & (out >= 0))[0]
+    for t in rows.tolist():
+        if src_table.pieces[int(src.ids[out[t] + 1])] is not None:
+            out[t] = -1
+    return out
 
 
 def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int,
