@@ -3,7 +3,7 @@
 Tokenizers spell the same text differently: GPT-2 style byte-level BPE writes a space as ``Ġ``
 and a newline as ``Ċ``; SentencePiece style (Llama-2, Gemma) writes a space as ``▁`` and a
 newline as the byte-fallback piece ``<0x0A>``. FuseLLM compared the raw strings and only swapped
-the space markers (spec §6 B5), so ``Ċ`` and ``<0x0A>`` never matched. Here every id becomes the
+the space markers, so ``Ċ`` and ``<0x0A>`` never matched. Here every id becomes the
 UTF-8 bytes it stands for in text, read from the tokenizer's own ``backend_tokenizer`` JSON
 (pre-tokenizer, decoder, normalizer, model), never from a model or class name.
 

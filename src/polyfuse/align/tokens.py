@@ -6,7 +6,7 @@ it (CSR: ``src[indptr[j]:indptr[j + 1]]``, ascending). Two ways to build one:
 * :func:`align_offsets` — exact, from the character spans the tokenizers report: target ``j``
   pairs with every source token whose span overlaps ``j``'s span by at least one character.
   Vectorised (two ``searchsorted`` passes, the array form of a two-pointer sweep).
-* :func:`align_dtw` — FuseLLM's dynamic time warping over token strings (spec §1.5.1), for
+* :func:`align_dtw` — FuseLLM's dynamic time warping over token strings, for
   tokenizations without offsets; :func:`align_dtw_reference` is the plain double loop it must
   equal.
 
@@ -217,7 +217,7 @@ def _empty(n_src: int, n_tgt: int) -> Alignment:
 
 
 def align_dtw(src_tokens: Sequence[str], tgt_tokens: Sequence[str], *, strip: str = " ") -> Alignment:
-    """FuseLLM's DTW alignment (spec §1.5.1), vectorised; equal to :func:`align_dtw_reference`.
+    """FuseLLM's DTW alignment, vectorised; equal to :func:`align_dtw_reference`.
 
     ``cost(i, j) = Levenshtein(src[i] without strip, tgt[j] without strip)`` (normalised texts,
     :func:`~polyfuse.align.normalize.token_texts`, where the space is the old word marker);
@@ -300,7 +300,7 @@ def _backtrack(e: np.ndarray, n: int, m: int) -> Alignment:
 
 
 def align_dtw_reference(src_tokens: Sequence[str], tgt_tokens: Sequence[str], *, strip: str = " ") -> Alignment:
-    """FuseLLM's ``dtw`` as shipped (spec §1.5.1): a Python double loop, one edit distance per cell.
+    """FuseLLM's ``dtw`` as shipped: a Python double loop, one edit distance per cell.
 
     Kept as the ground truth that :func:`align_dtw` must equal and as the benchmark baseline; it
     takes seconds on 2048×2048 tokens.

@@ -3,13 +3,14 @@
 Every map is a :class:`VocabMap`: for each source id the target id it stands for (−1: none) and
 how that was decided (:class:`MapKind`). Tokens are compared in the normal form of
 :mod:`polyfuse.align.normalize` (UTF-8 bytes), so GPT-2's ``Ċ`` and Llama-2's ``<0x0A>`` are the
-same token (spec §6 B5) and specials are matched by role.
+same token (FuseLLM swapped only the space markers, so these never matched) and specials are
+matched by role.
 
 * :func:`exact_map` — same bytes; specials by role (source eos → target eos, ...).
 * :func:`mined_map` — exact first, every other source token → the target token at minimum
-  Levenshtein distance (FuseLLM's MinED, spec §1.4); bytes are read as latin-1 so that each byte
+  Levenshtein distance (FuseLLM's MinED); bytes are read as latin-1 so that each byte
   is one character. Ties go to the lowest target id.
-* :func:`stats_map` — FuseChat's mapping statistics (spec §2.2): count how often source id ``s``
+* :func:`stats_map` — FuseChat-2.0's mapping statistics: count how often source id ``s``
   and target id ``t`` are 1-1 aligned over a corpus (:func:`count_aligned_pairs`), map ``s`` to
   its most frequent ``t``; a sparse CSR of all candidates is kept. Never a dense V×V matrix.
 
@@ -257,8 +258,9 @@ def mined_map(src: TokenTable | Any, tgt: TokenTable | Any, *, workers: int = -1
     Distances are Levenshtein over the normalised bytes read as latin-1 (one byte = one
     character), against the distinct target byte strings (one id per string, chosen as in
     :func:`exact_map`). Ties → the lowest target id, as FuseLLM's "first minimum in vocabulary
-    order". Specials without a role or content match stay unmapped (−1). Unlike FuseChat's
-    broken ``soft`` map (spec §6 B3), every non-exact token gets its real nearest neighbour::
+    order". Specials without a role or content match stay unmapped (−1). Unlike FuseChat's released
+    ``soft`` map, which measures each token against the whole vocabulary list at once and so sends every
+    non-exact token to the first vocabulary entry, every non-exact token gets its real nearest neighbour::
 
         >>> tgt = TokenTable([b"a", b" hello", b" help"], {}, {}, np.zeros(3, bool))
         >>> src = TokenTable([b" hellos", b" helo"], {}, {}, np.zeros(2, bool))

@@ -358,7 +358,7 @@ def avg_ce(teachers: Sequence[TeacherBlock], *, level: Level = "sequence", k_out
            n_bytes: int | None = None) -> FusedBlock:
     """Mix the teachers' probabilities with weights ``w_m = softmax_m(-CE_m)``.
 
-    The reference code uses ``softmax(exp(-CE))``: rewards in (0, 1] give near-uniform weights (spec B10);
+    The reference code uses ``softmax(exp(-CE))``: rewards in (0, 1] give near-uniform weights;
     here the softmax is taken of ``-CE`` itself. ``sequence``: ``CE_m = seq_nll_m / n_bytes`` (nats
     per byte; the number of positions P when ``n_bytes`` is None), one weight vector for the block and
     every position (fallback entries included, as in FuseLLM). ``token``: per position over the

@@ -6,8 +6,8 @@ Input: scored records, one per sampled response (the ``score`` stage's output)::
      "response": str, "params": {...}, "reward": float, "correct": bool | None,
      "category": "math" | "code" | "other"}
 
-The rules, as published in the FuseChat-3.0 README ("Data Construction", the seed text
-``shared/seeds/002_77654e3ca945ee09.txt``; the reference group released no code for this step):
+The rules, as published in the FuseChat-3.0 README (its "Data Construction" section; the reference
+group released no code for this step):
 
 * **Split.** "We then divided the annotated data into SFT and DPO datasets using a 4:6 ratio." The
   prompts of each category are ordered by ``sha256(f"{seed}:{prompt_id}")`` and the first
