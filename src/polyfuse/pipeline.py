@@ -174,7 +174,7 @@ def vocab_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
 
 
 def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
-    """FuseChat's statistics map, counted over DTW alignments of the recipe's blocks (spec §2.2).
+    """FuseChat-2.0's statistics map, counted over DTW alignments of the recipe's blocks.
 
     DTW, not offsets: pairs with identical character spans would only re-discover the exact map;
     DTW also pairs differently cut tokens, which is where the statistics add information.

@@ -1,19 +1,29 @@
 """Carry a source's top-k distributions to the target's positions and vocabulary.
 
-Target position ``t`` predicts target token ``t + 1``. It receives the source's distribution
-at source position ``s`` when source token ``s + 1`` and target token ``t + 1`` are aligned
-one to one (same character span for ``offsets``; a mutual, exclusive DTW pair whose ids the
-vocabulary map accepts for ``dtw``): both models then predict the same next piece of text. Its
-top-k ids are mapped to target ids (entries without a target id are dropped), and entries that
-land on the same target id are **summed** in probability space (the reference code drops
-them, spec B10).
+Target position ``t`` predicts target token ``t + 1``. Which source position teaches it depends on
+``align.method``:
 
-Everywhere else — one-to-many or many-to-one spans, where the two models do not predict the
-same next piece of text — the position gets no source distribution: ``valid`` is False, the
-ids are −1 and ``target_logprob`` is NaN. Fusion then falls back to the other teachers, and
-to a one-hot on the **next** target token when none is valid (spec B1 put the one-hot on the
-current token). Worked example (source splits "unbelievable" in three, target keeps it
-whole)::
+* ``starts`` (the default, with ``vocab.method`` groups): the source position whose next token
+  starts at the same character (:func:`shared_start_positions`); both models predict from the same
+  text, whatever length their next tokens have. With ``align.inside``, positions whose next target
+  token starts *inside* a source token learn the source's prediction before that token, conditioned
+  on the bytes already emitted (:func:`inside_token_entries`); with ``align.cuts``, only source
+  continuations after which the target's tokenizer still cuts where it did are kept
+  (:class:`TargetCuts`). A target special token is never taught from source text
+  (:func:`drop_special_mismatches`).
+* ``offsets`` / ``dtw`` (FuseLLM): only where source token ``s + 1`` and target token ``t + 1`` are
+  aligned one to one (same character span; a mutual, exclusive DTW pair the vocabulary map accepts):
+  both models then predict the same next piece of text.
+
+The chosen entries are mapped to target ids (entries without a target id are dropped), and entries
+that land on the same target id are **summed** in probability space (FuseLLM's reference code keeps
+only the first entry for an id and drops the rest).
+
+A position no source reaches gets no distribution: ``valid`` is False, the ids are −1 and
+``target_logprob`` is NaN; fusion then uses the other teachers or ``fuse.fallback`` (by default the
+target's own distribution; ``label`` is a one-hot on the **next** target token, where FuseLLM's
+reference code put it on the current one, teaching the model to repeat it). Worked example of the
+one-to-one rule (source splits "unbelievable" in three, target keeps it whole)::
 
     text     " unbelievable!"
     target   <s> | " unbelievable" | "!"        positions 0, 1 predict tokens 1, 2

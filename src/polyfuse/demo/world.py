@@ -6,9 +6,11 @@ Layout of a world directory (every part is a stage with its own ``manifest.json`
     <world>/models/<name>/   config.json, model.safetensors, tokenizer.json, manifest.json
     <world>/world.json       roles, domains and what each model emphasises
 
-With ``oracles=True`` two oracle teachers join them (:func:`oracle_plans`): ``models/oracle`` (the target's
-own tokenizer and architecture, trained as long as a source) and ``models/oracle-twin`` (the same but with
-a ``metaspace_bpe`` tokenizer), to tell distillation apart from cross-tokenizer transfer.
+With ``oracles=True`` oracle teachers join them (:func:`oracle_plans`): ``models/oracle`` (the target's
+own tokenizer and architecture, trained as long as a source), ``models/oracle-twin`` (the same but with
+a ``metaspace_bpe`` tokenizer), to tell distillation apart from cross-tokenizer transfer, and one
+``models/oracle-<source>`` per source (the target's tokenizer and architecture, the source's data and
+steps), to tell fusion apart from crossing tokenizers.
 
 Everything is seeded; the step counts come from the preset times ``budget`` (never from a clock),
 so one seed and one budget give the same bytes on the same software stack.
