@@ -150,6 +150,19 @@ def test_grouped_projection_end_to_end(tmp_path: Path, tiny_world: Path) -> None
     assert "target+fused" in results["models"]
 
 
+def test_cut_filter_skips_a_source_with_the_targets_vocabulary(tmp_path: Path, tiny_world: Path) -> None:
+    """align.cuts applies to sources with another tokenizer; one with the target's own already follows its cuts."""
+    path = _recipe(tmp_path, tiny_world, sources=[{"name": "self", "model": "world:target"},
+                                                  {"name": "prose", "model": "world:prose"}])
+    small = ["corpus.max_bytes_per_domain=1500", "blocks.max_tokens=96", "capture.top_k=4"]
+    assert main(["run", str(path), *small, "--only", "blocks", "--only", "capture", "--only", "vocab",
+                 "--only", "align"]) == 0
+    outputs = {n: json.loads((tmp_path / "run" / "align" / n / "manifest.json").read_text())["outputs"]
+               for n in ("self", "prose")}
+    assert outputs["self"]["cuts"] is False and outputs["prose"]["cuts"] is True
+    assert outputs["self"]["coverage"] == 1.0
+
+
 def test_fuse_fallback_without_the_target(tmp_path: Path, tiny_world: Path) -> None:
     """include_target=false: positions no source reaches get the target's own entries, its label, or nothing."""
     from polyfuse.capture.store import StoreReader

@@ -238,7 +238,8 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             inside = recipe.align.inside
             src_table, tgt_table = token_table(toks[name]), token_table(toks[target])
             remainder = RemainderMap(tgt_table) if inside else None
-            cuts = TargetCuts(toks[target]) if recipe.align.cuts else None
+            # a source with the target's own vocabulary already follows the target's cuts
+            cuts = TargetCuts(toks[target]) if recipe.align.cuts and src_table.pieces != tgt_table.pieces else None
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
                 for start in range(0, len(blocks), shard):
                     rows = []
@@ -261,7 +262,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                         advance()
                     writer.write_shard(start // shard, rows)
             writer.finalize()
-            return stats.as_dict()
+            return {**stats.as_dict(), "cuts": cuts is not None}
 
         results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
     return results
