@@ -64,6 +64,15 @@ def aligned_source_positions(alignment: Alignment, src: EncodedBlock, tgt: Encod
     return pos
 
 
+def _fresh_starts(block: EncodedBlock) -> np.ndarray:
+    """[n - 1] start character of tokens 1..n-1, −1 for a token that starts where one before it did
+    (byte-fallback pieces of one character: only the first of them starts anything)."""
+    begin = block.offsets[1:, 0].astype(np.int64)
+    fresh = np.ones(len(begin), dtype=bool)
+    fresh[1:] = begin[1:] > np.maximum.accumulate(begin)[:-1]
+    return np.where(fresh, begin, -1)
+
+
 def shared_start_positions(src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
     """[P_tgt] int64: the source position whose next token starts where target position ``t``'s does, else −1.
 
@@ -76,15 +85,9 @@ def shared_start_positions(src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
     matters. Tokens that share a start offset with the token before them (byte-fallback pieces of
     one character) never count as a start. Both blocks need their context token.
     """
-    def starts(block: EncodedBlock) -> np.ndarray:
-        begin = block.offsets[1:, 0].astype(np.int64)                 # start of tokens 1..n-1
-        fresh = np.ones(len(begin), dtype=bool)
-        fresh[1:] = begin[1:] > np.maximum.accumulate(begin)[:-1]
-        return np.where(fresh, begin, -1)
-
     if not (src.has_context and tgt.has_context):
         raise ValueError("shared_start_positions needs blocks with a context token (position t predicts t + 1)")
-    s_begin, t_begin = starts(src), starts(tgt)
+    s_begin, t_begin = _fresh_starts(src), _fresh_starts(tgt)
     keys = np.nonzero(s_begin >= 0)[0]                                 # source positions with a fresh start
     if not keys.size:
         return np.full(len(t_begin), -1, dtype=np.int64)
@@ -228,9 +231,7 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     t_begin = tgt.offsets[1:, 0].astype(np.int64)
     s_begin = src.offsets[1:, 0].astype(np.int64)
     s_end = src.offsets[1:, 1].astype(np.int64)
-    fresh = np.ones(len(s_begin), dtype=bool)
-    fresh[1:] = s_begin[1:] > np.maximum.accumulate(s_begin)[:-1]
-    keys = np.nonzero(fresh)[0]
+    keys = np.nonzero(_fresh_starts(src) >= 0)[0]
     if not keys.size:
         return InsideEntries.empty()
     at = np.searchsorted(s_begin[keys], t_begin, side="right") - 1    # the last source start at or before b
