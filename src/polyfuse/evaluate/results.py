@@ -43,7 +43,7 @@ from polyfuse.errors import DataError
 from polyfuse.workspace import atomic_write_json
 
 RESULTS_NAME = "results.json"
-TRAINED_SUFFIXES = ("+clm", "+fused", "+pair:", "+fusechat", "+sft", "+sft+dpo", "+sft+wrpo")
+TRAINED_SUFFIXES = ("+clm", "+fused", "+clm:real", "+fused:real", "+pair:", "+fusechat", "+sft", "+sft+dpo", "+sft+wrpo")
 """Row suffixes after the target's name, in the order the papers' tables list them."""
 
 
