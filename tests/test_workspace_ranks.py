@@ -24,11 +24,13 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
     report: dict = {}
     try:
         from polyfuse.errors import DataError
-        from polyfuse.workspace import current_ranks, run_stage
+        from polyfuse.workspace import current_ranks, run_stage, workdir_lock
 
         ranks = current_ranks()
         report["ranks"] = [ranks.rank, ranks.world_size]
         base = Path(root)
+        lock = workdir_lock(base)  # one run's ranks share the workdir's lock: it must not block rank 1
+        lock.__enter__()
 
         def solo(out: Path) -> dict:
             with open(base / "solo-builds.txt", "a") as f:  # counts builds across processes

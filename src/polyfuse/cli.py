@@ -6,6 +6,7 @@ Only argument parsing lives here; every command calls one library function. Heav
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -146,14 +147,21 @@ def run(
     overrides: Overrides = None,
     only: Annotated[list[str] | None, typer.Option(help="run only these stages")] = None,
     force: Annotated[bool, typer.Option(help="rerun stages even when their manifest is current")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="also re-hash the files of every stage skipped as current (sizes are always checked, "
+                         "and every artifact a stage reads is checked against its manifest's hashes)")] = False,
 ) -> None:
     """Run every stale stage of a recipe."""
+    import contextlib
+
     from polyfuse.pipeline import run_recipe
     from polyfuse.recipe import load_recipe
+    from polyfuse.workspace import full_verification
 
     r = load_recipe(recipe, overrides or [])
     logging.getLogger("polyfuse").info("recipe %s resolved:\n%s", recipe, r.to_yaml(exclude_defaults=False))
-    _print_stage_results(run_recipe(r, only=only, force=force))
+    with full_verification() if verify else contextlib.nullcontext():
+        _print_stage_results(run_recipe(r, only=only, force=force))
 
 
 def _stage_command(stage: str, doc: str) -> None:
@@ -302,6 +310,17 @@ for _stage, _doc in {
     _stage_command(_stage, _doc)
 
 
+_STORAGE_ERRORS = {
+    errno.EROFS: "the file system is read-only; give the run a writable workdir (workdir=PATH)",
+    errno.EACCES: "make the directory writable for this user, or give the run another workdir (workdir=PATH)",
+    errno.EPERM: "make the directory writable for this user, or give the run another workdir (workdir=PATH)",
+    errno.ENOSPC: "the disk is full; free space (or give the run a workdir on another disk) and rerun: "
+                  "finished stages are kept",
+    errno.EDQUOT: "the disk quota is exceeded; free space and rerun: finished stages are kept",
+}
+"""Storage errors (by errno) the CLI reports as one line, with the fix."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; user errors print one line and return 2."""
     command = typer.main.get_command(app)
@@ -309,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         command.main(args=argv if argv is not None else sys.argv[1:], prog_name="polyfuse", standalone_mode=False)
     except PolyfuseError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        where = exc.filename if exc.filename is not None else "a file"
+        console.print(f"[bold red]error:[/] {where}: {exc.strerror}; {_STORAGE_ERRORS[exc.errno]}",
+                      highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code

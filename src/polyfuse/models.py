@@ -174,8 +174,16 @@ def resolve_model_ref(
         name = ref[len(WORLD_PREFIX) :]
         path = Path(world_dir) / "models" / name
         if not name or not path.is_dir():
+            models = Path(world_dir) / "models"
+            built = sorted(p.name for p in models.iterdir() if p.is_dir()) if models.is_dir() else []
+            if not built:
+                raise ModelLoadError(
+                    f"model {ref!r} not found at {path}; build the tiny world first with 'polyfuse world'"
+                )
             raise ModelLoadError(
-                f"model {ref!r} not found at {path}; build the tiny world first with 'polyfuse world'"
+                f"model {ref!r} not found: the world at {world_dir} has no model {name!r}; it has "
+                f"{', '.join('world:' + n for n in built)} (oracles need 'polyfuse world --oracles', chat models "
+                "'polyfuse demo --family implicit')"
             )
         _check_local_dir(ref, path, kind)
         return ResolvedModel(ref=ref, location=str(path.resolve()), is_local=True)
@@ -266,6 +274,44 @@ def _load_hint(resolved: ResolvedModel) -> str:
     )
 
 
+@functools.cache
+def _reachable(endpoint: str) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within 5 s (asked once per process)."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(resolved: ResolvedModel, kind: Literal["model", "tokenizer"]) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for a hub id when the hub cannot be reached: the local cache only.
+
+    Without this, the hub client retries for most of a minute before failing.
+
+    Raises:
+        ModelLoadError: the hub cannot be reached and the model is not in the local cache.
+    """
+    if resolved.is_local:
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or _reachable(constants.ENDPOINT):
+        return {}
+    file = "tokenizer_config.json" if kind == "tokenizer" else "config.json"
+    if isinstance(try_to_load_from_cache(resolved.location, file, revision=resolved.revision), str):
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"{kind} {resolved.ref!r}: the hub ({constants.ENDPOINT}) cannot be reached and it is not in the local "
+        "cache; connect and rerun, download it beforehand, or give a local directory"
+    )
+
+
 def load_tokenizer(
     resolved_or_ref: ResolvedModel | str,
     tokenizer: str | None = None,
@@ -289,6 +335,7 @@ def load_tokenizer(
         resolved = resolve_model_ref(resolved_or_ref, world_dir=world_dir, kind="tokenizer")
     else:
         resolved = resolved_or_ref
+    kw = {**_hub_kwargs(resolved, "tokenizer"), **kw}
     try:
         return AutoTokenizer.from_pretrained(resolved.location, revision=resolved.revision, **kw)
     except (OSError, ValueError) as e:
@@ -316,11 +363,13 @@ def load_model(
         resolved = resolve_model_ref(resolved, world_dir=world_dir)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.location, revision=resolved.revision, dtype=torch_dtype
+            resolved.location, revision=resolved.revision, dtype=torch_dtype, **_hub_kwargs(resolved, "model")
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ModelLoadError(
             f"cannot load model from {resolved}: {_first_line(e)}; {_load_hint(resolved)}"
         ) from e

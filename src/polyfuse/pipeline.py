@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from polyfuse.errors import RecipeError
+from polyfuse.errors import DataError, RecipeError
 from polyfuse.recipe import Recipe
 from polyfuse.workspace import (
     StageResult,
@@ -20,6 +20,7 @@ from polyfuse.workspace import (
     atomic_write_text,
     current_ranks,
     run_stage,
+    workdir_lock,
 )
 
 if TYPE_CHECKING:
@@ -73,23 +74,37 @@ def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) 
         c = recipe.corpus
         domains = c.domains or list_domains(corpus, c.split)
         toks = _tokenizers(recipe)
+        oversized: dict[str, int] = {}
 
         def docs():
             for domain in domains:
+                path = domain_path(corpus, c.split, domain)
                 budget = c.max_bytes_per_domain
-                for doc in read_documents(domain_path(corpus, c.split, domain), format=c.format,
-                                          tokenizer=toks[recipe.target.name]):
+                chat = supervised = 0
+                for doc in read_documents(path, format=c.format, tokenizer=toks[recipe.target.name]):
                     size = len(doc.text.encode("utf-8"))
-                    if budget is not None and size > budget:
+                    if budget is not None and size > c.max_bytes_per_domain:  # could never fit: skip it
+                        oversized[domain] = oversized.get(domain, 0) + 1
+                        continue
+                    if budget is not None and size > budget:  # the domain's budget is spent
                         break
+                    if doc.response_spans is not None:
+                        chat += 1
+                        supervised += any(b > a for a, b in doc.response_spans)
+                    else:
+                        supervised += 1
                     yield domain, doc
                     if budget is not None:
                         budget -= size
+                if chat and not supervised:
+                    raise DataError(f"{path}: none of its {chat} chat rows has an assistant turn, so training would "
+                                    "learn nothing from this domain; add assistant responses (role 'assistant' or "
+                                    "from 'gpt') or leave the domain out with corpus.domains")
 
         max_tokens = min([recipe.blocks.max_tokens, *_contexts(recipe)])
         stats = write_blocks(out / "blocks.jsonl",
                              make_blocks(docs(), list(toks.values()), max_tokens))
-        return {**stats, "domains": domains, "max_tokens": max_tokens}
+        return {**stats, "domains": domains, "max_tokens": max_tokens, "oversized_skipped": oversized}
 
     return run_stage(stage_dir(recipe, "blocks"), "blocks", cfg, inputs, build, force=force)
 
@@ -440,6 +455,10 @@ def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
     tok = _tokenizers(recipe)[recipe.target.name]
     encoded = encode_blocks(tok, [b.text for b in blocks], [b.response_spans is not None for b in blocks])
     rows = [training_row(enc, b.response_spans) for enc, b in zip(encoded, blocks, strict=True)]
+    if rows and all("labels" in r and not (np.asarray(r["labels"]) != -100).any() for r in rows):
+        raise DataError(f"{stage_dir(recipe, 'blocks') / 'blocks.jsonl'}: no block has a response token to train on "
+                        "(chat rows without an assistant turn); add assistant responses to the corpus, then rerun "
+                        "'polyfuse run RECIPE'")
     if fuse_dir is not None:
         fused = StoreReader(fuse_dir)
         for row, b in zip(rows, blocks, strict=True):
@@ -498,8 +517,8 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
 
             with np.load(fuse_dir / GROUPS_NAME) as z:
                 groups = z["groups"]
-        metrics = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups)
-        return {"final_loss": metrics.get("train_loss"), "steps": opts.max_steps}
+        result = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups)
+        return {"final_loss": result["metrics"].get("train_loss"), "steps": opts.max_steps}
 
     return run_stage(out_dir, "train", cfg, inputs, build, force=force, resumable=True, collective=True)
 
@@ -629,8 +648,16 @@ def run_recipe(recipe: Recipe | ImplicitRecipe, *, only: Sequence[str] | None = 
     """Run every stage of the recipe (or ``only`` these), skipping the ones whose manifest is current.
 
     Returns every artifact's result keyed ``stage`` or ``stage/<model>``. An implicit recipe
-    (``mode: implicit``) runs through :func:`polyfuse.implicit.pipeline.run_implicit`.
+    (``mode: implicit``) runs through :func:`polyfuse.implicit.pipeline.run_implicit`. The whole run
+    holds the workdir's lock (:func:`polyfuse.workspace.workdir_lock`): one run per workdir.
     """
+    with workdir_lock(recipe.workdir):
+        return _run_locked(recipe, only=only, force=force, progress=progress)
+
+
+def _run_locked(recipe: Recipe | ImplicitRecipe, *, only: Sequence[str] | None, force: bool,
+                progress: bool) -> dict[str, StageResult]:
+    """:func:`run_recipe` while holding the workdir's lock."""
     if recipe.mode == "implicit":
         from polyfuse.implicit.pipeline import run_implicit
 

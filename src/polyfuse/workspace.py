@@ -59,6 +59,8 @@ __all__ = [
     "atomic_write_text",
     "clean_stale_temps",
     "current_ranks",
+    "file_records",
+    "full_verification",
     "hash_file",
     "hash_input",
     "hash_inputs",
@@ -69,6 +71,9 @@ __all__ = [
     "partial_dir",
     "run_stage",
     "stage_status",
+    "tree_files",
+    "verify_artifact",
+    "workdir_lock",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,14 +142,20 @@ def hash_path(path: str | Path) -> str:
         raise DataError(f"{path}: cannot hash a path that does not exist")
     digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
     digest.update(b"dir\0")
+    for rel, file in tree_files(path):
+        digest.update(f"{rel}\0{hash_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def tree_files(path: str | Path) -> list[tuple[str, Path]]:
+    """Sorted ``(relative POSIX path, path)`` of every file under a directory that :func:`hash_path` counts."""
+    path = Path(path)
     entries: list[tuple[str, Path]] = []
     for root, dirs, files in os.walk(path, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not _skipped(d))
         rel_root = Path(root).relative_to(path)
         entries.extend(((rel_root / f).as_posix(), Path(root) / f) for f in files if not _skipped(f))
-    for rel, file in sorted(entries):
-        digest.update(f"{rel}\0{hash_file(file)}\n".encode())
-    return digest.hexdigest()
+    return sorted(entries)
 
 
 def hash_input(value: str | Path) -> str:
@@ -159,14 +170,97 @@ def hash_input(value: str | Path) -> str:
 
 
 def hash_inputs(inputs: Mapping[str, str | Path]) -> dict[str, str]:
-    """`{name: hash_input(value)}` for every input; a missing input path names the stage that makes it."""
+    """`{name: hash_input(value)}` for every input; a missing input path names the stage that makes it.
+
+    A `Path` input that is an artifact (a directory with a `manifest.json`, or a file in one) is first
+    checked against the sizes and content hashes its manifest records (:func:`verify_artifact`), so an
+    artifact changed after its stage wrote it is never used. String inputs (model references) are not.
+    """
     missing = [(name, value) for name, value in inputs.items() if isinstance(value, Path) and not value.exists()]
     if missing:
         name, value = missing[0]
         raise DataError(f"input {name!r} ({value}) does not exist yet: build it first, e.g. with "
                         f"'polyfuse {name.split(':')[0].split('_')[-1]} RECIPE' or run every stage with "
                         f"'polyfuse run RECIPE'")
+    for value in inputs.values():
+        if isinstance(value, Path):
+            verify_artifact(value, full=True)
     return {name: hash_input(value) for name, value in inputs.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# artifact verification
+
+_FULL_VERIFY = False
+
+
+@contextlib.contextmanager
+def full_verification() -> Iterator[None]:
+    """Within the block, a stage skipped as current re-reads its files' content hashes (``polyfuse run --verify``)."""
+    global _FULL_VERIFY
+    previous, _FULL_VERIFY = _FULL_VERIFY, True
+    try:
+        yield
+    finally:
+        _FULL_VERIFY = previous
+
+
+def file_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "blake2b"}}`` of every file of an artifact directory but its manifest."""
+    return {rel: {"bytes": file.stat().st_size, "blake2b": hash_file(file)}
+            for rel, file in tree_files(path) if rel != MANIFEST_NAME}
+
+
+def rebuild_hint(artifact: Path, stage: str) -> str:
+    """The command that rebuilds an artifact directory written by ``stage``."""
+    if stage.startswith("world."):
+        world = next((p for p in artifact.parents if (p / "world.json").is_file()), artifact.parent)
+        return f"delete {artifact} and rerun 'polyfuse world --out {world}' (it rebuilds what is missing)"
+    only = "pairs" if "pairs" in artifact.parts and stage in ("fuse", "train") else stage
+    return (f"rebuild it with 'polyfuse run RECIPE --only {only} --force' (or delete {artifact} and rerun "
+            "'polyfuse run RECIPE')")
+
+
+def verify_artifact(path: str | Path, *, full: bool | None = None) -> None:
+    """Check an artifact against what its `manifest.json` records: the set of files, their sizes and,
+    with ``full`` (default: inside :func:`full_verification`), their content hashes.
+
+    ``path`` is an artifact directory, or a file directly inside one. Paths without a manifest, and
+    manifests that record no files (written before polyfuse recorded them), are not checked.
+
+    Raises:
+        DataError: one line naming the changed file, what differs and the command that rebuilds it.
+    """
+    path = Path(path)
+    full = _FULL_VERIFY if full is None else full
+    directory = path if path.is_dir() else path.parent
+    manifest = _read_manifest(directory)
+    if manifest is None or manifest.files is None:
+        return
+    records = manifest.files
+    if path.is_dir():
+        present = {rel: file for rel, file in tree_files(directory) if rel != MANIFEST_NAME}
+        wanted = records
+    else:
+        present = {path.name: path}
+        wanted = {path.name: records[path.name]} if path.name in records else {}
+    hint = rebuild_hint(directory, manifest.stage)
+    where = f"{directory / MANIFEST_NAME}"
+    for rel in sorted(set(wanted) - set(present)):
+        raise DataError(f"{directory / rel}: missing, but {where} lists it; the artifact changed after stage "
+                        f"{manifest.stage} wrote it: {hint}")
+    for rel in sorted(set(present) - set(wanted)):
+        raise DataError(f"{directory / rel}: not part of the artifact {where} describes; it was added after stage "
+                        f"{manifest.stage} wrote it: {hint}")
+    for rel, record in sorted(wanted.items()):
+        file = present[rel]
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise DataError(f"{file}: {size} bytes, but {where} records {record['bytes']}; the artifact changed "
+                            f"after stage {manifest.stage} wrote it: {hint}")
+        if full and hash_file(file) != record["blake2b"]:
+            raise DataError(f"{file}: content differs from the hash {where} records; the artifact changed after "
+                            f"stage {manifest.stage} wrote it: {hint}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,11 +357,16 @@ def iter_jsonl(path: str | Path, *, missing: str, fix: str = "each line must be 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {missing}")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or drop the line") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -303,6 +402,9 @@ class Manifest:
     created: str
     duration_s: float
     outputs: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] | None = None
+    """Every file of the artifact (manifest excluded): ``{path: {"bytes", "blake2b"}}``; None in manifests
+    written before polyfuse recorded them (they are not verified)."""
 
     def to_json(self) -> str:
         """The manifest as JSON text (indent 2, sorted keys, trailing newline)."""
@@ -320,10 +422,13 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DataError(f"{file}: unreadable manifest ({err}), delete the directory and rerun") from None
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data] if isinstance(data, dict) else names
+        missing = [n for n in names if n not in data and n not in _OPTIONAL] if isinstance(data, dict) else names
         if missing:
             raise DataError(f"{file}: manifest lacks {', '.join(missing)}, delete the directory and rerun")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
+
+
+_OPTIONAL = ("files",)
 
 
 @dataclass
@@ -397,18 +502,22 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def clean_stale_temps(parent: str | Path) -> list[Path]:
+def clean_stale_temps(parent: str | Path, name: str | None = None) -> list[Path]:
     """Remove `.tmp-*` / `.trash-*` entries in `parent` left by killed runs; return what was removed.
 
     Names carry the writer's pid (`.tmp-NAME-PID-RANDOM`); entries whose process is still alive on
     this machine are kept, so concurrent stages sharing a parent do not delete each other's work.
+    With ``name`` only the temps of that one output (`.tmp-NAME-*`, `.trash-NAME-*`) are considered.
     """
     parent = Path(parent)
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
+    prefixes = (TMP_PREFIX, TRASH_PREFIX) if name is None else (f"{TMP_PREFIX}{name}-", f"{TRASH_PREFIX}{name}-")
     for entry in parent.iterdir():
-        if not entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):  # `.partial-*` dirs are kept
+        if not entry.name.startswith(prefixes):  # `.partial-*` dirs are kept
+            continue
+        if name is not None and entry.name.count("-") != name.count("-") + 3:  # another output's temp
             continue
         pid_text = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 3 else ""
         if pid_text.isdigit() and _pid_alive(int(pid_text)):
@@ -508,6 +617,96 @@ def current_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+LOCK_NAME = ".polyfuse.lock"
+"""The run lock in a workdir: held (``fcntl.flock``) by the process running a recipe there."""
+
+_HELD_LOCKS: dict[str, list[Any]] = {}  # resolved workdir -> [open lock file or None, depth]
+
+
+def _lock_holder(fh: Any) -> str:
+    fh.seek(0)
+    try:
+        info = json.loads(fh.read() or "{}")
+    except json.JSONDecodeError:
+        info = {}
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}: "
+            f"{info.get('command')}")
+
+
+def _take_lock(workdir: Path) -> Any:
+    """Open and lock ``workdir/.polyfuse.lock`` (None when the workdir cannot be written at all)."""
+    import errno
+    import fcntl
+    import sys
+
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fh = open(workdir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # read-only: nothing here can be changed
+            logger.debug("workdir %s is not writable (%s): running without its lock", workdir, exc.strerror)
+            return None
+        raise
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fh)
+        fh.close()
+        raise DataError(f"{workdir}: in use by another polyfuse run ({holder}); wait for it to finish, or give "
+                        f"this run another workdir") from None
+    info = {"pid": os.getpid(), "host": platform.node(), "command": " ".join(["polyfuse", *sys.argv[1:]]),
+            "started": datetime.now(UTC).isoformat(timespec="seconds")}
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps(info) + "\n")
+    fh.flush()
+    return fh
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None) -> Iterator[None]:
+    """Hold the workdir's run lock for the block: one run per workdir.
+
+    The lock is an ``fcntl.flock`` on ``<workdir>/.polyfuse.lock``, which records the holder (pid, host,
+    command, start); the kernel releases it when the holder dies, so a lock left by a killed run is
+    taken over. Re-entrant within a process. Under several ranks, rank 0 takes it for the whole run
+    and every rank learns the outcome. A workdir that cannot be written is used without the lock.
+
+    Raises:
+        DataError: another live process holds the lock (named in the message).
+    """
+    key = str(Path(workdir).resolve())
+    held = _HELD_LOCKS.get(key)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield
+        finally:
+            held[1] -= 1
+        return
+    ranks = ranks or current_ranks()
+    fh, error = None, None
+    if ranks.main:
+        try:
+            fh = _take_lock(Path(workdir))
+        except Exception as exc:  # shared with the other ranks below
+            error = exc
+    failures = ranks.gather(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failures[0] is not None:
+        raise DataError(failures[0])
+    _HELD_LOCKS[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        del _HELD_LOCKS[key]
+        if fh is not None:
+            fh.close()  # closing the descriptor releases the flock
+
+
 def _raise_if_any_failed(ranks: Ranks, error: BaseException | None, stage: str) -> None:
     """Share each rank's failure; re-raise the own one, or report another rank's."""
     failures = ranks.gather(None if error is None else f"{type(error).__name__}: {error}")
@@ -560,6 +759,7 @@ def run_stage(
     if ranks.world_size > 1:  # everyone follows rank 0's view, taken before anyone changes anything
         current = ranks.gather(current)[0]
     if current:
+        verify_artifact(out_dir)
         log(f"stage {stage}: up to date, skipped ({out_dir})")
         return StageResult(out_dir, _read_manifest(out_dir), skipped=True)
     if ranks.world_size > 1:
@@ -626,6 +826,7 @@ def _finish(tmp: Path, out_dir: Path, stage: str, config: dict[str, Any], input_
     )
     if resumable:
         (tmp / PARTIAL_KEY_NAME).unlink(missing_ok=True)
+    manifest.files = file_records(tmp)
     atomic_write_text(tmp / MANIFEST_NAME, manifest.to_json())
     _swap_in(tmp, out_dir)
     _fsync_dir(out_dir.parent)

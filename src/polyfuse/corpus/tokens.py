@@ -49,9 +49,15 @@ def _cover_combining_marks(text: str, off: np.ndarray) -> np.ndarray:
     cover only the ``e``; the mark then belongs to no token and a span-based alignment could not see
     that the source's ``é`` and the target's ``e`` + mark stand for the same text. The run of combining
     marks (Unicode categories Mn, Mc, Me) that starts an uncovered gap after a token is added to that
-    token; the rest of a gap (spaces a tokenizer leaves out) stays uncovered.
+    token, and so is every character NFC composes into the token's last character (NFD Hangul: the
+    medial and final jamo, category Lo, that NFC joins to the initial one into a syllable); the rest
+    of a gap (spaces a tokenizer leaves out) stays uncovered.
     """
     import unicodedata
+
+    def absorbed(start: int, end: int) -> bool:
+        """Whether NFC composes ``text[end]`` into what ``text[start:end]`` ends with."""
+        return len(unicodedata.normalize("NFC", text[start:end + 1])) <= len(unicodedata.normalize("NFC", text[start:end]))
 
     real = np.nonzero(off[:, 1] > off[:, 0])[0]
     if real.size == 0:
@@ -64,8 +70,8 @@ def _cover_combining_marks(text: str, off: np.ndarray) -> np.ndarray:
     off = off.copy()
     for g in gaps:
         a, b = int(ends[g]), int(nexts[g])
-        end = a
-        while end < b and unicodedata.category(text[end]).startswith("M"):
+        end, last = a, max(a - 1, int(off[real[g], 0]))
+        while end < b and (unicodedata.category(text[end]).startswith("M") or absorbed(last, end)):
             end += 1
         off[real[g], 1] = end
     return off

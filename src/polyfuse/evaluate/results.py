@@ -66,11 +66,21 @@ def update_results(path: str | Path, models: Mapping[str, Any], meta: Mapping[st
     """Deep-merge per-model figures (and optional meta) into the results file, atomically.
 
     The read-merge-write runs under an exclusive lock on ``<file>.lock``, so processes that update the
-    same run at once (ranks, parallel evaluations) never lose each other's rows.
+    same run at once (ranks, parallel evaluations) never lose each other's rows. An update that changes
+    nothing writes nothing (and takes no lock).
     """
+    import copy
     import fcntl
 
     path = Path(path)
+    if path.is_file():  # nothing new (a fully current run): no write, so a read-only run directory is fine
+        data = read_results(path)
+        merged = copy.deepcopy(data)
+        _merge(merged.setdefault("models", {}), models)
+        if meta:
+            _merge(merged.setdefault("meta", {}), meta)
+        if merged == data:
+            return data
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

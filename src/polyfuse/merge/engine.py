@@ -38,6 +38,7 @@ from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
+from polyfuse.workspace import clean_stale_temps
 
 __all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
 
@@ -442,6 +443,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     shards = _assign_shards(plan.tensors, parse_size(out_shard_size))
     names = _shard_names(len(shards))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out_dir.parent, name=out_dir.name)  # what a killed merge into out_dir left behind
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     start = time.perf_counter()
