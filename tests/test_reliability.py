@@ -349,3 +349,21 @@ def test_unreachable_hub_fails_at_once(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "cannot be reached" in proc.stderr and "Retrying" not in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - start < 60
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+
+
+def test_every_row_of_the_reliability_table_names_an_existing_test() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith(("| fault", "| attack"))
+            and not line.startswith("| ---")]
+    assert len(rows) > 40
+    for row in rows:
+        refs = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row)
+        assert refs, f"row without a test: {row}"
+        for file, name in refs:
+            assert re.search(rf"^def {name}\(", (root / "tests" / file).read_text(encoding="utf-8"), re.M), (file, name)
