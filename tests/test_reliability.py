@@ -367,3 +367,29 @@ def test_every_row_of_the_reliability_table_names_an_existing_test() -> None:
         assert refs, f"row without a test: {row}"
         for file, name in refs:
             assert re.search(rf"^def {name}\(", (root / "tests" / file).read_text(encoding="utf-8"), re.M), (file, name)
+
+
+# ---- models that produce NaN / inf logits ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_logits_are_one_line_naming_the_model(tmp_path: Path, value: float) -> None:
+    """Non-finite weights (NaN or inf logits) were reported as a head transform polyfuse does not know."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from polyfuse.capture.hf import capture
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3] = value
+    with pytest.raises(DataError, match=r"LlamaForCausalLM: NaN or infinite logits at 6 of 6 positions; .*check the checkpoint"):
+        capture(model, tok, [(0, "w3 w4 w5 w6 w7")], tmp_path / "store", k=4, progress=False)

@@ -76,7 +76,7 @@ from polyfuse.capture.common import (
 from polyfuse.capture.store import BlockTopK, StoreWriter  # noqa: F401  (StoreWriter: importable here as before)
 from polyfuse.corpus.spans import Spans
 from polyfuse.corpus.tokens import EncodedBlock
-from polyfuse.errors import PolyfuseError
+from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.models import bos_context_id, context_length, pick_device, pick_dtype, vocab_facts
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ def topk_of_hidden(
         # k + 1 needed values avoids writing a second [c, V] tensor (log_softmax) and reading it again
         logits = head_logits(model, hidden[start : start + rows]).float()  # [c, V]
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
+        _check_finite(model, lse)
         top = torch.topk(logits, k, dim=-1)  # [c, k], sorted descending
         target_lp.append((logits.gather(-1, targets[start : start + rows, None]) - lse)[:, 0])  # [c]
         if samples:
@@ -227,6 +228,18 @@ def _input_device(model: PreTrainedModel) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _check_finite(model: PreTrainedModel, lse: torch.Tensor) -> None:
+    """Raise when a position's log-partition is NaN or +inf (NaN or +inf logits: no distribution to store)."""
+    if bool(torch.isfinite(lse).all()):
+        return
+    bad = int((~torch.isfinite(lse)).sum())
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    fix = ("check the checkpoint" if model.dtype == torch.float32 else
+           f"check the checkpoint, or capture in float32 ({model.dtype} may overflow): capture.dtype=float32")
+    raise DataError(f"model {name}: NaN or infinite logits at {bad} of {lse.numel()} positions; its weights are "
+                    f"broken: {fix}")
+
+
 def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
     """Check the hook + chunked head against ``model(...).logits`` on one short sequence."""
     x = torch.as_tensor(ids[:_PROBE_TOKENS], device=_input_device(model))[None]  # [1, T]
@@ -237,6 +250,7 @@ def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
             f"{type(model).__name__}.forward never called its output head; "
             "capture supports causal LMs whose forward applies get_output_embeddings()"
         )
+    _check_finite(model, torch.logsumexp(ref, dim=-1))
     ours = head_logits(model, seen["hidden"][0])  # [T, V]
     ref = ref.to(ours.device)
     err = (ours - ref).abs().max().item()
