@@ -254,3 +254,26 @@ def test_a_target_special_is_not_taught_from_source_text() -> None:
     inside = inside_token_entries(row, glued, tgt, text, src_table_glued, RemainderMap(tgt_table),
                                   np.array([0, -1]))
     assert inside.positions.size == 0                        # nor from inside a source token
+
+
+def test_span_nll_scores_the_text_of_the_target_token() -> None:
+    """The source's token NLLs, spread over their characters, summed over each target token's text:
+    the three pieces of " unbelievable" add up; a source token longer than the target's is split."""
+    from polyfuse.align.transfer import span_nll
+
+    lp = np.log([0.5, 0.25, 0.8, 0.1])  # source tokens " un", "believ", "able", "!"
+    got = span_nll(_topk([[1]] * 4, [[1.0]] * 4, lp.tolist()), SRC, TGT)
+    assert got == pytest.approx([-lp[:3].sum(), -lp[3]], rel=1e-3)
+    # the other way round: the target is the one that splits (" un" + "believable!" ← source whole word)
+    fine = EncodedBlock(ids=np.array([0, 1, 2]), offsets=np.array([[0, 0], [0, 3], [3, 14]]), has_context=True)
+    whole = EncodedBlock(ids=np.array([0, 5]), offsets=np.array([[0, 0], [0, 14]]), has_context=True)
+    got = span_nll(_topk([[5]], [[1.0]], [float(np.log(0.2))]), whole, fine)
+    assert got == pytest.approx([-np.log(0.2) * 3 / 14, -np.log(0.2) * 11 / 14], rel=1e-3)
+
+
+def test_span_nll_is_nan_where_the_source_covers_no_text() -> None:
+    from polyfuse.align.transfer import span_nll
+
+    gap = EncodedBlock(ids=np.array([0, 1]), offsets=np.array([[0, 0], [0, 13]]), has_context=True)  # no "!"
+    got = span_nll(_topk([[1]], [[1.0]], [float(np.log(0.5))]), gap, TGT)
+    assert got[0] == pytest.approx(np.log(2), rel=1e-3) and np.isnan(got[1])

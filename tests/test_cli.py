@@ -163,6 +163,33 @@ def test_cut_filter_skips_a_source_with_the_targets_vocabulary(tmp_path: Path, t
     assert outputs["self"]["coverage"] == 1.0
 
 
+def test_span_criterion_scores_every_teacher_on_the_same_text(tmp_path: Path, tiny_world: Path) -> None:
+    """fuse.criterion=span: a teacher with the target's own tokenizer scores exactly its token NLL; a
+    cross-tokenizer source is scored on the target token's text, which changes who wins."""
+    from polyfuse.align.transfer import span_nll
+    from polyfuse.capture.store import StoreReader
+    from polyfuse.corpus.blocks import read_blocks
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.models import load_tokenizer
+
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=1500", "blocks.max_tokens=96", "capture.top_k=4"]
+    shares = {}
+    for criterion in ("token", "span"):
+        assert main(["run", str(path), *small, f"fuse.criterion={criterion}", "--only", "blocks", "--only", "capture",
+                     "--only", "vocab", "--only", "align", "--only", "fuse"]) == 0
+        manifest = json.loads((tmp_path / "run" / "fuse" / "manifest.json").read_text())
+        assert manifest["config"]["fuse"]["criterion"] == criterion
+        shares[criterion] = manifest["outputs"]["teacher_share"]
+    assert shares["span"] != shares["token"]
+    blocks = read_blocks(tmp_path / "run" / "blocks" / "blocks.jsonl")
+    own = StoreReader(tmp_path / "run" / "capture" / "target")
+    enc = encode_blocks(load_tokenizer(str(tiny_world / "models" / "target")), [b.text for b in blocks])
+    for b, e in zip(blocks[:5], enc, strict=False):
+        row = own[b.block_id]
+        np.testing.assert_allclose(span_nll(row, e, e), -row.target_logprob.astype(np.float64), rtol=1e-6)
+
+
 def test_fuse_fallback_without_the_target(tmp_path: Path, tiny_world: Path) -> None:
     """include_target=false: positions no source reaches get the target's own entries, its label, or nothing."""
     from polyfuse.capture.store import StoreReader

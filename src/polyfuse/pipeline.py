@@ -283,7 +283,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     return results
 
 
-def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None) -> list:
+def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None, source_nll: list | None = None) -> list:
     """Fusion's teachers at the target's positions: the fallback (if any), the target, then each source.
 
     Positions that some source reaches are fused from the target (``fuse.include_target``, FuseLLM's
@@ -293,20 +293,23 @@ def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None) -> 
     target, which otherwise covers every position). A fallback that
     is not the target is teacher 0 and never valid: the strategies use teacher 0 exactly where no
     teacher has a usable prediction (:mod:`polyfuse.fuse.strategies`). ``next_ids`` [P]: the
-    target's next tokens (the ``label`` fallback).
+    target's next tokens (the ``label`` fallback). ``source_nll`` [P] per source: what each is scored by
+    at token level instead of its aligned ``target_logprob`` (``fuse.criterion: span``), where it has one.
     """
     import numpy as np
 
     from polyfuse.fuse.strategies import TeacherBlock
 
-    def teacher(row, valid, seq_nll=None):
-        nll = -row.target_logprob.astype(np.float64)
+    def teacher(row, valid, seq_nll=None, nll=None):
+        own = -row.target_logprob.astype(np.float64)
+        nll = own if nll is None else np.where(np.isnan(own) | np.isnan(nll), own, nll)
         return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid,
                             row.nll_sum if seq_nll is None else seq_nll)
 
     p = target_row.n_positions
     opts = recipe.fuse
-    sources = [teacher(row, ~np.isnan(row.target_logprob)) for row in aligned_rows]
+    scores = source_nll if source_nll is not None else [None] * len(aligned_rows)
+    sources = [teacher(row, ~np.isnan(row.target_logprob), nll=nll) for row, nll in zip(aligned_rows, scores, strict=True)]
     covered = np.any([t.valid for t in sources], axis=0) if sources else np.zeros(p, dtype=bool)
     out = []
     if opts.fallback == "label":
@@ -349,9 +352,11 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
     opts = recipe.fuse
     target = recipe.target.name
     cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION, "sources": names}
+    span = opts.criterion == "span" and opts.level == "token"
     inputs = {"target_capture": stage_dir(recipe, "capture", target),
               **{f"align:{n}": stage_dir(recipe, "align", n) for n in names},
-              **{f"vocab:{n}": stage_dir(recipe, "vocab", n) for n in names}}
+              **{f"vocab:{n}": stage_dir(recipe, "vocab", n) for n in names},
+              **({f"capture:{n}": stage_dir(recipe, "capture", n) for n in names} if span else {})}
 
     def build(out: Path) -> dict:
         blocks = _blocks(recipe)
@@ -360,12 +365,22 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
         n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
         groups = _teacher_groups(recipe, names, n_tgt)
         next_ids = None
-        if opts.fallback == "label":  # the target's next tokens: only this fallback needs its tokenizer
+        if opts.fallback == "label" or span:  # only these need the tokenizers
             from polyfuse.corpus.tokens import encode_blocks
 
-            encoded = encode_blocks(_tokenizers(recipe)[target], [b.text for b in blocks],
-                                    [b.response_spans is not None for b in blocks])
+            toks = _tokenizers(recipe)
+            texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+            encoded = encode_blocks(toks[target], texts, chat)
             next_ids = {b.block_id: e.ids[1:] for b, e in zip(blocks, encoded, strict=True)}
+        source_nll = None
+        if span:  # each source's NLL of the text of the target's next token, per block
+            from polyfuse.align.transfer import span_nll
+
+            source_nll = {b.block_id: [] for b in blocks}
+            for n in names:
+                raw = StoreReader(stage_dir(recipe, "capture", n))
+                for b, src, tgt in zip(blocks, encode_blocks(toks[n], texts, chat), encoded, strict=True):
+                    source_nll[b.block_id].append(span_nll(raw[b.block_id], src, tgt))
         widths = [r.k for r in [own] * _n_teacher0(recipe) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
@@ -383,7 +398,8 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                 for b in blocks[start:start + shard]:
                     t_row = own[b.block_id]
                     teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned],
-                                         next_ids[b.block_id] if next_ids is not None else None)
+                                         next_ids[b.block_id] if opts.fallback == "label" else None,
+                                         source_nll[b.block_id] if source_nll is not None else None)
                     if groups is not None:
                         teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
                     fused = fuse_block(teachers,

@@ -346,6 +346,10 @@ class FuseSection(Section):
     strategy: Literal["min_ce", "avg_ce", "none"] = Field(
         "min_ce", description="min_ce (lowest cross-entropy teacher), avg_ce (weighted average) or none")
     level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
+    criterion: Literal["token", "span"] = Field(
+        "token", description="token level: what a source is scored by at each target position: token (its "
+        "NLL of its own next token, FuseLLM) or span (its NLL of the text of the target's next token, its "
+        "token NLLs spread evenly over their characters: the same text for every teacher)")
     include_target: bool = Field(True, description="the target's own distribution is one of the teachers (FuseLLM)")
     fallback: Literal["target", "label", "none"] = Field(
         "target", description="what positions no source reaches learn from: target (the target's own "

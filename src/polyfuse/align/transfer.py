@@ -302,6 +302,39 @@ def drop_special_mismatches(src_pos: np.ndarray, src: EncodedBlock, tgt: Encoded
     return out
 
 
+def span_nll(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlock) -> np.ndarray:
+    """[P_tgt]: the source's negative log-likelihood of the *text* of each next target token.
+
+    A source token's NLL is spread evenly over its characters; target position ``t`` gets the sum over
+    the characters of target token ``t + 1``. Unlike the source's NLL of its own next token, this
+    scores the same piece of text for every teacher, whatever its tokenizer cuts: where the source's
+    token is longer than the target's it is not charged for text the target has not emitted yet,
+    and where it is shorter it is charged for all of the target token's text. For the target itself
+    it is its own token NLL. NaN where no source token covers any character of the target token (a
+    context token, or text the source leaves out).
+    """
+    p_src = src_topk.n_positions
+    spans = src.offsets[1:1 + p_src].astype(np.int64)  # token j + 1, predicted at position j
+    nll = -src_topk.target_logprob.astype(np.float64)[:p_src]
+    width = spans[:, 1] - spans[:, 0]
+    n_chars = int(max(spans[:, 1].max(initial=0), tgt.offsets[:, 1].max(initial=0)))
+    rate = np.zeros(n_chars + 1)
+    seen = np.zeros(n_chars + 1)
+    has = (width > 0) & np.isfinite(nll)
+    # difference arrays: each source token adds nll / width to every character of its span
+    np.add.at(rate, spans[has, 0], nll[has] / width[has])
+    np.add.at(rate, spans[has, 1], -nll[has] / width[has])
+    np.add.at(seen, spans[has, 0], 1.0)
+    np.add.at(seen, spans[has, 1], -1.0)
+    rate, seen = np.cumsum(rate)[:-1], np.cumsum(seen)[:-1] > 0.5
+    cum = np.concatenate([[0.0], np.cumsum(rate)])
+    cum_seen = np.concatenate([[0], np.cumsum(seen)])
+    t_spans = tgt.offsets[1:].astype(np.int64)
+    a, b = t_spans[:, 0], t_spans[:, 1]
+    out = cum[b] - cum[a]
+    return np.where(cum_seen[b] - cum_seen[a] > 0, out, np.nan)
+
+
 def transfer_block(src_topk: BlockTopK, src_pos: np.ndarray, vmap: VocabMap, k: int,
                    inside: InsideEntries | None = None, keep: np.ndarray | None = None) -> BlockTopK:
     """The source's top-k at target positions, in target vocabulary ids (see the module docstring).
