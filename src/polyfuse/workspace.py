@@ -222,8 +222,10 @@ def rebuild_hint(artifact: Path, stage: str) -> str:
 
 
 def verify_artifact(path: str | Path, *, full: bool | None = None) -> None:
-    """Check an artifact against what its `manifest.json` records: the set of files, their sizes and,
-    with ``full`` (default: inside :func:`full_verification`), their content hashes.
+    """Check an artifact against what its `manifest.json` records: every recorded file is there, with
+    its size and, with ``full`` (default: inside :func:`full_verification`), its content hash. Files
+    added beside them are not checked (the manifest promises nothing about them; they change the
+    artifact's content hash, so its consumers are rebuilt).
 
     ``path`` is an artifact directory, or a file directly inside one. Paths without a manifest, and
     manifests that record no files (written before polyfuse recorded them), are not checked.
@@ -238,22 +240,14 @@ def verify_artifact(path: str | Path, *, full: bool | None = None) -> None:
     if manifest is None or manifest.files is None:
         return
     records = manifest.files
-    if path.is_dir():
-        present = {rel: file for rel, file in tree_files(directory) if rel != MANIFEST_NAME}
-        wanted = records
-    else:
-        present = {path.name: path}
-        wanted = {path.name: records[path.name]} if path.name in records else {}
+    wanted = records if path.is_dir() else {rel: r for rel, r in records.items() if rel == path.name}
     hint = rebuild_hint(directory, manifest.stage)
     where = f"{directory / MANIFEST_NAME}"
-    for rel in sorted(set(wanted) - set(present)):
-        raise DataError(f"{directory / rel}: missing, but {where} lists it; the artifact changed after stage "
-                        f"{manifest.stage} wrote it: {hint}")
-    for rel in sorted(set(present) - set(wanted)):
-        raise DataError(f"{directory / rel}: not part of the artifact {where} describes; it was added after stage "
-                        f"{manifest.stage} wrote it: {hint}")
     for rel, record in sorted(wanted.items()):
-        file = present[rel]
+        file = directory / rel
+        if not file.is_file():
+            raise DataError(f"{file}: missing, but {where} lists it; the artifact changed after stage "
+                            f"{manifest.stage} wrote it: {hint}")
         size = file.stat().st_size
         if size != record["bytes"]:
             raise DataError(f"{file}: {size} bytes, but {where} records {record['bytes']}; the artifact changed "
@@ -641,14 +635,19 @@ def _take_lock(workdir: Path) -> Any:
     import fcntl
     import sys
 
+    writable = True
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         fh = open(workdir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
     except OSError as exc:
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # read-only: nothing here can be changed
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        try:  # read-only here: a lock file opened for reading still shows (and takes) the lock
+            fh = open(workdir / LOCK_NAME, encoding="utf-8")  # noqa: SIM115
+        except OSError:
             logger.debug("workdir %s is not writable (%s): running without its lock", workdir, exc.strerror)
             return None
-        raise
+        writable = False
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -656,6 +655,8 @@ def _take_lock(workdir: Path) -> Any:
         fh.close()
         raise DataError(f"{workdir}: in use by another polyfuse run ({holder}); wait for it to finish, or give "
                         f"this run another workdir") from None
+    if not writable:
+        return fh
     info = {"pid": os.getpid(), "host": platform.node(), "command": " ".join(["polyfuse", *sys.argv[1:]]),
             "started": datetime.now(UTC).isoformat(timespec="seconds")}
     fh.seek(0)
