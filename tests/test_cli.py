@@ -113,6 +113,9 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
     assert {"target+clm", "target+fused"} <= set(results["models"])
     fuse = json.loads((run / "fuse" / "manifest.json").read_text())
     assert fuse["outputs"]["teacher_share"]["positions"] > 0
+    by_domain = fuse["outputs"]["teacher_share_by_domain"]
+    assert set(by_domain) == {"prose", "code", "math"}
+    assert all(abs(sum(shares) - 1) < 1e-6 for shares in by_domain.values())   # MinCE: one teacher per position
     for source in ("prose", "math"):
         align = json.loads((run / "align" / source / "manifest.json").read_text())
         assert 0.2 < align["outputs"]["coverage"] <= 1.0

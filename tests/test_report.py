@@ -326,6 +326,7 @@ def test_transfer_section_shows_gap_closed_and_per_source_signal(tmp_path):
     _manifest(run / "align" / "alpha", "align", 0.5, {"positions": 8000, "coverage": 0.75, "stored_mass": 0.98,
                                                       "mapped_mass": 0.9, "actual_ratio": 1.02})
     _manifest(run / "fuse", "fuse", 1.0, {"teacher_share": {"positions": 8000, "share": [0.4, 0.6]},
+                                          "teacher_share_by_domain": {"code": [0.3, 0.7], "prose": [0.55, 0.45]},
                                           "teachers": ["target", "alpha"]})
     md, page = write_report([run], None)
     text = md.read_text()
@@ -333,5 +334,6 @@ def test_transfer_section_shows_gap_closed_and_per_source_signal(tmp_path):
     gap = [line for line in section.split("### Gap closed", 1)[1].split("###", 1)[0].splitlines() if line.startswith("| target+fused")]
     assert gap and "+25.0%" in gap[0] and f"{MINUS}83.3%" in gap[0].replace("-", MINUS)
     signal = [line for line in section.split("### Teacher signal per source", 1)[1].splitlines() if line.startswith("| alpha")]
-    assert signal and all(cell in signal[0] for cell in ("75.0%", "0.980", "0.900", "1.020", "60.0%"))
+    assert signal and all(cell in signal[0] for cell in ("75.0%", "0.980", "0.900", "1.020", "60.0%",
+                                                         "code 70% · prose 45%"))
     assert "Gap closed" in page.read_text()

@@ -390,7 +390,7 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
                                    "teachers": _teacher_names(recipe, names),
                                    "temperature": own.temperature})
-        stats = None
+        stats, by_domain = None, {}
         shard = recipe.capture.shard_size
         with progress_bar(f"fuse ({opts.strategy}, {opts.level})", len(blocks), progress) as advance:
             for start in range(0, len(blocks), shard):
@@ -406,11 +406,14 @@ def _fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, 
                                        strategy=opts.strategy, level=opts.level, k_out=k_out,
                                        n_bytes=b.metric_bytes)
                     stats = fused.stats if stats is None else stats + fused.stats
+                    seen = by_domain.get(b.domain)
+                    by_domain[b.domain] = fused.stats if seen is None else seen + fused.stats
                     rows.append(_fused_row(b.block_id, fused, t_row, k_out))
                     advance()
                 writer.write_shard(start // shard, rows)
         writer.finalize()
         return {"teacher_share": stats.as_dict() if stats is not None else {},
+                "teacher_share_by_domain": {d: s.share.tolist() for d, s in sorted(by_domain.items())},
                 "teachers": _teacher_names(recipe, names)}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)

@@ -537,20 +537,24 @@ def _transfer_rows(runs: Sequence[Run]) -> list[tuple[str, list[str], list[list[
     for run in runs:
         share = next((s.outputs.get("teacher_share", {}) for s in run.stages if s.path == "fuse"), {})
         teachers = next((s.outputs.get("teachers") for s in run.stages if s.path == "fuse"), None)
+        domain_share = next((s.outputs.get("teacher_share_by_domain", {}) for s in run.stages
+                             if s.path == "fuse"), {})
         for stage in run.stages:
             out = stage.outputs
             if stage.kind != "align" or "coverage" not in out:
                 continue
             name = Path(stage.path).name
-            won = MISSING
+            won, by_domain = MISSING, MISSING
             if teachers and name in teachers and share.get("share"):
                 won = f"{share['share'][teachers.index(name)]:.1%}"
+                by_domain = " · ".join(f"{d} {shares[teachers.index(name)]:.0%}"
+                                       for d, shares in domain_share.items()) or MISSING
             src_body.append([name, *([run.label] if multi else []), f"{out['coverage']:.1%}",
                              *(f"{out[k]:.3f}" if k in out else MISSING
-                               for k in ("stored_mass", "mapped_mass", "actual_ratio")), won])
+                               for k in ("stored_mass", "mapped_mass", "actual_ratio")), won, by_domain])
     if src_body:
         header = ["source", *(["run"] if multi else []), "aligned positions", "stored mass", "mapped mass",
-                  "actual-token ratio", "fused share"]
+                  "actual-token ratio", "fused share", "fused share per domain"]
         tables.append(("Teacher signal per source", header, src_body))
     return tables
 
