@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -354,7 +355,6 @@ def test_unreachable_hub_fails_at_once(tmp_path: Path) -> None:
 
 
 def test_every_row_of_the_reliability_table_names_an_existing_test() -> None:
-    import re
 
     root = Path(__file__).resolve().parents[1]
     doc = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
@@ -371,27 +371,73 @@ def test_every_row_of_the_reliability_table_names_an_existing_test() -> None:
 # ---- models that produce NaN / inf logits ---------------------------------------------------------------
 
 
+def _word_tokenizer(n: int = 64):
+    """A word-level tokenizer of ``n`` ids (``<unk>``, ``<s>``, ``</s>``, then ``w3`` .. ``w{n-1}``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, n)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _tiny_llama(vocab_size: int = 64):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64)).eval()
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_or_inf_logits_are_one_line_naming_the_model(tmp_path: Path, value: float) -> None:
     """Non-finite weights (NaN or inf logits) were reported as a head transform polyfuse does not know."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from polyfuse.capture.hf import capture
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 64)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=64)).eval()
+    model = _tiny_llama()
     with torch.no_grad():
         model.get_output_embeddings().weight[3] = value
     with pytest.raises(DataError, match=r"LlamaForCausalLM: NaN or infinite logits at 6 of 6 positions; .*check the checkpoint"):
-        capture(model, tok, [(0, "w3 w4 w5 w6 w7")], tmp_path / "store", k=4, progress=False)
+        capture(model, _word_tokenizer(), [(0, "w3 w4 w5 w6 w7")], tmp_path / "store", k=4, progress=False)
+
+
+# ---- tokenizer length against embedding rows -------------------------------------------------------------
+
+
+def test_tokenizer_longer_than_the_embedding_is_refused_by_capture(tmp_path: Path) -> None:
+    """A tokenizer with ids the model has no embedding row for: one line before anything is stored."""
+    from polyfuse.capture.hf import capture
+    from polyfuse.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"tokenizer has 64 tokens but the model has only 48 embedding rows; "
+                                             r"use the tokenizer saved with this model"):
+        capture(_tiny_llama(48), _word_tokenizer(64), [(0, "w3 w4 w5")], tmp_path / "store", k=4, progress=False)
+    assert not (tmp_path / "store" / "store.json").exists()
+
+
+def test_embedding_longer_than_the_tokenizer_is_captured(tmp_path: Path) -> None:
+    """Padding rows (embedding rows no token id maps to, e.g. Qwen2's) are normal: captured, never predicted ids."""
+    from polyfuse.capture.hf import capture
+    from polyfuse.capture.store import StoreReader
+
+    capture(_tiny_llama(80), _word_tokenizer(64), [(0, "w3 w4 w5 w6")], tmp_path / "store", k=4, progress=False)
+    row = StoreReader(tmp_path / "store")[0]
+    assert row.ids.shape == (4, 4) and int(row.ids.max()) < 80
+
+
+def test_tokenizer_longer_than_the_embedding_is_refused_by_eval(tmp_path: Path, tiny_world: Path, capsys) -> None:
+    """``polyfuse eval`` loaded the pair and measured it (ids past the embedding would index out of range)."""
+    model_dir = tmp_path / "model"
+    _tiny_llama(48).save_pretrained(model_dir)
+    _word_tokenizer(64).save_pretrained(model_dir)
+    assert main(["eval", str(model_dir), "--world", str(tiny_world), "--max-length", "32", "--max-bytes", "100"]) == 2
+    err = _one_line_error(capsys)
+    assert str(model_dir) in err and "64 tokens but the model has only 48 embedding rows" in err
 
 
 # ---- sandbox --------------------------------------------------------------------------------------------
@@ -407,3 +453,182 @@ def test_sandboxed_code_cannot_read_etc_shadow() -> None:
                       "assert ':' in secret()\n", SandboxConfig(timeout_s=5))
     assert result.status != "passed" and not result.passed, result
     assert "PermissionError" in (result.error or "") and "root:" not in result.stdout + result.stderr + result.error
+
+
+# ---- results.json -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ['{"models": {"target": {"bpb": {"all": 1.5', "[]", '{"models": []}', b"\xff\xfe"])
+def test_corrupt_results_file_is_one_line(tmp_path: Path, content: str | bytes) -> None:
+    """A torn or foreign results.json gave a JSONDecodeError (or AttributeError) traceback at the next update."""
+    from polyfuse.evaluate.results import read_results, update_results
+
+    path = tmp_path / "results.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for call in (lambda: read_results(path), lambda: update_results(path, {"t": {"bpb": {"all": 1.0}}})):
+        with pytest.raises(DataError, match=r"results\.json: not a valid results file .*delete it and rerun "
+                                            r"'polyfuse run RECIPE'"):
+            call()
+
+
+def test_corrupt_results_file_in_a_run_is_one_line_and_rebuilt(finished: Path, tiny_world: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    """The fix the line names works: the eval stages write their rows again (they are current: nothing reruns)."""
+    run, recipe = _copy_run(finished, tiny_world, tmp_path)
+    results = run / "results.json"
+    rows = json.loads(results.read_text())["models"]
+    results.write_text(results.read_text()[:40])
+    assert main(["run", str(recipe), *SMALL]) == 2
+    err = _one_line_error(capsys)
+    assert str(results) in err and "delete it and rerun" in err
+    results.unlink()
+    assert main(["run", str(recipe), *SMALL]) == 0
+    assert json.loads(results.read_text())["models"].keys() == rows.keys()
+
+
+# ---- one build per world directory ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["--real"]])
+def test_second_world_build_in_a_directory_is_refused(tmp_path: Path, capsys, extra: list[str]) -> None:
+    """``polyfuse world`` took no lock: two builds into one directory swapped each other's parts in."""
+    world = tmp_path / "world"
+    holder = _hold_lock(world)
+    try:
+        assert main(["world", "--out", str(world), "--preset", "test", *extra]) == 2
+        err = _one_line_error(capsys)
+        assert "in use by another polyfuse run" in err and f"pid {holder.pid}" in err and str(world) in err
+        assert sorted(p.name for p in world.iterdir()) == [workspace.LOCK_NAME]  # nothing built
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+# ---- models given by reference ------------------------------------------------------------------------------
+
+
+def _fake_world(root: Path) -> Path:
+    """A world with one model directory written as a stage (config, weights, tokenizer file)."""
+    def build(out: Path) -> dict:
+        (out / "config.json").write_text('{"model_type": "llama"}')
+        (out / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+        (out / "tokenizer.json").write_text("{}")
+        return {}
+
+    run_stage(root / "models" / "m", "world.model", {}, {}, build, log=lambda _: None)
+    (root / "world.json").write_text("{}")
+    return root
+
+
+def test_a_changed_world_model_is_refused(tmp_path: Path) -> None:
+    """``world:NAME`` was never checked against the manifest the world build wrote beside the model."""
+    from polyfuse.models import resolve_model_ref
+
+    world = _fake_world(tmp_path / "world")
+    weights = world / "models" / "m" / "model.safetensors"
+    location = resolve_model_ref("world:m", world_dir=world).location
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1  # same size: caught where a stage hashes it as an input
+    weights.write_bytes(bytes(data))
+    resolve_model_ref("world:m", world_dir=world)
+    with pytest.raises(DataError, match=rf"{re.escape(str(weights))}: content differs .*rerun "
+                                        rf"'polyfuse world --out {re.escape(str(world))}'"):
+        workspace.hash_inputs({"model": location})
+    weights.write_bytes(bytes(data[:500]))  # another size: caught when the reference is resolved
+    with pytest.raises(DataError, match=r"500 bytes, but .* records 1024"):
+        resolve_model_ref("world:m", world_dir=world)
+    copy = tmp_path / "mine"  # a copy outside the world is the user's: edited on purpose, not refused
+    shutil.copytree(world / "models" / "m", copy)
+    workspace.hash_inputs({"model": str(copy)})
+    assert resolve_model_ref(str(copy)).location == str(copy.resolve())
+
+
+def test_a_trained_model_changed_in_place_is_refused_by_eval(finished: Path, tiny_world: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """Trained models reach the eval stage by reference (a string): a same-size edit was evaluated, exit 0."""
+    run, recipe = _copy_run(finished, tiny_world, tmp_path)
+    weights = run / "train" / "fused" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 1
+    weights.write_bytes(bytes(data))
+    assert main(["run", str(recipe), *SMALL, "--only", "eval"]) == 2
+    err = _one_line_error(capsys)
+    assert str(weights) in err and "content differs" in err and "--only train --force" in err
+
+
+def test_a_directory_inside_an_artifact_is_checked(tmp_path: Path) -> None:
+    """``merge/model`` has no manifest of its own: the merge stage's manifest records its files."""
+    def build(out: Path) -> dict:
+        (out / "model").mkdir()
+        (out / "model" / "w.bin").write_bytes(b"1234")
+        return {}
+
+    out = tmp_path / "merge"
+    run_stage(out, "merge", {}, {}, build, log=lambda _: None)
+    workspace.verify_artifact(out / "model", full=True)
+    (out / "model" / "w.bin").write_bytes(b"4321")
+    with pytest.raises(DataError, match=r"w\.bin: content differs .*--only merge --force"):
+        workspace.hash_inputs({"model": out / "model"})
+
+
+# ---- stores from two different corpora ------------------------------------------------------------------------
+
+
+def _stage(out: Path, inputs: dict, text: str = "x") -> Path:
+    def build(tmp: Path) -> dict:
+        (tmp / "data.txt").write_text(text)
+        return {}
+
+    run_stage(out, out.name, {}, inputs, build, force=True, log=lambda _: None)
+    return out
+
+
+def test_lineage_rules(tmp_path: Path) -> None:
+    """Artifacts read together must have been built on what is there now (workspace rules)."""
+    blocks = _stage(tmp_path / "blocks", {}, "corpus A")
+    first = _stage(tmp_path / "capture" / "target", {"blocks": blocks})
+    other = tmp_path / "other"  # another run, on another corpus
+    foreign = _stage(other / "capture" / "prose", {"blocks": _stage(other / "blocks", {}, "corpus B")})
+    shutil.copytree(foreign, tmp_path / "capture" / "prose")
+    with pytest.raises(DataError, match=r"capture/prose was built on another version of .*blocks than the one "
+                                        r"there now.*'polyfuse run RECIPE'"):
+        _stage(tmp_path / "align", {"capture": tmp_path / "capture" / "prose", "target_capture": first})
+    _stage(tmp_path / "capture" / "prose", {"blocks": blocks})  # rebuilt in order: consistent again
+    align = _stage(tmp_path / "align", {"capture": tmp_path / "capture" / "prose", "target_capture": first})
+    _stage(tmp_path / "blocks", {}, "corpus C")  # blocks rebuilt, captures not: two levels down
+    with pytest.raises(DataError, match=r"capture/\w+ was built on another version of .*blocks"):
+        _stage(tmp_path / "train", {"blocks": blocks, "align": align})
+    shutil.rmtree(blocks)  # a deleted upstream is compared only between the manifests that recorded it
+    _stage(tmp_path / "train", {"align": align})
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["input_paths"] == {"blocks": "../../blocks"}
+    for path in (first, tmp_path / "capture" / "prose"):  # manifests from before input_paths: not checked
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["input_paths"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    _stage(blocks, {}, "corpus D")
+    _stage(tmp_path / "align", {"capture": tmp_path / "capture" / "prose", "target_capture": first})
+
+
+def test_a_store_from_another_corpus_is_refused(finished: Path, tiny_world: Path, tmp_path: Path, capsys) -> None:
+    """A store captured on other blocks fed to ``polyfuse align`` gave an IndexError traceback (or, with
+    blocks of the same lengths, a silently wrong alignment)."""
+    run, recipe = _copy_run(finished, tiny_world, tmp_path)
+    manifest = run / "capture" / "prose" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["inputs"]["blocks"] = "0" * 64  # as captured on another corpus's blocks
+    manifest.write_text(json.dumps(data))
+    assert main(["align", str(recipe), *SMALL]) == 2
+    err = _one_line_error(capsys)
+    assert f"{run / 'capture' / 'prose'} was built on another version of {run / 'blocks'}" in err
+
+
+def test_stores_captured_before_the_blocks_changed_are_refused(finished: Path, tiny_world: Path, tmp_path: Path,
+                                                              capsys) -> None:
+    """Blocks rebuilt, then one later stage run alone: it read the new blocks against the old stores."""
+    run, recipe = _copy_run(finished, tiny_world, tmp_path)
+    other = [*SMALL, "corpus.max_bytes_per_domain=2000"]
+    assert main(["blocks", str(recipe), *other]) == 0
+    for stage in ("align", "train"):
+        assert main([stage, str(recipe), *other, "--force"]) == 2
+        assert f"was built on another version of {run / 'blocks'} than the one there now" in _one_line_error(capsys)

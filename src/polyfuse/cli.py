@@ -59,19 +59,26 @@ def world(
                           "as a source), world:oracle-twin (the same with a metaspace_bpe tokenizer) and "
                           "world:oracle-<source> (a same-tokenizer specialist per source)")] = False,
 ) -> None:
-    """Build (or reuse) the embedded tiny world: corpus, three sources and a target (--oracles: oracle teachers)."""
+    """Build (or reuse) the embedded tiny world: corpus, three sources and a target (--oracles: oracle teachers).
+
+    The build holds the world directory's lock (as ``polyfuse run`` holds its workdir's): a second
+    ``polyfuse world`` into the same directory fails at once, naming the first."""
+    from polyfuse.workspace import workdir_lock
+
     if real:
         from polyfuse.demo.real import build_real_world
 
         include = ("smollm2", "gemma3") if accept_gemma_terms else ("smollm2",)
-        paths = build_real_world(out_dir, include=include, accept_gemma_terms=accept_gemma_terms, force=force,
-                                 log=out.print)
+        with workdir_lock(out_dir):
+            paths = build_real_world(out_dir, include=include, accept_gemma_terms=accept_gemma_terms, force=force,
+                                     log=out.print)
         for name, path in paths.items():
             out.print(f"world:{name} -> {path}")
         return
     from polyfuse.demo.world import build_world
 
-    summary = build_world(out_dir, preset=preset, seed=seed, budget=budget, force=force, oracles=oracles)
+    with workdir_lock(out_dir):
+        summary = build_world(out_dir, preset=preset, seed=seed, budget=budget, force=force, oracles=oracles)
     width = max(7, *map(len, summary["models"]))
     for name, info in summary["models"].items():
         out.print(f"world:{name:<{width}} {info['role']:<6} {info['arch']:<9} {info['tokenizer']:<14} "

@@ -154,7 +154,7 @@ def resolve_model_ref(
 
     Rules, in order:
 
-    * ``world:NAME`` -> ``<world_dir>/models/NAME`` (must exist);
+    * ``world:NAME`` -> ``<world_dir>/models/NAME`` (must exist, and match its manifest's file sizes);
     * an existing directory -> local (it must hold ``config.json`` and weights, or tokenizer
       files when ``kind="tokenizer"``);
     * a string starting with ``/``, ``./``, ``../``, ``~`` or with more than one ``/`` -> a local
@@ -163,6 +163,7 @@ def resolve_model_ref(
 
     Raises:
         ModelLoadError: the reference names a missing or incomplete directory, or is not a hub id.
+        DataError: a world's model changed after the world was built (the fix named).
     """
     ref = ref.strip()
     if not ref:
@@ -186,6 +187,9 @@ def resolve_model_ref(
                 "'polyfuse demo --family implicit')"
             )
         _check_local_dir(ref, path, kind)
+        from polyfuse.workspace import verify_artifact
+
+        verify_artifact(path)  # a world's model is checked against its manifest (sizes; hashes when read by a stage)
         return ResolvedModel(ref=ref, location=str(path.resolve()), is_local=True)
 
     path = Path(ref).expanduser()

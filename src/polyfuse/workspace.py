@@ -57,6 +57,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_lineage",
     "clean_stale_temps",
     "current_ranks",
     "file_records",
@@ -174,7 +175,8 @@ def hash_inputs(inputs: Mapping[str, str | Path]) -> dict[str, str]:
 
     A `Path` input that is an artifact (a directory with a `manifest.json`, or a file in one) is first
     checked against the sizes and content hashes its manifest records (:func:`verify_artifact`), so an
-    artifact changed after its stage wrote it is never used. String inputs (model references) are not.
+    artifact changed after its stage wrote it is never used. So is a string input (a model reference)
+    naming a directory polyfuse owns (:func:`_owned_reference`); other model directories are not.
     """
     missing = [(name, value) for name, value in inputs.items() if isinstance(value, Path) and not value.exists()]
     if missing:
@@ -183,9 +185,21 @@ def hash_inputs(inputs: Mapping[str, str | Path]) -> dict[str, str]:
                         f"'polyfuse {name.split(':')[0].split('_')[-1]} RECIPE' or run every stage with "
                         f"'polyfuse run RECIPE'")
     for value in inputs.values():
-        if isinstance(value, Path):
+        if isinstance(value, Path) or _owned_reference(value):
             verify_artifact(value, full=True)
     return {name: hash_input(value) for name, value in inputs.items()}
+
+
+def _owned_reference(value: str) -> bool:
+    """Whether a string input names a directory polyfuse owns: inside a workdir this process holds the lock
+    of (the running recipe's artifacts, e.g. trained models evaluated by reference), or a world's model
+    (``WORLD/models/NAME``). A model directory elsewhere (a copy, perhaps edited on purpose) is not."""
+    if not os.path.isdir(value):
+        return False
+    path = Path(value).resolve()
+    if (path.parent.parent / "world.json").is_file() and path.parent.name == "models":
+        return True
+    return any(path.is_relative_to(held) for held in _HELD_LOCKS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +229,11 @@ def rebuild_hint(artifact: Path, stage: str) -> str:
     """The command that rebuilds an artifact directory written by ``stage``."""
     if stage.startswith("world."):
         world = next((p for p in artifact.parents if (p / "world.json").is_file()), artifact.parent)
-        return f"delete {artifact} and rerun 'polyfuse world --out {world}' (it rebuilds what is missing)"
+        command = {"world.real": f"polyfuse world --out {world} --real",
+                   "world.chat_model": f"polyfuse demo --family implicit --world {world}",
+                   "world.tasks": f"polyfuse demo --family implicit --world {world}"}.get(
+                       stage, f"polyfuse world --out {world}")
+        return f"delete {artifact} and rerun '{command}' (it rebuilds what is missing)"
     only = "pairs" if "pairs" in artifact.parts and stage in ("fuse", "train") else stage
     return (f"rebuild it with 'polyfuse run RECIPE --only {only} --force' (or delete {artifact} and rerun "
             "'polyfuse run RECIPE')")
@@ -227,20 +245,22 @@ def verify_artifact(path: str | Path, *, full: bool | None = None) -> None:
     added beside them are not checked (the manifest promises nothing about them; they change the
     artifact's content hash, so its consumers are rebuilt).
 
-    ``path`` is an artifact directory, or a file directly inside one. Paths without a manifest, and
-    manifests that record no files (written before polyfuse recorded them), are not checked.
+    ``path`` is an artifact directory, or a file or directory directly inside one (``merge/model``). Paths
+    without a manifest, and manifests that record no files (written before polyfuse recorded them), are
+    not checked.
 
     Raises:
         DataError: one line naming the changed file, what differs and the command that rebuilds it.
     """
     path = Path(path)
     full = _FULL_VERIFY if full is None else full
-    directory = path if path.is_dir() else path.parent
+    directory = path if path.is_dir() and (path / MANIFEST_NAME).is_file() else path.parent
     manifest = _read_manifest(directory)
     if manifest is None or manifest.files is None:
         return
     records = manifest.files
-    wanted = records if path.is_dir() else {rel: r for rel, r in records.items() if rel == path.name}
+    wanted = records if directory == path else {
+        rel: r for rel, r in records.items() if rel == path.name or rel.startswith(f"{path.name}/")}
     hint = rebuild_hint(directory, manifest.stage)
     where = f"{directory / MANIFEST_NAME}"
     for rel, record in sorted(wanted.items()):
@@ -255,6 +275,76 @@ def verify_artifact(path: str | Path, *, full: bool | None = None) -> None:
         if full and hash_file(file) != record["blake2b"]:
             raise DataError(f"{file}: content differs from the hash {where} records; the artifact changed after "
                             f"stage {manifest.stage} wrote it: {hint}")
+
+
+def _current_hash(path: Path) -> str | None:
+    """:func:`hash_path` of an existing path, taking recorded files' hashes from their manifest when their
+    size matches (as a skipped stage trusts them); None when the path is gone."""
+    if path.is_file():
+        manifest = _read_manifest(path.parent)
+        record = (manifest.files or {}).get(path.name) if manifest is not None else None
+        if record is not None and record["bytes"] == path.stat().st_size:
+            return record["blake2b"]
+        return hash_file(path)
+    if not path.is_dir():
+        return None
+    manifest = _read_manifest(path)
+    if manifest is None or manifest.files is None:
+        return hash_path(path)
+    digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+    digest.update(b"dir\0")
+    for rel, file in tree_files(path):
+        record = manifest.files.get(rel)
+        known = record is not None and record["bytes"] == file.stat().st_size
+        digest.update(f"{rel}\0{record['blake2b'] if known else hash_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def check_lineage(inputs: Mapping[str, Path], hashes: Mapping[str, str]) -> None:
+    """Check that the artifacts a stage is about to read were built on what is there now.
+
+    Every manifest records the content hash of each input (``inputs``) and, for path inputs, where it
+    was (``input_paths``). Walking those records upstream from ``inputs`` (whose current ``hashes`` are
+    given), every recorded path must still have the recorded content: otherwise the stage would mix
+    versions, e.g. stores captured on two different corpora (a store copied in from another run), or
+    stores captured before the blocks were rebuilt read with the new blocks. Paths that are gone are
+    compared only between the manifests that recorded them. Cheap: manifests are read, and files are
+    taken at their recorded hashes when their size matches. Manifests without ``input_paths`` (written
+    before polyfuse recorded them) add nothing.
+
+    Raises:
+        DataError: one line naming the artifact built on another version, the path and the fix.
+    """
+    claims: dict[str, tuple[str, Path | None]] = {}  # path -> (content hash, the artifact that recorded it)
+    queue: list[Path] = []
+    for name, value in sorted(inputs.items()):
+        path = Path(value).resolve()
+        claims[str(path)] = (hashes[name], None)
+        queue.append(path if path.is_dir() else path.parent)
+    seen: set[Path] = set()
+    while queue:
+        artifact = queue.pop(0)
+        if artifact in seen:
+            continue
+        seen.add(artifact)
+        manifest = _read_manifest(artifact)
+        if manifest is None or not manifest.input_paths:
+            continue
+        for name, rel in sorted(manifest.input_paths.items()):
+            recorded = manifest.inputs.get(name)
+            if recorded is None:
+                continue
+            path = os.path.normpath(artifact / rel)
+            if path not in claims:
+                now = _current_hash(Path(path))
+                claims[path] = (recorded, artifact) if now is None else (now, None)
+                queue.append(Path(path) if os.path.isdir(path) else Path(path).parent)
+            known, by = claims[path]
+            if known != recorded:
+                other = "the one there now" if by is None else f"the one {by} was built on"
+                raise DataError(f"{artifact} was built on another version of {path} than {other}, so this stage "
+                                "would mix the two; rebuild what is stale with 'polyfuse run RECIPE' (it reruns "
+                                "every stale stage in order)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,6 +489,10 @@ class Manifest:
     files: dict[str, dict[str, Any]] | None = None
     """Every file of the artifact (manifest excluded): ``{path: {"bytes", "blake2b"}}``; None in manifests
     written before polyfuse recorded them (they are not verified)."""
+    input_paths: dict[str, str] | None = None
+    """Where each path input was (``{name: path relative to this directory}``), so that a stage reading
+    several artifacts can check they were built on the same versions of what they share
+    (:func:`check_lineage`); None in manifests written before polyfuse recorded them."""
 
     def to_json(self) -> str:
         """The manifest as JSON text (indent 2, sorted keys, trailing newline)."""
@@ -422,7 +516,7 @@ class Manifest:
         return cls(**{n: data[n] for n in names if n in data})
 
 
-_OPTIONAL = ("files",)
+_OPTIONAL = ("files", "input_paths")
 
 
 @dataclass
@@ -754,6 +848,8 @@ def run_stage(
     log = log or logger.info
     config = normalise_config(config)
     input_hashes = hash_inputs(inputs)
+    input_paths = {name: os.path.relpath(value.resolve(), out_dir.resolve())
+                   for name, value in inputs.items() if isinstance(value, Path)}
     ranks = ranks or current_ranks()
     manifest = None if force else _read_manifest(out_dir)
     current = manifest is not None and _matches(manifest, stage, config, input_hashes)
@@ -763,23 +859,25 @@ def run_stage(
         verify_artifact(out_dir)
         log(f"stage {stage}: up to date, skipped ({out_dir})")
         return StageResult(out_dir, _read_manifest(out_dir), skipped=True)
+    check_lineage({name: value for name, value in inputs.items() if isinstance(value, Path)}, input_hashes)
     if ranks.world_size > 1:
         return _run_stage_ranked(out_dir, stage, config, input_hashes, build, force=force, log=log,
-                                 resumable=resumable, collective=collective, ranks=ranks)
+                                 resumable=resumable, collective=collective, ranks=ranks, input_paths=input_paths)
     return _run_stage_here(out_dir, stage, config, input_hashes, build, force=force, log=log,
-                           resumable=resumable)
+                           resumable=resumable, input_paths=input_paths)
 
 
 def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
                       build: Callable[[Path], Mapping[str, Any] | None], *, force: bool,
-                      log: Callable[[str], Any], resumable: bool, collective: bool, ranks: Ranks) -> StageResult:
+                      log: Callable[[str], Any], resumable: bool, collective: bool, ranks: Ranks,
+                      input_paths: dict[str, str] | None = None) -> StageResult:
     """`run_stage` on one of several ranks (all ranks decided alike that the stage must run)."""
     if not collective:  # rank 0 builds alone; the others wait for its result
         error: BaseException | None = None
         if ranks.main:
             try:
                 _run_stage_here(out_dir, stage, config, input_hashes, build, force=force, log=log,
-                                resumable=resumable)
+                                resumable=resumable, input_paths=input_paths)
             except BaseException as exc:  # shared with the other ranks below, then re-raised
                 error = exc
         _raise_if_any_failed(ranks, error, stage)
@@ -804,7 +902,7 @@ def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_h
     if ranks.main:
         try:
             _finish(work, out_dir, stage, config, input_hashes, outputs, time.perf_counter() - start,
-                    resumable=True, log=log)
+                    resumable=True, log=log, input_paths=input_paths)
         except BaseException as exc:
             error = exc
     _raise_if_any_failed(ranks, error, stage)
@@ -812,7 +910,8 @@ def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_h
 
 
 def _finish(tmp: Path, out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
-            outputs: Any, duration: float, *, resumable: bool, log: Callable[[str], Any]) -> Manifest:
+            outputs: Any, duration: float, *, resumable: bool, log: Callable[[str], Any],
+            input_paths: dict[str, str] | None = None) -> Manifest:
     """Write the manifest into the built directory and swap it in as `out_dir`."""
     if outputs is not None and not isinstance(outputs, Mapping):
         raise TypeError(f"stage {stage}: build returned {type(outputs).__name__}, expected a dict or None")
@@ -824,6 +923,7 @@ def _finish(tmp: Path, out_dir: Path, stage: str, config: dict[str, Any], input_
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         duration_s=round(duration, 3),
         outputs=json.loads(_dumps(dict(outputs or {}))),
+        input_paths=dict(input_paths or {}),
     )
     if resumable:
         (tmp / PARTIAL_KEY_NAME).unlink(missing_ok=True)
@@ -837,7 +937,8 @@ def _finish(tmp: Path, out_dir: Path, stage: str, config: dict[str, Any], input_
 
 def _run_stage_here(out_dir: Path, stage: str, config: dict[str, Any], input_hashes: dict[str, str],
                     build: Callable[[Path], Mapping[str, Any] | None], *, force: bool,
-                    log: Callable[[str], Any], resumable: bool) -> StageResult:
+                    log: Callable[[str], Any], resumable: bool,
+                    input_paths: dict[str, str] | None = None) -> StageResult:
     """`run_stage` in one process: build in a temp (or partial) directory, then swap it in."""
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -851,7 +952,7 @@ def _run_stage_here(out_dir: Path, stage: str, config: dict[str, Any], input_has
     start = time.perf_counter()
     try:
         manifest = _finish(tmp, out_dir, stage, config, input_hashes, build(tmp), time.perf_counter() - start,
-                           resumable=resumable, log=log)
+                           resumable=resumable, log=log, input_paths=input_paths)
     except BaseException:
         if not resumable:
             _remove(tmp)

@@ -56,10 +56,31 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     return into
 
 
+REBUILD_RESULTS = ("delete it and rerun 'polyfuse run RECIPE': the eval stages' rows are written again from their "
+                   "outputs (rows added with 'polyfuse eval --run' must be evaluated again)")
+"""The fix for a corrupt results file."""
+
+
 def read_results(path: str | Path) -> dict[str, Any]:
-    """The results file, or an empty skeleton when it does not exist yet."""
+    """The results file, or an empty skeleton when it does not exist yet.
+
+    Raises:
+        DataError: the file is not JSON, not UTF-8, or not a mapping with a ``models`` mapping (one line
+            naming the file and :data:`REBUILD_RESULTS`).
+    """
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    if not path.is_file():
+        return {"models": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not a valid results file ({err.msg} at line {err.lineno}, column {err.colno}); "
+                        f"{REBUILD_RESULTS}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not a valid results file (not UTF-8: {err.reason}); {REBUILD_RESULTS}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+        raise DataError(f"{path}: not a valid results file (no 'models' mapping at the top level); {REBUILD_RESULTS}")
+    return data
 
 
 def update_results(path: str | Path, models: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict:
@@ -111,7 +132,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(
-            f"{file}: unreadable results file ({err}); rerun the eval stage to rewrite it"
+            f"{file}: unreadable results file ({err}); {REBUILD_RESULTS}"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         raise DataError(

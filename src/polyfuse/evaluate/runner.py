@@ -38,11 +38,17 @@ def resolve_all(models: Sequence[tuple[str, str, str | None, str | None]], *,
 
 def lazy_loaders(resolved: Sequence[tuple[str, Any, str | None]], *, dtype: str = "auto",
                  device: str = "auto") -> list[tuple[str, Callable[[], Any]]]:
-    """``(name, load)`` pairs; evaluation calls ``load()`` one model at a time."""
-    from polyfuse.models import load_model, load_tokenizer
+    """``(name, load)`` pairs; evaluation calls ``load()`` one model at a time. A tokenizer with ids the model
+    has no embedding row for is refused in one line (:meth:`polyfuse.models.VocabFacts.check`)."""
+    from polyfuse.models import load_model, load_tokenizer, vocab_facts
 
     def make(res, tok):
-        return lambda: (load_model(res, dtype=dtype, device=device), load_tokenizer(res, tok))
+        def load():
+            model, tokenizer = load_model(res, dtype=dtype, device=device), load_tokenizer(res, tok)
+            vocab_facts(model, tokenizer).check(str(res))
+            return model, tokenizer
+
+        return load
 
     return [(name, make(res, tok)) for name, res, tok in resolved]
 
