@@ -168,7 +168,8 @@ def test_batching_does_not_change_results(prose, blocks, tmp_path: Path) -> None
     capture(model, tokenizer, blocks, tmp_path / "b8", k=10, batch_size=8, progress=False)
     for a, b in zip(StoreReader(tmp_path / "b1"), StoreReader(tmp_path / "b8"), strict=True):
         assert a.block_id == b.block_id and a.n_positions == b.n_positions
-        np.testing.assert_allclose(a.logprobs.astype(np.float32), b.logprobs.astype(np.float32), atol=1e-3)
+        # padding changes the float32 sums in the last bits; stored as fp16, a value may round one ulp apart
+        np.testing.assert_allclose(a.logprobs.astype(np.float32), b.logprobs.astype(np.float32), atol=1e-3, rtol=1e-3)
 
 
 def test_empty_block_and_backend_registry(prose, tmp_path: Path) -> None:

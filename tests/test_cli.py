@@ -393,3 +393,24 @@ def test_fusechat_check_compares_merge_with_mean_of_pairs() -> None:
     assert verdict == [True]                                            # 1.85 <= mean(1.8, 2.0) = 1.9
     results["models"]["t+fusechat"]["bpb"]["all"] = 1.95
     assert [ok for text, ok in world_checks(results, world) if text.startswith("t+fusechat")] == [False]
+
+
+def test_prefix_masses_are_captured_for_sources_and_change_the_inside_positions(tmp_path: Path, tiny_world: Path) -> None:
+    """capture.prefix_bytes: the sources' stores carry prefix masses (the target's does not, and stays
+    current); the align stage reruns and conditions the inside positions on them."""
+    from polyfuse.capture.store import StoreReader
+
+    path = _recipe(tmp_path, tiny_world)
+    small = ["corpus.max_bytes_per_domain=1500", "blocks.max_tokens=96", "capture.top_k=4",
+             "--only", "blocks", "--only", "capture", "--only", "vocab", "--only", "align"]
+    run = tmp_path / "run"
+    assert main(["run", str(path), *small]) == 0
+    before = StoreReader(run / "align" / "math")
+    rows_before = {b: before[b].logprobs.copy() for b in before.block_ids}
+    target_manifest = (run / "capture" / "target" / "manifest.json").read_text()
+    assert main(["run", str(path), *small, "capture.prefix_bytes=8"]) == 0
+    assert StoreReader(run / "capture" / "math").prefix_bytes == 8
+    assert StoreReader(run / "capture" / "target").prefix_bytes == 0
+    assert (run / "capture" / "target" / "manifest.json").read_text() == target_manifest   # not rebuilt
+    after = StoreReader(run / "align" / "math")
+    assert any(not np.array_equal(rows_before[b], after[b].logprobs) for b in after.block_ids)

@@ -117,6 +117,7 @@ def _blocks(recipe: Recipe) -> list:
 
 def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Top-k next-token log-probs of the target and every source over the blocks (resumable shards)."""
+    from polyfuse.align.normalize import token_table
     from polyfuse.capture.hf import capture
     from polyfuse.capture.store import FORMAT_VERSION
     from polyfuse.models import load_model, load_tokenizer
@@ -134,18 +135,23 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
     pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
     results = {}
     for name, res, tok in resolve_models(recipe):
-        cfg = {"capture": recipe.section_dict("capture"), "model": str(res), "store_format": FORMAT_VERSION,
-               **({"seed": recipe.seed} if opts.samples else {})}
+        # prefix masses: sources only (positions inside *their* tokens), and only where the whole
+        # distribution is at hand (hf); recorded only when on, so other captures stay current
+        prefix_bytes = opts.prefix_bytes if opts.backend == "hf" and name != recipe.target.name else 0
+        section = {k: v for k, v in recipe.section_dict("capture").items() if k != "prefix_bytes"}
+        cfg = {"capture": section, "model": str(res), "store_format": FORMAT_VERSION,
+               **({"seed": recipe.seed} if opts.samples else {}), **({"prefix_bytes": prefix_bytes} if prefix_bytes else {})}
 
-        def build(out: Path, res=res, tok=tok) -> dict:
+        def build(out: Path, res=res, tok=tok, prefix_bytes=prefix_bytes) -> dict:
             if opts.backend == "vllm":
                 return vllm_capture(res, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
                                     shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
                                     dtype=opts.dtype, device=opts.device, seed=recipe.seed)
-            model = load_model(res, dtype=opts.dtype, device=opts.device)
-            return capture(model, load_tokenizer(res, tok), pairs, out, k=opts.top_k, samples=opts.samples,
+            model, tokenizer = load_model(res, dtype=opts.dtype, device=opts.device), load_tokenizer(res, tok)
+            return capture(model, tokenizer, pairs, out, k=opts.top_k, samples=opts.samples,
                            seed=recipe.seed, batch_size=opts.batch_size,
-                           shard_size=opts.shard_size, progress=progress, meta={"model": str(res)})
+                           shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
+                           prefix_bytes=prefix_bytes, pieces=token_table(tokenizer).pieces if prefix_bytes else None)
 
         results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
                                   {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,

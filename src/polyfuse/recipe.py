@@ -298,6 +298,11 @@ class CaptureSection(Section):
     samples: int = Field(
         0, ge=0, le=1024, description="draws from the rest of each teacher distribution, stored after the "
         "top-k as an unbiased sampled tail (hf backend, 0: top-k only)", examples=[22])
+    prefix_bytes: int = Field(
+        0, ge=0, le=64, description="sources, hf backend: store the exact probability that the next token "
+        "extends each of the first N byte prefixes of the actual one, so positions inside a source token are "
+        "conditioned on the whole distribution, not on the stored entries (0: off; 16 covers most tokens)",
+        examples=[16])
     batch_size: int = Field(8, ge=1, description="blocks per forward pass")
     shard_size: int = Field(256, ge=1, description="blocks per store shard (the unit of resume)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")

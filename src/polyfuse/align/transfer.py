@@ -223,6 +223,10 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     Positions where nothing is consistent (or whose source token cannot be read byte for byte:
     specials, byte-fallback pieces of one character) get no entry. The source's actual token ``j`` is
     always consistent; when the stored entries miss it, it is added with its own log-probability.
+    The consistent mass is the exact one where the capture stored it (``prefix_logmass``, see
+    :mod:`polyfuse.capture.prefix`); the entries then sum to less than 1 and the rest is the tail. Without
+    it, the mass is summed from the stored entries, which nearly always hold the actual token and
+    rarely the others that extend ``u``, so the conditional comes out near one-hot on the actual text.
     With ``cuts``, candidates whose remaining bytes the target would not begin a token with, after its
     previous token, are dropped too (:class:`TargetCuts`).
     """
@@ -240,6 +244,7 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
     inside &= ~remainder.special[tgt.ids[1:]]                          # a special is not text the source spells
     rows, e_ids, e_probs, done, target_lp = [], [], [], [], []
     pieces = src_table.pieces
+    exact_lm = src_topk.prefix_logmass                                  # [P_src, L] or None
     for t in np.nonzero(inside)[0].tolist():
         i = int(j[t])
         actual = int(src.ids[i + 1])
@@ -271,6 +276,10 @@ def inside_token_entries(src_topk: BlockTopK, src: EncodedBlock, tgt: EncodedBlo
             if target_id >= 0:
                 out_ids.append(target_id)
                 out_probs.append(p)
+        if exact_lm is not None and len(emitted) <= exact_lm.shape[1]:
+            exact = float(exact_lm[i, len(emitted) - 1])
+            if np.isfinite(exact):
+                mass = max(mass, float(np.exp(exact)))
         if mass <= 0 or not out_ids or actual_p <= 0:
             continue
         rows.extend([t] * len(out_ids))

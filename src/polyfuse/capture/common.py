@@ -212,6 +212,7 @@ def run_shards(
     vocab_size: int,
     shard_size: int,
     meta: dict[str, Any],
+    prefix_bytes: int = 0,
     max_len: int | None,
     rank: int,
     world_size: int,
@@ -225,7 +226,7 @@ def run_shards(
     ``meta`` is the store's full meta; see :func:`polyfuse.capture.hf.capture` for the stats and
     the rank protocol.
     """
-    writer = StoreWriter(out_dir, k=k, vocab_size=vocab_size, meta=meta)
+    writer = StoreWriter(out_dir, k=k, vocab_size=vocab_size, meta=meta, prefix_bytes=prefix_bytes)
     n_shards = (len(blocks) + shard_size - 1) // shard_size
     mine = [s for s in range(n_shards) if s % world_size == rank]
     todo = [s for s in mine if not writer.has_shard(s)]

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from polyfuse.capture.common import (
+    FP16_MIN,
     block_parts,
     block_rows,
     blocks_digest,
@@ -73,6 +74,7 @@ from polyfuse.capture.common import (
     ranks,
     run_shards,
 )
+from polyfuse.capture.prefix import PrefixRanges
 from polyfuse.capture.store import BlockTopK, StoreWriter  # noqa: F401  (StoreWriter: importable here as before)
 from polyfuse.corpus.spans import Spans
 from polyfuse.corpus.tokens import EncodedBlock
@@ -120,7 +122,7 @@ def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 def topk_of_hidden(
     model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, k: int, *, samples: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, prefix: PrefixRanges | None = None, prefix_out: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probs, their ids and the targets' log-probs for hidden states ``[N, d]``, head in chunks.
 
@@ -128,6 +130,8 @@ def topk_of_hidden(
     target_logprob [N] float32)``; the naive version is ``log_softmax(head_logits(h), -1)`` followed
     by ``topk`` and ``gather``, which builds ``[N, V]`` at once. With ``samples`` > 0 the entries
     after the top-k are a sampled tail (:func:`sampled_tail`); unused slots are id -1, value -inf.
+    With ``prefix``, the targets' prefix masses (:meth:`PrefixRanges.logmass`, ``[N, L]`` float64) are
+    appended to ``prefix_out``, chunk by chunk, from the same logits.
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = max(1, _HEAD_CHUNK_ELEMENTS // vocab)
@@ -140,6 +144,8 @@ def topk_of_hidden(
         _check_finite(model, lse)
         top = torch.topk(logits, k, dim=-1)  # [c, k], sorted descending
         target_lp.append((logits.gather(-1, targets[start : start + rows, None]) - lse)[:, 0])  # [c]
+        if prefix is not None and prefix_out is not None:
+            prefix_out.append(prefix.logmass(logits, targets[start : start + rows], lse))  # [c, L]
         if samples:
             v, i = sampled_tail(logits.sub_(lse), top.indices, samples, generator)  # logits now log-probs
             values.append(v)
@@ -270,9 +276,10 @@ def _probe(model: PreTrainedModel, ids: np.ndarray) -> None:
 
 def _capture_batch(
     model: PreTrainedModel, encoded: Sequence[EncodedBlock], k: int, spans: Sequence[Spans | None] | None = None,
-    *, samples: int = 0, generator: torch.Generator | None = None,
+    *, samples: int = 0, generator: torch.Generator | None = None, prefix: PrefixRanges | None = None,
 ) -> list[tuple]:
-    """Per block: ``(ids [P, k + samples] int64, logprobs [P, k + samples] f16, target_logprob [P] f16, nll_sum)``.
+    """Per block: ``(ids [P, k + samples] int64, logprobs [P, k + samples] f16, target_logprob [P] f16, nll_sum)``,
+    plus ``prefix_logmass [P, L] f16`` with ``prefix``.
 
     ``nll_sum`` covers the response positions of blocks whose ``spans`` are not None, else all.
     """
@@ -291,10 +298,17 @@ def _capture_batch(
     where = torch.from_numpy(predicts).to(hidden.device)
     real = hidden[where]  # [N, d], block by block, position order
     targets = ids_t[:, 1:].to(hidden.device)[where[:, :-1]]  # [N]
-    values, top_ids, target_lp = topk_of_hidden(model, real, targets, k, samples=samples,
-                                                generator=generator)  # [N, k + S], [N, k + S], [N]
-    return block_rows(encoded, spans, top_ids.cpu().numpy(), fp16_logprobs(values, top_ids),
+    masses: list[torch.Tensor] = []
+    values, top_ids, target_lp = topk_of_hidden(model, real, targets, k, samples=samples, generator=generator,
+                                                prefix=prefix, prefix_out=masses)  # [N, k + S], [N, k + S], [N]
+    rows = block_rows(encoded, spans, top_ids.cpu().numpy(), fp16_logprobs(values, top_ids),
                       target_lp.cpu().numpy())
+    if prefix is None:
+        return rows
+    mass = (torch.cat(masses).clamp(min=FP16_MIN).to(torch.float16).cpu().numpy() if masses
+            else np.zeros((0, prefix.max_bytes), np.float16))  # [N, L]; NaN stays NaN
+    cuts = np.cumsum([0, *(max(len(e) - 1, 0) for e in encoded)])
+    return [(*row, mass[a:b]) for row, a, b in zip(rows, cuts[:-1], cuts[1:], strict=True)]
 
 
 def _batch_generator(seed: int, block_ids: Sequence[int], device: torch.device) -> torch.Generator:
@@ -314,6 +328,7 @@ def _capture_shard(
     spans: Sequence[Spans | None] | None = None,
     samples: int = 0,
     seed: int = 0,
+    prefix: PrefixRanges | None = None,
 ) -> list[BlockTopK]:
     """Rows of one shard, in the given block order (batched by length, longest first).
 
@@ -323,7 +338,7 @@ def _capture_shard(
     spans = [None] * len(encoded) if spans is None else spans
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[tuple | None] = [None] * len(encoded)
-    empty = empty_row(k + samples)
+    empty = empty_row(k + samples) + ((np.zeros((0, prefix.max_bytes), np.float16),) if prefix else ())
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         scored = [i for i in batch if len(encoded[i]) > 1]
@@ -332,13 +347,14 @@ def _capture_shard(
         if scored:
             generator = _batch_generator(seed, [block_ids[i] for i in scored], _input_device(model)) if samples else None
             rows = _capture_batch(model, [encoded[i] for i in scored], k, [spans[i] for i in scored],
-                                  samples=samples, generator=generator)
+                                  samples=samples, generator=generator, prefix=prefix)
             for i, row in zip(scored, rows, strict=True):
                 results[i] = row
         for i in batch:
             advance(tokens=max(len(encoded[i]) - 1, 0))
     return [
-        BlockTopK(block_id=int(bid), ids=r[0], logprobs=r[1], target_logprob=r[2], nll_sum=r[3])
+        BlockTopK(block_id=int(bid), ids=r[0], logprobs=r[1], target_logprob=r[2], nll_sum=r[3],
+                  prefix_logmass=r[4] if prefix is not None else None)
         for bid, r in zip(block_ids, results, strict=True)
         if r is not None
     ]
@@ -395,6 +411,8 @@ def capture(
     rank: int | None = None,
     world_size: int | None = None,
     wait_s: float = 3600.0,
+    prefix_bytes: int = 0,
+    pieces: Sequence[bytes | None] | None = None,
 ) -> dict[str, Any]:
     """Capture the top-k next-token log-probs of ``model`` over ``blocks`` into a store at ``out_dir``.
 
@@ -418,6 +436,10 @@ def capture(
         meta: merged over :func:`capture_meta` into the store's ``meta`` (e.g. ``{"model": "world:prose"}``).
         rank, world_size: this process's share (see the module docstring); default: detected.
         wait_s: how long rank 0 waits for other ranks' shards when there is no barrier.
+        prefix_bytes: with L > 0, also store each position's prefix masses for the first L bytes of
+            the actual next token (:mod:`polyfuse.capture.prefix`); needs ``pieces``.
+        pieces: the bytes each token id stands for (``None`` for specials), as
+            :func:`polyfuse.align.normalize.token_table` reads them from the tokenizer.
 
     Returns:
         Stats: ``blocks`` and ``tokens`` captured by this call, ``seconds``, ``tokens_per_s``,
@@ -448,6 +470,9 @@ def capture(
         **({"head_k": k, "samples": samples, "sample_seed": seed} if samples else {}),
         **(meta or {}),
     }
+    if prefix_bytes and pieces is None:
+        raise ValueError("prefix_bytes > 0 needs the tokenizer's byte pieces (pieces=token_table(tokenizer).pieces)")
+    prefix = PrefixRanges(pieces, vocab, prefix_bytes) if prefix_bytes else None
     probed = False
 
     def capture_shard(
@@ -463,10 +488,10 @@ def capture(
                 _probe(model, longest.ids)
                 probed = True
         return _capture_shard(model, encoded, block_ids, k=k, batch_size=batch_size, advance=advance, spans=spans,
-                              samples=samples, seed=seed)
+                              samples=samples, seed=seed, prefix=prefix)
 
     return run_shards(
         capture_shard, tokenizer, blocks, out_dir, k=k + samples, vocab_size=vocab, shard_size=shard_size, meta=full_meta,
-        max_len=_max_positions(model), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
+        prefix_bytes=prefix_bytes, max_len=_max_positions(model), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
         progress=progress, log=logger,
     )

@@ -20,6 +20,10 @@ column             type       content
 ``topk_ids``       binary     P x k ids, row-major, bit-packed at ``id_bits`` bits each
 ``topk_logprobs``  binary     P x k float16 (little-endian) log-probs, sorted descending per position
 ``target_logprob`` binary     P float16: log-prob of the actual next token
+``prefix_logmass`` binary     only with ``prefix_bytes`` L > 0: P x L float16; entry ``[t, l-1]`` is the
+                              log of the probability that the next token's bytes start with the first
+                              ``l`` bytes of the actual next token and go on past them (NaN where the
+                              actual token has ``l`` bytes or fewer, or is a special token)
 =================  =========  ==================================================================
 
 **Ids.** ``id_bits`` = ``vocab_size.bit_length()`` = ceil(log2(vocab_size + 1)): the fewest bits that
@@ -105,7 +109,7 @@ STORE_NAME = "store.json"
 PENDING_NAME = "store.pending.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.arrow$")
 _BINARY_LIMIT = (1 << 31) - 1  # int32 offsets of `binary`; bigger shard columns use `large_binary`
-_IDENTITY_KEYS = ("format", "format_version", "k", "vocab_size", "id_bits", "meta")
+_IDENTITY_KEYS = ("format", "format_version", "k", "vocab_size", "id_bits", "prefix_bytes", "meta")
 _MAX_ID_BITS = 32
 
 
@@ -179,6 +183,9 @@ class BlockTopK:
     logprobs: np.ndarray
     target_logprob: np.ndarray
     nll_sum: float
+    prefix_logmass: np.ndarray | None = None
+    """[P, L] float16 or None: log-mass of the tokens that extend each byte prefix of the actual next
+    token (:mod:`polyfuse.capture.prefix`); what a position inside that token is conditioned on."""
 
     @property
     def n_positions(self) -> int:
@@ -228,9 +235,13 @@ class StoreWriter:
         DataError: ``out_dir`` already holds a (pending or finalized) store with other settings.
     """
 
-    def __init__(self, out_dir: str | Path, *, k: int, vocab_size: int, meta: Mapping[str, Any]) -> None:
+    def __init__(self, out_dir: str | Path, *, k: int, vocab_size: int, meta: Mapping[str, Any],
+                 prefix_bytes: int = 0) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if prefix_bytes < 0:
+            raise ValueError(f"prefix_bytes must be >= 0, got {prefix_bytes}")
+        self.prefix_bytes = int(prefix_bytes)
         self.out_dir = Path(out_dir)
         self.k = int(k)
         self.vocab_size = int(vocab_size)
@@ -242,6 +253,7 @@ class StoreWriter:
             "k": self.k,
             "vocab_size": self.vocab_size,
             "id_bits": self.id_bits,
+            **({"prefix_bytes": self.prefix_bytes} if self.prefix_bytes else {}),
             "meta": meta,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,8 +277,9 @@ class StoreWriter:
                     "stage with --force)"
                 )
             old = {key: found.get(key) for key in _IDENTITY_KEYS}
-            if old != self.identity:
-                diff = sorted(key for key in _IDENTITY_KEYS if old.get(key) != self.identity[key])
+            mine = {key: self.identity.get(key) for key in _IDENTITY_KEYS}
+            if old != mine:
+                diff = sorted(key for key in _IDENTITY_KEYS if old.get(key) != mine[key])
                 raise DataError(
                     f"{self.out_dir}: holds a store written with other settings ({', '.join(diff)} differ); "
                     "use another directory or delete this one"
@@ -297,6 +310,10 @@ class StoreWriter:
             )
         if row.logprobs.dtype != np.float16 or row.target_logprob.dtype != np.float16:
             raise ValueError(f"{where}: logprobs and target_logprob must be float16")
+        L = self.prefix_bytes
+        if L and (row.prefix_logmass is None or row.prefix_logmass.shape != (P, L)
+                  or row.prefix_logmass.dtype != np.float16):
+            raise ValueError(f"{where}: expected prefix_logmass [P, {L}] float16 (the store has prefix_bytes={L})")
         if P == 0:
             return
         if row.ids.min() < -1 or row.ids.max() >= self.vocab_size:
@@ -319,6 +336,7 @@ class StoreWriter:
                 ("topk_ids", pa.binary()),
                 ("topk_logprobs", pa.binary()),
                 ("target_logprob", pa.binary()),
+                *([("prefix_logmass", pa.binary())] if self.prefix_bytes else []),
             ],
             metadata={FORMAT: json.dumps(info, sort_keys=True)},
         )
@@ -329,6 +347,8 @@ class StoreWriter:
             _binary([pack_ids(r.ids, self.id_bits) for r in rows]),
             _binary([np.ascontiguousarray(r.logprobs, dtype="<f2").tobytes() for r in rows]),
             _binary([np.ascontiguousarray(r.target_logprob, dtype="<f2").tobytes() for r in rows]),
+            *([_binary([np.ascontiguousarray(r.prefix_logmass, dtype="<f2").tobytes() for r in rows])]
+              if self.prefix_bytes else []),
         ]
         fields = [f.with_type(c.type) for f, c in zip(schema, columns, strict=True)]
         schema = pa.schema(fields, metadata=schema.metadata)
@@ -409,7 +429,8 @@ class _Batch:
     def __init__(self, batch: pa.RecordBatch) -> None:
         self.block_id = batch.column("block_id").to_numpy()
         self.nll_sum = batch.column("nll_sum").to_numpy()
-        self.binary = {name: self._views(batch.column(name)) for name in _BINARY_COLUMNS}
+        self.binary = {name: self._views(batch.column(name)) for name in _BINARY_COLUMNS
+                       if name in batch.schema.names}
 
     @staticmethod
     def _views(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -424,7 +445,7 @@ class _Batch:
         return raw[off[row] : off[row + 1]]
 
 
-_BINARY_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob")
+_BINARY_COLUMNS = ("topk_ids", "topk_logprobs", "target_logprob", "prefix_logmass")
 
 
 class StoreReader:
@@ -459,6 +480,7 @@ class StoreReader:
         self.k = int(self.info["k"])
         self.vocab_size = int(self.info["vocab_size"])
         self.id_bits = int(self.info["id_bits"])
+        self.prefix_bytes = int(self.info.get("prefix_bytes", 0))
         self._batches: list[_Batch] = []
         self._index: dict[int, tuple[int, int]] = {}
         for shard in self.info["shards"]:
@@ -512,6 +534,8 @@ class StoreReader:
             logprobs=lp,
             target_logprob=batch.bytes_of("target_logprob", row).view("<f2"),  # [P]
             nll_sum=float(batch.nll_sum[row]),
+            prefix_logmass=(batch.bytes_of("prefix_logmass", row).view("<f2").reshape(-1, self.prefix_bytes)
+                            if self.prefix_bytes else None),  # [P, L]
         )
 
     def __iter__(self) -> Iterator[BlockTopK]:
