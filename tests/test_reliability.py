@@ -504,6 +504,21 @@ def test_second_world_build_in_a_directory_is_refused(tmp_path: Path, capsys, ex
         holder.wait()
 
 
+def test_a_world_build_from_the_library_takes_the_lock_too(tmp_path: Path) -> None:
+    """The demo and the benches call ``build_world`` directly: the lock is taken there, not only in the CLI."""
+    from polyfuse.demo.world import build_world
+
+    world = tmp_path / "world"
+    holder = _hold_lock(world)
+    try:
+        with pytest.raises(DataError, match="in use by another polyfuse run"):
+            build_world(world, preset="test")
+        assert sorted(p.name for p in world.iterdir()) == [workspace.LOCK_NAME]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # ---- models given by reference ------------------------------------------------------------------------------
 
 

@@ -30,7 +30,15 @@ from polyfuse.corpus.documents import Document, domain_path, read_documents, wri
 from polyfuse.demo.corpus import split_documents
 from polyfuse.demo.tokenizers import TOKENIZER_VERSIONS, TokenizerKind, to_transformers, train_tokenizer
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import Manifest, atomic_write_json, hash_inputs, hash_path, is_current, run_stage
+from polyfuse.workspace import (
+    Manifest,
+    atomic_write_json,
+    hash_inputs,
+    hash_path,
+    is_current,
+    run_stage,
+    workdir_lock,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -219,10 +227,19 @@ def build_world(world_dir: str | Path, *, preset: str = "demo", seed: int = 0, b
     loaded from ``models/target`` (whose content hash is an input, so a rebuilt target makes it stale),
     ``oracle-twin`` with its own ``metaspace_bpe`` tokenizer. Without ``oracles`` they are neither built
     nor removed: ``world.json`` lists an oracle only while its directory's manifest is current.
+
+    The build holds the world directory's lock (:func:`polyfuse.workspace.workdir_lock`), whoever calls
+    it (``polyfuse world``, the demo, the benches): a second build into the same directory fails at once.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown world preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    world = Path(world_dir)
+    Path(world_dir).mkdir(parents=True, exist_ok=True)
+    with workdir_lock(world_dir):
+        return _build_world(Path(world_dir), preset=preset, seed=seed, budget=budget, force=force, oracles=oracles)
+
+
+def _build_world(world: Path, *, preset: str, seed: int, budget: float, force: bool, oracles: bool) -> dict:
+    """:func:`build_world`'s body, under the lock."""
     spec = scaled(PRESETS[preset], budget)
     common = {k: v for k, v in asdict(spec).items() if k not in ("models",)}
     corpus_cfg = {"domains": spec.domains, "max_train_bytes": spec.max_train_bytes,
