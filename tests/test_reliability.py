@@ -192,6 +192,24 @@ def test_oversized_document_is_skipped_not_the_domain(tmp_path: Path, tiny_world
     assert manifest["outputs"]["oversized_skipped"] == {"first": 1, "middle": 1}
 
 
+def test_blocks_built_under_older_rules_are_rebuilt(tmp_path: Path, tiny_world: Path) -> None:
+    """Blocks from before the oversized-document rule stayed current: the rules' version is in the config."""
+    from polyfuse import pipeline
+
+    small = [{"id": f"d{i}", "text": f"Document {i} is short and plain. " * 8} for i in range(20)]
+    huge = {"id": "huge", "text": "word " * 20_000}
+    recipe = _corpus_recipe(tmp_path, tiny_world, {"first": [huge, *small]}, max_bytes_per_domain=3000)
+    manifest = tmp_path / "run" / "blocks" / "manifest.json"
+    assert main(["blocks", str(recipe)]) == 0
+    data = json.loads(manifest.read_text())
+    assert data["config"]["rules"] == pipeline.BLOCKS_RULES
+    data["config"].pop("rules")                                  # what a build before the rules' version wrote
+    manifest.write_text(json.dumps(data))
+    before = manifest.stat().st_mtime_ns
+    assert main(["blocks", str(recipe)]) == 0
+    assert manifest.stat().st_mtime_ns != before and json.loads(manifest.read_text())["config"]["rules"] == 2
+
+
 def test_chat_corpus_without_assistant_turns_is_refused(tmp_path: Path, tiny_world: Path, capsys) -> None:
     """Defect 4: chat rows with no assistant turn trained on nothing (loss 0.000) and exited 0."""
     rows = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"question {i}?"}]} for i in range(6)]

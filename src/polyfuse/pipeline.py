@@ -58,6 +58,12 @@ def _contexts(recipe: Recipe) -> list[int]:
     return [n for n in lengths if n is not None]
 
 
+BLOCKS_RULES = 2
+"""Version of the rules that pick documents for blocks, in the blocks stage's config: blocks built under
+older rules are stale and rebuilt. 2: a document larger than the domain's budget is skipped (it used to
+end the domain) and a chat corpus without an assistant turn is refused."""
+
+
 def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Documents of the fusion corpus → blocks that fit every participating tokenizer."""
     from polyfuse.corpus.blocks import make_blocks, write_blocks
@@ -67,7 +73,8 @@ def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) 
     corpus = data_dir(recipe.corpus.path, recipe.world)
     resolved = resolve_models(recipe)
     cfg = {"corpus": recipe.section_dict("corpus"), "blocks": recipe.section_dict("blocks"),
-           "tokenizers": {name: str(res) for name, res, _ in resolved}, "chat_render": render_key()}
+           "tokenizers": {name: str(res) for name, res, _ in resolved}, "chat_render": render_key(),
+           "rules": BLOCKS_RULES}
     inputs = {"corpus": corpus, **{f"tokenizer:{name}": res.location for name, res, _ in resolved}}
 
     def build(out: Path) -> dict:
