@@ -10,11 +10,13 @@ from transformers import AutoConfig, AutoTokenizer
 from polyfuse.corpus.documents import domain_path, read_documents
 from polyfuse.demo.corpus import group_of
 from polyfuse.demo.world import build_world, load_world
+from polyfuse.workspace import LOCK_NAME
 
 
 def _files(root: Path) -> dict[str, bytes]:
+    """The world's content: not its manifests, its summary or the build's lock file (which names its holder)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("manifest.json", "world.json")}
+            if p.is_file() and p.name not in ("manifest.json", "world.json", LOCK_NAME)}
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
