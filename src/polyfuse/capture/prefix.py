@@ -71,16 +71,15 @@ class PrefixRanges:
 
         Each mass is at least the target's own probability (the target extends its own prefixes).
         """
-        logprobs = logits
-        n = logprobs.shape[0]
-        out = torch.full((n, self.max_bytes), float("nan"), dtype=torch.float64, device=logprobs.device)
+        n, device = logits.shape[0], logits.device
+        out = torch.full((n, self.max_bytes), float("nan"), dtype=torch.float64, device=device)
         if n == 0 or self.order.numel() == 0:
             return out
-        order = self.order.to(logprobs.device)
-        lo, hi = self.lo.to(logprobs.device)[targets], self.hi.to(logprobs.device)[targets]  # [N, L]
-        rows = max(1, _ROWS_ELEMENTS // max(order.numel(), 1))
+        order = self.order.to(device)
+        lo, hi = self.lo.to(device)[targets], self.hi.to(device)[targets]  # [N, L]
+        rows = max(1, _ROWS_ELEMENTS // order.numel())
         for s in range(0, n, rows):
-            lp = logprobs[s:s + rows].double()
+            lp = logits[s:s + rows].double()
             if lse is not None:
                 lp = lp - lse[s:s + rows].double()
             probs = lp.exp()[:, order]                                                 # [r, V'] byte order
