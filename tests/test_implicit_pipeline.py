@@ -94,6 +94,33 @@ def test_end_to_end_rows_and_data(demo: tuple[Path, dict]) -> None:
         "target+sft+dpo is more accurate than target on held-out prompts"}
 
 
+def test_learning_curves_start_and_end_at_the_accuracy_rows(demo: tuple[Path, dict]) -> None:
+    from polyfuse.implicit.curves import read_curve
+
+    out, results = demo
+    rows = results["models"]
+    for stage, start, end in (("sft", "target", "target+sft"), ("dpo", "target+sft", "target+sft+dpo"),
+                              ("wrpo", "target+sft", "target+sft+wrpo")):
+        curve = read_curve(out / stage)
+        assert curve is not None and curve["stage"] == stage
+        steps = [p["step"] for p in curve["points"]]
+        last = json.loads((out / stage / "train_result.json").read_text())["global_step"]
+        assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == last and len(steps) >= 3
+        # same prompts, greedy, same weights: the curve's ends are the accuracy stage's rows
+        assert curve["points"][0]["accuracy"] == rows[start]["accuracy"]
+        assert curve["points"][-1]["accuracy"] == rows[end]["accuracy"]
+
+
+def test_learning_curves_do_not_change_the_trained_model(demo: tuple[Path, dict], world: Path,
+                                                         tmp_path: Path) -> None:
+    out, _ = demo
+    for stage in ("sample", "score", "build"):
+        shutil.copytree(out / stage, tmp_path / stage)
+    pipeline.run_implicit(recipe_for(world, tmp_path, "curves.points=0"), only=["sft"], progress=False)
+    assert not (tmp_path / "sft" / "curve.json").exists()
+    assert (tmp_path / "sft" / "model.safetensors").read_bytes() == (out / "sft" / "model.safetensors").read_bytes()
+
+
 def test_rerun_skips_and_a_changed_setting_reruns_only_what_depends_on_it(demo: tuple[Path, dict],
                                                                          world: Path) -> None:
     out, _ = demo

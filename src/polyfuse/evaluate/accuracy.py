@@ -23,7 +23,7 @@ from typing import Any
 
 from polyfuse.errors import DataError
 
-__all__ = ["evaluate_accuracy", "read_problems"]
+__all__ = ["answer_accuracy", "evaluate_accuracy", "read_problems"]
 
 
 def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -63,14 +63,27 @@ def evaluate_accuracy(model: str, problems: Sequence[Mapping[str, Any]], *, batc
     Returns ``({task: accuracy, "all": accuracy}, one record per problem)``; ``all`` pools every problem.
     Every problem is checked up front, so a row without gold fails before the model is loaded.
     """
-    from polyfuse.implicit.sample import HFBackend, SamplingParams, SourceSpec, as_messages
+    from polyfuse.implicit.sample import HFBackend, SourceSpec
+
+    checks = [_check(p) for p in problems]
+    backend = HFBackend(SourceSpec("eval", model, chat_template=chat_template), device=device, dtype=dtype)
+    return answer_accuracy(backend, problems, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           progress=progress, checks=checks)
+
+
+def answer_accuracy(backend: Any, problems: Sequence[Mapping[str, Any]], *, batch_size: int = 32,
+                    max_new_tokens: int = 32, progress: bool = False,
+                    checks: Sequence[tuple[str, Mapping[str, Any]]] | None = None
+                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """:func:`evaluate_accuracy` with a loaded generation backend (anything with ``generate(prompts, params,
+    seed)``, e.g. :class:`polyfuse.implicit.sample.HFBackend` over a model being trained)."""
+    from polyfuse.implicit.sample import SamplingParams, as_messages
     from polyfuse.implicit.score import VERIFIERS
     from polyfuse.implicit.verify import VerifierConfig
     from polyfuse.progress import progress_bar
 
-    checks = [_check(p) for p in problems]
+    checks = list(checks) if checks is not None else [_check(p) for p in problems]
     verifier = VerifierConfig()
-    backend = HFBackend(SourceSpec("eval", model, chat_template=chat_template), device=device, dtype=dtype)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     records: list[dict[str, Any]] = []
     hits: dict[str, int] = defaultdict(int)

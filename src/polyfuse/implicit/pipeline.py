@@ -197,9 +197,22 @@ def _train(recipe: ImplicitRecipe, stage: str, section: _TrainSection, base: str
     kwargs = {**section.trainer_kwargs(), **extra_cfg, "seed": recipe.seed, "chat_template": recipe.target.chat_template,
               "extra": {"disable_tqdm": not progress}}
     cfg = {stage: recipe.section_dict(stage), "seed": recipe.seed, "chat_template": recipe.target.chat_template}
+    held = eval_prompts_path(recipe) if recipe.curves.points else None
+    if held is not None:
+        cfg["curves"] = {**recipe.section_dict("curves"), "max_new_tokens": recipe.accuracy.max_new_tokens,
+                         "max_eval_prompts": recipe.prompts.max_eval_prompts}
+        inputs = {**inputs, "eval": held}
 
     def build(out: Path) -> dict[str, Any]:
-        summary = train.stage_runner(stage)(base, data, out, configs[stage](**kwargs))
+        callbacks = []
+        if held is not None:
+            from polyfuse.implicit.curves import AccuracyCurve, sample_per_task
+
+            problems = sample_per_task(read_problems(held, recipe.prompts.max_eval_prompts), recipe.curves.per_task)
+            callbacks.append(AccuracyCurve(problems, out, stage=stage, points=recipe.curves.points,
+                                           batch_size=recipe.accuracy.batch_size,
+                                           max_new_tokens=recipe.accuracy.max_new_tokens))
+        summary = train.stage_runner(stage)(base, data, out, configs[stage](**kwargs), callbacks=callbacks)
         return {k: summary[k] for k in ("global_step", "train_loss", "losses", "seconds", "resumed_from")}
 
     return run_stage(_dir(recipe, stage), stage, cfg, {**inputs, "data": data}, build, force=force, resumable=True)

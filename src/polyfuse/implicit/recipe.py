@@ -206,6 +206,13 @@ class AccuracySection(Section):
     dtype: Dtype = Field("auto", description="model dtype")
 
 
+class CurvesSection(Section):
+    """Per-task learning curves: held-out accuracy during sft, dpo and wrpo (``<stage>/curve.json``)."""
+
+    points: int = Field(4, ge=0, description="evaluations after step 0, evenly spaced to the last step (0: none)")
+    per_task: int | None = Field(50, ge=1, description="held-out prompts per task at each point (null: all)")
+
+
 class ImplicitRecipe(RecipeBase):
     """An implicit-fusion recipe: sample, score, build, sft, dpo and wrpo, then held-out accuracy."""
 
@@ -221,6 +228,7 @@ class ImplicitRecipe(RecipeBase):
     dpo: DPOSection = Field(default_factory=DPOSection, description="DPO or length-normalised DPO")
     wrpo: WRPOSection = Field(default_factory=WRPOSection, description="weighted-reward preference optimisation")
     accuracy: AccuracySection = Field(default_factory=AccuracySection, description="held-out accuracy")
+    curves: CurvesSection = Field(default_factory=CurvesSection, description="per-task learning curves")
 
     def to_yaml(self, exclude_defaults: bool = True) -> str:
         """The recipe as YAML; with ``exclude_defaults`` only what differs from the defaults is written."""

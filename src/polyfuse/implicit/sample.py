@@ -133,6 +133,18 @@ class HFBackend:
         self.tokenizer.padding_side = "left"
         self.model = load_model(resolve_model_ref(spec.model, revision=spec.revision), device=device, dtype=dtype)
 
+    @classmethod
+    def from_loaded(cls, model: Any, tokenizer: Any) -> HFBackend:
+        """A backend over a model already in memory (e.g. one being trained); ``tokenizer`` is copied, so the
+        caller's padding side is left alone."""
+        import copy
+
+        backend = cls.__new__(cls)
+        backend.tokenizer = copy.deepcopy(tokenizer)
+        backend.tokenizer.padding_side = "left"
+        backend.model = model
+        return backend
+
     def encode(self, prompt: list[dict[str, str]]) -> list[int]:
         """Token ids of the prompt rendered by the chat template with the generation prompt (as in training)."""
         return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
