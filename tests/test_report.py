@@ -337,3 +337,30 @@ def test_transfer_section_shows_gap_closed_and_per_source_signal(tmp_path):
     assert signal and all(cell in signal[0] for cell in ("75.0%", "0.980", "0.900", "1.020", "60.0%",
                                                          "code 70% · prose 45%"))
     assert "Gap closed" in page.read_text()
+
+
+def test_implicit_section_shows_the_share_of_the_best_source_and_learning_curves(tmp_path):
+    from polyfuse.evaluate.results import best_source_share
+
+    models = {"alpha": {"accuracy": {"first": 1.0, "last": 0.2, "all": 0.6}},
+              "beta": {"accuracy": {"first": 0.1, "last": 0.8, "all": 0.45}},
+              "target": {"accuracy": {"first": 0.1, "last": 0.1, "all": 0.1}},
+              "target+sft": {"accuracy": {"first": 0.5, "last": 0.6, "all": 0.55}},
+              "target+sft+dpo": {"accuracy": {"first": 0.9, "last": 0.8, "all": 0.85}}}
+    # first: best source alpha 1.0; last: best source beta 0.8
+    assert best_source_share({"models": models}, "target+sft") == pytest.approx({"first": 0.5, "last": 0.75})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"models": models, "meta": {"target": "target"}}))
+    for stage, steps, acc in (("sft", [0, 5, 10], [0.1, 0.3, 0.5]), ("dpo", [0, 4], [0.5, 0.9])):
+        _manifest(run / stage, stage, 1.0, {"global_step": steps[-1]})
+        points = [{"step": s, "accuracy": {"first": a, "last": a, "all": a}} for s, a in zip(steps, acc, strict=True)]
+        (run / stage / "curve.json").write_text(json.dumps({"stage": stage, "points": points}))
+    loaded = load_run(run)
+    assert [s for s, _ in loaded.accuracy_curves["target+sft+dpo"]] == [10, 14]  # dpo continues sft's steps
+    md, page = write_report([run], None)
+    text = md.read_text()
+    section = text.split("### Accuracy per task (share of the best source)", 1)[1].split("###", 1)[0]
+    dpo = [line for line in section.splitlines() if line.startswith("| target+sft+dpo")]
+    assert dpo and "0.90 (90%)" in dpo[0] and "0.80 (100%)" in dpo[0]
+    assert (run / "report_files" / "learning.png").is_file() and "learning.png" in text

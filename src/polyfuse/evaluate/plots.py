@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["metric_bars", "stage_durations", "training_curves"]
+__all__ = ["accuracy_curves", "metric_bars", "stage_durations", "training_curves"]
 
 PALETTE = (
     "#0072B2",
@@ -122,6 +122,48 @@ def training_curves(curves: Sequence[tuple[str, Mapping[str, Sequence[Mapping[st
             ax.set_ylabel("nats per token")
         handles, labels = _legend_entries(axes)
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), frameon=False)
+        return _png(fig)
+
+    return _with_style(draw)
+
+
+def accuracy_curves(runs: Sequence[tuple[str, Mapping[str, Sequence[tuple[int, Mapping[str, float]]]]]],
+                    references: Mapping[str, Mapping[str, float]]) -> bytes | None:
+    """Held-out accuracy against optimizer step, one panel per task, with the sources as dashed lines.
+
+    Args:
+        runs: ``[(run_label, {row_name: [(step, {task: accuracy})]})]``; ``run_label`` is ``""`` for one run.
+        references: ``{source: {task: accuracy}}``, drawn as horizontal lines in each task's panel.
+    """
+    series = [(run, row, points) for run, rows in runs for row, points in rows.items() if points]
+    tasks = list(dict.fromkeys(t for _, _, points in series for _, acc in points for t in acc if t != "all"))
+    if not tasks:
+        return None
+
+    def draw() -> bytes:
+        fig = _figure(10, 3.4)
+        axes = fig.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
+        rows = list(dict.fromkeys(row for _, row, _ in series))
+        labels = list(dict.fromkeys(run for run, _, _ in series))
+        for ax, task in zip(axes, tasks, strict=True):
+            for k, (source, acc) in enumerate(references.items()):
+                if _finite(acc.get(task)):
+                    ax.axhline(100 * acc[task], color=PALETTE[-(k + 1) % len(PALETTE)], linestyle="--",
+                               linewidth=1, label=f"{source} (source)")
+            for run, row, points in series:
+                xy = [(s, 100 * a[task]) for s, a in points if _finite(a.get(task))]
+                if not xy:
+                    continue
+                i, j = rows.index(row), labels.index(run)
+                ax.plot(*zip(*xy, strict=True), color=PALETTE[i % len(PALETTE)],
+                        linestyle=LINESTYLES[j % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)], markersize=3,
+                        linewidth=1.5, label=f"{row} ({run})" if run else row)
+            ax.set_title(task)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylim(-2, 102)
+        axes[0].set_ylabel("accuracy (%)")
+        handles, names = _legend_entries(axes)
+        fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), frameon=False)
         return _png(fig)
 
     return _with_style(draw)

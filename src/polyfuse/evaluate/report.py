@@ -36,7 +36,14 @@ from typing import Any
 
 from polyfuse.errors import DataError
 from polyfuse.evaluate import plots
-from polyfuse.evaluate.results import RESULTS_NAME, gap_closed, load_results, row_order, target_name
+from polyfuse.evaluate.results import (
+    RESULTS_NAME,
+    best_source_share,
+    gap_closed,
+    load_results,
+    row_order,
+    target_name,
+)
 from polyfuse.workspace import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -102,6 +109,9 @@ class Run:
     stages: list[Stage]
     curves: dict[str, list[dict[str, Any]]]
     """Row name (``target+fused``) -> the Trainer's ``log_history``."""
+    accuracy_curves: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
+    """Row name (``target+sft+dpo``) -> ``(step, {task: accuracy})`` during its training; preference stages
+    continue the SFT stage's step count."""
 
     @property
     def target(self) -> str | None:
@@ -212,7 +222,27 @@ def load_run(run_dir: str | Path, label: str = "") -> Run:
             log = _log_history(path / stage.path)
             if log:
                 curves[f"{target}+{Path(stage.path).name}"] = log
-    return Run(label=label, path=path, results=results, stages=stages, curves=curves)
+    return Run(label=label, path=path, results=results, stages=stages, curves=curves,
+               accuracy_curves=_accuracy_curves(path, target))
+
+
+def _accuracy_curves(run_dir: Path, target: str) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """The implicit stages' ``curve.json`` files as rows; dpo and wrpo start where sft ended."""
+    from polyfuse.implicit.curves import read_curve
+
+    out: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    offset = 0
+    for stage, row in (("sft", "+sft"), ("dpo", "+sft+dpo"), ("wrpo", "+sft+wrpo")):
+        curve = read_curve(run_dir / stage)
+        if curve is None:
+            continue
+        points = [(int(p["step"]) + (offset if stage != "sft" else 0), p["accuracy"]) for p in curve["points"]
+                  if isinstance(p, dict) and isinstance(p.get("accuracy"), dict) and "step" in p]
+        if stage == "sft" and points:
+            offset = points[-1][0]
+        if points:
+            out[target + row] = points
+    return out
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
@@ -533,6 +563,19 @@ def _transfer_rows(runs: Sequence[Run]) -> list[tuple[str, list[str], list[list[
         body = [[row, *([label] if multi else []), *(f"{closed[d]:+.1%}" if d in closed else MISSING for d in domains)]
                 for row, label, closed in gap_body]
         tables.append(("Gap closed", header, body))
+    acc_body, tasks = [], []
+    for run in runs:
+        target, models = run.target, run.results["models"]
+        for row in row_order(models, target):
+            if target and (row == target or row.startswith(target + "+")) and (share := best_source_share(run.results, row)):
+                tasks += [t for t in share if t not in tasks]
+                acc = models[row]["accuracy"]
+                acc_body.append((row, run.label, {t: f"{acc[t]:.2f} ({share[t]:.0%})" for t in share}))
+    if acc_body:
+        header = ["model", *(["run"] if multi else []), *tasks]
+        body = [[row, *([label] if multi else []), *(cells.get(t, MISSING) for t in tasks)]
+                for row, label, cells in acc_body]
+        tables.append(("Accuracy per task (share of the best source)", header, body))
     src_body = []
     for run in runs:
         share = next((s.outputs.get("teacher_share", {}) for s in run.stages if s.path == "fuse"), {})
@@ -564,7 +607,9 @@ _TRANSFER_NOTE = (
     "source): 100% is as good as the best source, 0% no better than plain continual training. Per source: "
     "the target positions that received its distribution, the share of its probability that the stored "
     "entries hold, the share of that which found a target id, the projected probability of the actual next "
-    "token over the source's own probability of that text (1 is lossless), and the positions it won in fusion."
+    "token over the source's own probability of that text (1 is lossless), and the positions it won in fusion. "
+    "Accuracy per task: held-out accuracy, in brackets over the best source's on that task (100% is as good "
+    "as the best source)."
 )
 
 
@@ -611,6 +656,18 @@ def make_figures(runs: Sequence[Run], tables: Sequence[MetricTable]) -> list[Fig
                 "Training loss per optimizer step: total, CLM (next-token) and "
                 "distillation loss; the CLM baseline and the fused target share the axes.",
                 curves,
+            )
+        )
+    refs = [{name: row["accuracy"] for name, row in run.results["models"].items()
+             if "+" not in name and name != run.target and "accuracy" in row} for run in runs]
+    learning = plots.accuracy_curves([(run.label, run.accuracy_curves) for run in runs], refs[0] if refs else {})
+    if learning:
+        figures.append(
+            Figure(
+                "learning.png",
+                "Held-out accuracy per task during SFT, then DPO / WRPO (which start where SFT ended); the dashed "
+                "lines are the sources' accuracies (of the first run).",
+                learning,
             )
         )
     per_kind = []

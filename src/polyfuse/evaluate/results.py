@@ -206,3 +206,19 @@ def gap_closed(results: Mapping[str, Any], row: str, *, baseline: str | None = N
             out[domain] = (base[domain] - value) / gap
     return out
 
+
+
+def best_source_share(results: Mapping[str, Any], row: str) -> dict[str, float]:
+    """Per task, ``row``'s held-out accuracy over the best source's on that task (1.0: as good as the best
+    source). Sources are the rows without ``+`` other than the target; ``all`` and tasks where every source
+    scores 0 are left out."""
+    models = results.get("models", {})
+    target = target_name(results)
+    mine = models.get(row, {}).get("accuracy", {})
+    sources = [m.get("accuracy", {}) for name, m in models.items() if "+" not in name and name != target]
+    out = {}
+    for task, value in mine.items():
+        best = max((s[task] for s in sources if task in s), default=0.0)
+        if task != "all" and best > 0:
+            out[task] = value / best
+    return out
