@@ -128,6 +128,8 @@ def test_answers_match(predicted, gold):
     ("1,2", "12"),
     (r"2\sqrt{3}", r"\sqrt{13}"),
     ("", "0"),
+    ("f", "e"),
+    ("pi", "3"),
 ])
 def test_answers_differ(predicted, gold):
     assert not answers_match(predicted, gold)
@@ -203,3 +205,15 @@ def test_verify_code_humaneval_style_and_many():
     verdicts = verify_code_many([(r, tests, "square") for r in responses], FAST, workers=2)
     assert [v.correct for v in verdicts] == [True, False]
     assert verdicts[1].status == "failed"
+
+
+def test_different_atoms_never_reach_sympy(monkeypatch):
+    from polyfuse.implicit import verify
+
+    def boom(a, b):
+        raise AssertionError("sympy called")
+
+    monkeypatch.setattr(verify, "_sympy_equal", boom)
+    assert not answers_match("f", "e") and not answers_match("x", "7")
+    with pytest.raises(AssertionError, match="sympy called"):
+        answers_match("x+1", "1+x")

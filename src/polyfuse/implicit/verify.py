@@ -353,6 +353,10 @@ def _numbers_equal(a: tuple[Fraction, bool], b: tuple[Fraction, bool], rel_tol: 
     return False
 
 
+#: One bare name (``x``, ``pi``) or one plain number: two different atoms are never equal.
+_ATOM = re.compile(r"^(?:[A-Za-z]+|[+-]?\d+(?:\.\d+)?)$")
+
+
 def answers_match(predicted: str, gold: str, *, rel_tol: float = 1e-6, use_sympy: bool = True) -> bool:
     """Whether two final answers are equal (see the module docstring for the rules)."""
     p, g = normalize_answer(predicted), normalize_answer(gold)
@@ -368,6 +372,8 @@ def answers_match(predicted: str, gold: str, *, rel_tol: float = 1e-6, use_sympy
         if sp is None or sg is None or sp[0] != sg[0] or len(sp[1]) != len(sg[1]):
             return False
         return all(answers_match(x, y, rel_tol=rel_tol, use_sympy=use_sympy) for x, y in zip(sp[1], sg[1], strict=True))
+    if _ATOM.match(p) and _ATOM.match(g):  # two different names or numbers: never equal, sympy need not say so
+        return False
     if use_sympy and _sympy_available():
         return _sympy_equal(p, g)
     return False
