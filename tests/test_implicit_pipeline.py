@@ -227,3 +227,17 @@ def test_load_recipe_dispatches_on_mode_implicit(tmp_path: Path) -> None:
     from polyfuse.demo.run import demo_recipe_path
 
     assert isinstance(load_recipe(demo_recipe_path()), Recipe)
+
+
+def test_transfer_checks_need_every_task_and_every_source() -> None:
+    from polyfuse.demo.implicit import transfer_checks
+
+    acc = {"prose": {"first": 1.0, "last": 0.1, "all": 0.55}, "code": {"first": 0.1, "last": 1.0, "all": 0.55},
+           "target": {"first": 0.1, "last": 0.1, "all": 0.1},
+           "target+sft+dpo": {"first": 0.9, "last": 0.79, "all": 0.845},
+           "target+sft+wrpo": {"first": 0.8, "last": 0.8, "all": 0.8}}
+    checks = dict(transfer_checks({"models": {k: {"accuracy": v} for k, v in acc.items()}}))
+    assert len(checks) == 6
+    assert checks["target+sft+dpo reaches 80% of the best source on every task (first 90%, last 79%)"] is False
+    assert checks["target+sft+wrpo reaches 80% of the best source on every task (first 80%, last 80%)"] is True
+    assert checks["target+sft+dpo is more accurate overall than every source"] is True

@@ -132,6 +132,16 @@ def test_dpo_widens_the_margin(loss: str, target: Path, tmp_path: Path) -> None:
     assert answer_logp(out, q, good) - answer_logp(out, q, bad) > margin_before
 
 
+def test_dpo_with_an_nll_term_raises_the_chosen_answers(target: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": user(q), "chosen": assistant(a), "rejected": assistant(b)}
+                                                for q, a, b in QUESTIONS])
+    out = tmp_path / "rpo"
+    res = run_dpo(str(target), data, out, DPOTrainConfig(beta=0.5, sft_weight=1.0, max_steps=4, **FAST))
+    assert res["losses"][0] > math.log(2) + 0.5  # DPO's log 2 at step 1 plus the chosen tokens' NLL
+    for q, good, _ in QUESTIONS:
+        assert answer_logp(out, q, good) > answer_logp(target, q, good)
+
+
 def test_wrpo_run(target: Path, tmp_path: Path) -> None:
     rows = [{"prompt": user(q), "chosen": assistant(f"The sum is {a}.") + assistant(a), "rejected": assistant(b)}
             for q, a, b in QUESTIONS]

@@ -32,8 +32,8 @@ from typing import Any
 from polyfuse.demo.tasks import TASKS_VERSION, generate_problems, write_problems
 from polyfuse.workspace import atomic_write_json, hash_path, run_stage
 
-__all__ = ["CHAT_PRESETS", "SKILLS", "ChatWorldPreset", "build_chat_world", "chat_world_checks",
-           "implicit_recipe_path", "run_implicit_demo"]
+__all__ = ["CHAT_PRESETS", "SKILLS", "TRANSFER_SHARE", "ChatWorldPreset", "build_chat_world", "chat_world_checks",
+           "implicit_recipe_path", "run_implicit_demo", "transfer_checks"]
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,42 @@ def chat_world_checks(accuracy: dict[str, dict[str, float]], target: str = TARGE
     return checks
 
 
+#: The share of the best source's accuracy a fused row must reach on every task.
+TRANSFER_SHARE = 0.8
+
+
+def transfer_checks(results: dict[str, Any], target: str = TARGET) -> list[tuple[str, bool]]:
+    """Did implicit fusion move every source's strength into the target? For the DPO and WRPO rows: more
+    accurate than the target, at least :data:`TRANSFER_SHARE` of the best source on every task, and more
+    accurate overall than every single source."""
+    from polyfuse.evaluate.results import best_source_share
+
+    acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}
+    sources = [n for n in acc if "+" not in n and n != target]
+    checks = []
+    for row in (f"{target}+sft+dpo", f"{target}+sft+wrpo"):
+        if row not in acc or target not in acc:
+            continue
+        checks.append((f"{row} is more accurate than {target} on held-out prompts",
+                       acc[row]["all"] > acc[target]["all"]))
+        share = best_source_share(results, row)
+        checks.append((f"{row} reaches {TRANSFER_SHARE:.0%} of the best source on every task ("
+                       + ", ".join(f"{t} {v:.0%}" for t, v in share.items()) + ")",
+                       bool(share) and min(share.values()) >= TRANSFER_SHARE))
+        if sources:
+            checks.append((f"{row} is more accurate overall than every source",
+                           all(acc[row]["all"] > acc[s]["all"] for s in sources)))
+    return checks
+
+
 def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path = "runs/world", seed: int = 0,
                       preset: str = "demo", *, budget: float = 1.0, overrides: list[str] | None = None,
                       progress: bool = True) -> dict[str, Any]:
     """Build (or reuse) the world and the chat world, run ``implicit.yaml`` into ``out_dir``; returns results.
 
     The returned dict is ``results.json`` plus ``implicit_checks``: ``(text, ok)`` pairs saying whether each
-    source leads on its task and whether the target improved after SFT + DPO / WRPO.
+    source leads on its task and whether the DPO and WRPO rows took every source's strength
+    (:func:`transfer_checks`).
     """
     from polyfuse.demo.world import build_world
     from polyfuse.evaluate.results import read_results
@@ -201,12 +230,7 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
     run_implicit(recipe, progress=progress)
     results = read_results(Path(out_dir) / "results.json")
     acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}
-    checks = chat_world_checks(acc, recipe.target.name)
-    base = acc.get(recipe.target.name, {}).get("all")
-    for row in (f"{recipe.target.name}+sft+dpo", f"{recipe.target.name}+sft+wrpo"):
-        if base is not None and row in acc:
-            checks.append((f"{row} is more accurate than {recipe.target.name} on held-out prompts",
-                           acc[row]["all"] > base))
+    checks = chat_world_checks(acc, recipe.target.name) + transfer_checks(results, recipe.target.name)
     results["implicit_checks"] = checks
     results["implicit_seconds"] = round(time.perf_counter() - started, 1)
     log.info("implicit demo: %s", json.dumps(checks))

@@ -241,7 +241,7 @@ def dpo_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = T
     if not recipe.dpo.enabled:
         return {}
     base, inputs = _from_sft(recipe)
-    extra = {"loss": recipe.dpo.loss, "beta": recipe.dpo.beta}
+    extra = {"loss": recipe.dpo.loss, "beta": recipe.dpo.beta, "sft_weight": recipe.dpo.sft_weight}
     return _train(recipe, "dpo", recipe.dpo, base, _dir(recipe, "build") / "dpo.jsonl", extra, inputs,
                   force=force, progress=progress)
 

@@ -149,6 +149,9 @@ class DPOTrainConfig(SFTTrainConfig):
     loss: Literal["sigmoid", "sigmoid_norm"] = "sigmoid"
     beta: float | None = None
     precompute_ref_log_probs: bool = False
+    #: Weight of an added NLL loss on the chosen answers (RPO, Pang et al. 2024; TRL's ``"sft"`` loss type);
+    #: 0 is plain DPO.
+    sft_weight: float = 0.0
 
     default_lr = 1e-6
 
@@ -327,6 +330,7 @@ def run_dpo(model_path: str, data: str | Path, output_dir: str | Path, config: D
 
     ``loss="sigmoid"``: ``-log sigmoid(beta (r_w - r_l))`` with summed log-ratios; ``loss="sigmoid_norm"``:
     each log-ratio divided by its answer's token count first (FuseChat-3.0's LN-DPO; TRL's own loss type).
+    ``sft_weight > 0`` adds that weight times the mean NLL of the chosen answers' tokens (RPO).
     The reference model is a frozen copy of ``model_path`` (or the disabled LoRA adapter).
     """
     from trl import DPOConfig
@@ -339,7 +343,9 @@ def run_dpo(model_path: str, data: str | Path, output_dir: str | Path, config: D
     dataset = _dataset(read_jsonl_rows(data, ["prompt", "chosen", "rejected"], "dpo"),
                        ["prompt", "chosen", "rejected"])
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
-    args = DPOConfig(**{"loss_type": [cfg.loss], "beta": beta,
+    losses = {"loss_type": [cfg.loss, "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight > 0 else \
+        {"loss_type": [cfg.loss]}
+    args = DPOConfig(**{**losses, "beta": beta,
                         "precompute_ref_log_probs": cfg.precompute_ref_log_probs, **_common_args(cfg, output_dir)})
     _, dpo_trainer = _trainer_classes()
     trainer = dpo_trainer(model=location, args=args, train_dataset=dataset, processing_class=tokenizer,
