@@ -65,6 +65,22 @@ def test_chat_world_layout_and_reuse(world: Path) -> None:
     assert (world / "models" / "chat-math" / "manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_chat_models_do_not_depend_on_the_callers_thread_count(world: Path, tmp_path: Path) -> None:
+    import torch
+
+    from polyfuse.demo.implicit import fixed_threads
+
+    other = tmp_path / "world"
+    shutil.copytree(world, other)
+    shutil.rmtree(other / "models" / "chat-prose")  # GPT-2: its training numerics depend on the thread count
+    before = torch.get_num_threads()
+    with fixed_threads(before + 1):
+        build_chat_world(other, preset="test", progress=False)
+    assert torch.get_num_threads() == before
+    name = "models/chat-prose/model.safetensors"
+    assert (other / name).read_bytes() == (world / name).read_bytes()
+
+
 def test_end_to_end_rows_and_data(demo: tuple[Path, dict]) -> None:
     out, results = demo
     rows = results["models"]

@@ -24,6 +24,8 @@ import logging
 import random
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -108,6 +110,25 @@ def _build_tasks(out: Path, preset: ChatWorldPreset, seed: int, models: list[str
     return {"train": len(train), "heldout": len(held), "sft_rows": sizes, "tasks": tasks}
 
 
+#: Torch threads the chat models train with. Measured: the GPT-2 source's weights after the same SFT differ
+#: between 1 and 2 threads (the Llama target's do not), and every later figure follows from its samples; one
+#: fixed thread count makes the chat world the same on any machine. (Sampling is the same at any count.)
+CHAT_THREADS = 1
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run the body with ``n`` torch threads, then restore the previous count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset, seed: int,
           progress: bool) -> dict[str, Any]:
     from polyfuse.implicit.train import SFTTrainConfig, run_sft
@@ -116,7 +137,8 @@ def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset
                          warmup_ratio=preset.warmup_ratio, lr_scheduler_type=preset.lr_scheduler_type,
                          max_length=64, seed=seed, logging_steps=max(1, steps // 8),
                          save_steps=max(10, steps // 2), extra={"disable_tqdm": not progress})
-    summary = run_sft(str(base), data, out, cfg)
+    with fixed_threads(CHAT_THREADS):
+        summary = run_sft(str(base), data, out, cfg)
     return {k: summary[k] for k in ("global_step", "train_loss", "losses", "seconds")}
 
 
@@ -147,7 +169,7 @@ def build_chat_world(world_dir: str | Path, *, preset: str = "demo", seed: int =
         data = world / "tasks" / "sft" / f"{model}.jsonl"
         cfg = {"seed": seed, "steps": steps, "base": model, "batch_size": spec.batch_size,
                "learning_rate": spec.learning_rate, "warmup_ratio": spec.warmup_ratio,
-               "lr_scheduler_type": spec.lr_scheduler_type}
+               "lr_scheduler_type": spec.lr_scheduler_type, "threads": CHAT_THREADS}
         res = run_stage(world / "models" / f"chat-{model}", "world.chat_model", cfg,
                         {"base": base, "data": data},
                         lambda out, base=base, data=data, steps=steps: _tune(out, base, data, steps, spec, seed,

@@ -186,7 +186,7 @@ class DPOSection(_TrainSection):
         "sigmoid", description="sigmoid (DPO) or sigmoid_norm (length-normalised DPO as FuseChat-3.0)")
     beta: float | None = Field(None, gt=0, description="DPO beta (null: 0.01 for sigmoid, 10 for sigmoid_norm)")
     sft_weight: float = Field(0.0, ge=0, description="weight of an NLL loss on the chosen answers added to DPO "
-                                                     "(RPO; 0: plain DPO)")
+                                                     "(RPO, 0 is plain DPO)")
 
 
 class WRPOSection(_TrainSection):
