@@ -91,4 +91,4 @@ def test_eval_command_with_prompts_records_accuracy(fake_backend, tiny_world: Pa
 
 
 def test_module_exports():
-    assert set(acc_mod.__all__) == {"evaluate_accuracy", "read_problems"}
+    assert set(acc_mod.__all__) == {"answer_accuracy", "evaluate_accuracy", "read_problems"}
