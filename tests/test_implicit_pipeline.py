@@ -73,8 +73,10 @@ def test_chat_models_do_not_depend_on_the_callers_thread_count(world: Path, tmp_
     other = tmp_path / "world"
     shutil.copytree(world, other)
     shutil.rmtree(other / "models" / "chat-prose")  # GPT-2: its training numerics depend on the thread count
+    from polyfuse.demo.implicit import CHAT_THREADS
+
     before = torch.get_num_threads()
-    with fixed_threads(before + 1):
+    with fixed_threads(CHAT_THREADS + 1):
         build_chat_world(other, preset="test", progress=False)
     assert torch.get_num_threads() == before
     name = "models/chat-prose/model.safetensors"
