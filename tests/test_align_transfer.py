@@ -229,6 +229,42 @@ def test_consistent_entries_renormalise_what_the_target_cut_allows(indent_tokeni
     assert float(out.target_logprob[1]) == pytest.approx(np.log(0.6), abs=3e-3)   # renormalised with them
 
 
+def test_consistent_entries_match_the_pairwise_rule_on_random_entries(indent_tokenizer) -> None:
+    """The vectorised path gives, entry by entry, what asking :class:`TargetCuts` one pair at a time gives."""
+    from polyfuse.align.normalize import token_table
+    from polyfuse.align.transfer import TargetCuts, consistent_entries
+
+    text = "def f(x):\n    if x:\n        return 1\n    return 2\n"
+    enc = indent_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tgt = EncodedBlock(ids=np.array([0, *enc["input_ids"]]), offsets=np.array([[0, 0], *enc["offset_mapping"]]),
+                       has_context=True)
+    src, table = tgt, token_table(indent_tokenizer)              # the source is cut like the target
+    rng = np.random.default_rng(0)
+    n, k = len(tgt.ids) - 1, 12
+    ids = rng.integers(-1, len(table), size=(n, k))
+    ids[:, 0] = src.ids[1:]                                      # the actual next token is always kept
+    row = BlockTopK(block_id=0, ids=ids, logprobs=np.full((n, k), -3.0, np.float16),
+                    target_logprob=np.zeros(n, np.float16), nll_sum=1.0)
+    pos = np.arange(n)
+    pos[::5] = -1                                                # some target positions have no source position
+    got = consistent_entries(row, pos, src, tgt, text, table, TargetCuts(indent_tokenizer))
+    one = TargetCuts(indent_tokenizer)
+    for t in range(n):
+        prev = text[int(tgt.offsets[t, 0]):int(tgt.offsets[t + 1, 0])]
+        for e, v in enumerate(ids[t].tolist()):
+            piece = table.pieces[v] if 0 <= v < len(table) else None
+            if pos[t] < 0:
+                want = False
+            elif v == src.ids[t + 1]:
+                want = True
+            elif piece is None or not prev:
+                want = v >= 0
+            else:
+                want = bool(one([(prev, piece)])[0])
+            assert got[t, e] == want, (t, e, prev, piece)
+    assert (~got[pos >= 0]).any() and got[pos >= 0].any()       # the rule both keeps and drops here
+
+
 def test_a_target_special_is_not_taught_from_source_text() -> None:
     """"ok<|im_end|>": the target's marker is one special token, the source spells it "<", "|im_end|>"."""
     from polyfuse.align.normalize import TokenTable

@@ -156,24 +156,60 @@ class TargetCuts:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._memo: dict[tuple[str, bytes], bool] = {}
+        self._prev_ids: dict[str, int] = {}
+        self._prev_texts: list[str] = []
+        self._pieces: Sequence[bytes | None] | None = None
+        self._has_piece = np.zeros(0, dtype=bool)
+        self._by_key: dict[int, bool] = {}
+
+    def _survives(self, pairs: Sequence[tuple[str, bytes]]) -> list[bool]:
+        """Tokenize each ``prev + cont`` (Rust tokenizer, one batch): does a token start at ``len(prev)``?"""
+        out, texts, where = [True] * len(pairs), [], []
+        for i, (prev, cont) in enumerate(pairs):
+            try:
+                texts.append(prev + cont.decode("utf-8"))
+                where.append(i)
+            except UnicodeDecodeError:
+                pass  # not whole UTF-8: kept
+        if texts:  # the Rust tokenizer directly: transformers' per-encoding conversion costs twice the encoding
+            backend = getattr(self._tokenizer, "backend_tokenizer", self._tokenizer)
+            for i, enc in zip(where, backend.encode_batch(texts, add_special_tokens=False), strict=True):
+                prev = pairs[i][0]
+                out[i] = not prev or any(start == len(prev) for start, _ in enc.offsets)
+        return out
 
     def __call__(self, pairs: Sequence[tuple[str, bytes]]) -> np.ndarray:
         """[len(pairs)] bool: the cut between ``prev`` and ``cont`` survives, for each ``(prev, cont)``."""
-        missing, texts = [], []
-        for pair in dict.fromkeys(pairs):
-            if pair in self._memo:
-                continue
-            prev, cont = pair
-            try:
-                texts.append(prev + cont.decode("utf-8"))
-                missing.append(pair)
-            except UnicodeDecodeError:
-                self._memo[pair] = True
-        if texts:  # the Rust tokenizer directly: transformers' per-encoding conversion costs twice the encoding
-            backend = getattr(self._tokenizer, "backend_tokenizer", self._tokenizer)
-            for (prev, cont), enc in zip(missing, backend.encode_batch(texts, add_special_tokens=False), strict=True):
-                self._memo[(prev, cont)] = not prev or any(start == len(prev) for start, _ in enc.offsets)
+        missing = [pair for pair in dict.fromkeys(pairs) if pair not in self._memo]
+        self._memo.update(zip(missing, self._survives(missing), strict=True))
         return np.fromiter((self._memo[p] for p in pairs), dtype=bool, count=len(pairs))
+
+    def has_piece(self, pieces: Sequence[bytes | None]) -> np.ndarray:
+        """[V_src] bool: the source id has bytes (not a special token). Binds ``pieces`` (see :meth:`for_ids`)."""
+        if pieces is not self._pieces:
+            self._pieces, self._by_key = pieces, {}
+            self._has_piece = np.fromiter((p is not None for p in pieces), dtype=bool, count=len(pieces))
+        return self._has_piece
+
+    def for_ids(self, prevs: Sequence[str], ids: np.ndarray, ask: np.ndarray,
+                pieces: Sequence[bytes | None]) -> np.ndarray:
+        """:meth:`__call__` for the entries ``ids[ask]`` (``[R, k]`` source ids, row ``r`` after ``prevs[r]``),
+        vectorised: pairs are keyed by integers, each distinct pair of the call is looked up once."""
+        self.has_piece(pieces)
+        pid = np.empty(len(prevs), dtype=np.int64)
+        for i, prev in enumerate(prevs):
+            j = self._prev_ids.get(prev)
+            if j is None:
+                j = self._prev_ids[prev] = len(self._prev_texts)
+                self._prev_texts.append(prev)
+            pid[i] = j
+        keys = ((pid[:, None] << 32) | ids.astype(np.int64))[ask]
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        known, todo = self._by_key, [k for k in uniq.tolist() if k not in self._by_key]
+        if todo:
+            pairs = [(self._prev_texts[k >> 32], pieces[k & 0xFFFFFFFF]) for k in todo]
+            known.update(zip(todo, self._survives(pairs), strict=True))
+        return np.fromiter((known[k] for k in uniq.tolist()), dtype=bool, count=len(uniq))[inverse]
 
 
 def consistent_entries(src_topk: BlockTopK, src_pos: np.ndarray, src: EncodedBlock, tgt: EncodedBlock,
@@ -187,21 +223,18 @@ def consistent_entries(src_topk: BlockTopK, src_pos: np.ndarray, src: EncodedBlo
     rows = np.nonzero(src_pos >= 0)[0]
     if not rows.size:
         return keep
-    pieces, pairs, where = src_table.pieces, [], []
-    for t in rows.tolist():
-        prev = text[int(tgt.offsets[t, 0]):int(tgt.offsets[t + 1, 0])]   # empty after the context token
-        for e, v in enumerate(src_topk.ids[src_pos[t]].tolist()):
-            piece = pieces[v] if 0 <= v < len(pieces) else None
-            if piece is None or not prev:
-                keep[t, e] = v >= 0
-            else:
-                pairs.append((prev, piece))
-                where.append((t, e))
-    if pairs:
-        at = np.asarray(where, dtype=np.int64)
-        keep[at[:, 0], at[:, 1]] = cuts(pairs)
-    actual = src_topk.ids[src_pos[rows]] == src.ids[src_pos[rows] + 1][:, None]   # the text that came next
-    keep[rows] |= actual
+    ids = src_topk.ids[src_pos[rows]]                                          # [R, k]
+    prevs = [text[a:b] for a, b in zip(tgt.offsets[rows, 0].tolist(), tgt.offsets[rows + 1, 0].tolist(),
+                                       strict=True)]                           # empty after the context token
+    has_piece = cuts.has_piece(src_table.pieces)
+    ask = (ids >= 0) & (ids < len(has_piece))
+    ask[ask] = has_piece[ids[ask]]
+    ask &= np.fromiter((bool(p) for p in prevs), dtype=bool, count=len(prevs))[:, None]
+    out = ids >= 0                                                             # specials, and no previous token
+    if ask.any():
+        out[ask] = cuts.for_ids(prevs, ids, ask, src_table.pieces)
+    actual = ids == src.ids[src_pos[rows] + 1][:, None]                        # the text that came next
+    keep[rows] = out | actual
     return keep
 
 
