@@ -33,6 +33,7 @@ PALETTE = (
     "#117733",
 )
 LINESTYLES = ("-", "--", ":", "-.")
+REFERENCE_GREYS = ("#444444", "#777777", "#AAAAAA")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 DPI = 150
 _RC = {
@@ -147,9 +148,10 @@ def accuracy_curves(runs: Sequence[tuple[str, Mapping[str, Sequence[tuple[int, M
         labels = list(dict.fromkeys(run for run, _, _ in series))
         for ax, task in zip(axes, tasks, strict=True):
             for k, (source, acc) in enumerate(references.items()):
-                if _finite(acc.get(task)):
-                    ax.axhline(100 * acc[task], color=PALETTE[-(k + 1) % len(PALETTE)], linestyle="--",
-                               linewidth=1, label=f"{source} (source)")
+                if _finite(acc.get(task)):  # grey, one dash pattern per source: apart from the trained rows
+                    ax.axhline(100 * acc[task], color=REFERENCE_GREYS[k % len(REFERENCE_GREYS)],
+                               linestyle=LINESTYLES[1 + k % (len(LINESTYLES) - 1)], linewidth=1.2,
+                               label=f"{source} (source)")
             for run, row, points in series:
                 xy = [(s, 100 * a[task]) for s, a in points if _finite(a.get(task))]
                 if not xy:
