@@ -68,7 +68,7 @@ def test_chat_world_layout_and_reuse(world: Path) -> None:
 def test_chat_models_do_not_depend_on_the_callers_thread_count(world: Path, tmp_path: Path) -> None:
     import torch
 
-    from polyfuse.demo.implicit import fixed_threads
+    from polyfuse.demo.threads import fixed_threads
 
     other = tmp_path / "world"
     shutil.copytree(world, other)

@@ -24,14 +24,13 @@ import logging
 import random
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from polyfuse.demo.tasks import TASKS_VERSION, generate_problems, write_problems
+from polyfuse.demo.threads import DEMO_THREADS, fixed_threads
 from polyfuse.workspace import atomic_write_json, hash_path, run_stage
 
 __all__ = ["CHAT_PRESETS", "SKILLS", "TRANSFER_SHARE", "ChatWorldPreset", "build_chat_world", "chat_world_checks",
@@ -110,24 +109,8 @@ def _build_tasks(out: Path, preset: ChatWorldPreset, seed: int, models: list[str
     return {"train": len(train), "heldout": len(held), "sft_rows": sizes, "tasks": tasks}
 
 
-#: Torch threads the chat models train with. Measured: the GPT-2 source's weights after the same SFT differ
-#: between 1 and 2 threads (the Llama target's do not), and every later figure follows from its samples; one
-#: fixed thread count makes the chat world the same on any machine (sampling is the same at any count). Two,
-#: not one: the reference machine has two cores, and one thread trains at half the speed there.
-CHAT_THREADS = 2
-
-
-@contextmanager
-def fixed_threads(n: int) -> Iterator[None]:
-    """Run the body with ``n`` torch threads, then restore the previous count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+#: Torch threads the chat models train with (:mod:`polyfuse.demo.threads`); part of their stage config.
+CHAT_THREADS = DEMO_THREADS
 
 
 def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset, seed: int,

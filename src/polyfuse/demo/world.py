@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from polyfuse.corpus.documents import Document, domain_path, read_documents, write_documents
 from polyfuse.demo.corpus import split_documents
+from polyfuse.demo.threads import DEMO_THREADS, fixed_threads
 from polyfuse.demo.tokenizers import TOKENIZER_VERSIONS, TokenizerKind, to_transformers, train_tokenizer
 from polyfuse.progress import progress_bar
 from polyfuse.workspace import (
@@ -193,7 +194,7 @@ def build_model(out: Path, plan: ModelPlan, preset: WorldPreset, corpus: Path, s
                          heads=preset.heads, context=preset.context, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = AutoModelForCausalLM.from_config(config)
-    with progress_bar(f"train {plan.name} ({plan.arch})", plan.steps) as advance:
+    with progress_bar(f"train {plan.name} ({plan.arch})", plan.steps) as advance, fixed_threads(DEMO_THREADS):
         losses = pretrain(model, streams, plan.mix, steps=plan.steps, batch_size=preset.batch_size,
                           seq_len=preset.seq_len, lr=preset.lr, seed=seed,
                           on_step=lambda step, loss: advance(loss=f"{loss:.3f}"))
@@ -251,6 +252,8 @@ def _build_world(world: Path, *, preset: str, seed: int, budget: float, force: b
     summary: dict = {"preset": preset, "seed": seed, "budget": budget, "domains": list(spec.domains),
                      "corpus": str(world / "corpus"), "models": {}}
     for i, plan in enumerate(spec.models):
+        # Training runs with DEMO_THREADS (2) torch threads; not recorded in the config, so worlds built before
+        # the pin on two-core machines (the same bytes) stay current.
         cfg = {"plan": asdict(plan), "preset": common, "seed": seed + i}
         if TOKENIZER_VERSIONS[plan.tokenizer] > 1:  # version 1 is implied: worlds built before it stay current
             cfg["tokenizer_version"] = TOKENIZER_VERSIONS[plan.tokenizer]
