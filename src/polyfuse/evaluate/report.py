@@ -227,14 +227,13 @@ def load_run(run_dir: str | Path, label: str = "") -> Run:
 
 
 def _accuracy_curves(run_dir: Path, target: str) -> dict[str, list[tuple[int, dict[str, float]]]]:
-    """The implicit stages' ``curve.json`` files as rows; dpo and wrpo start where sft ended."""
-    from polyfuse.implicit.curves import read_curve
-
+    """The implicit stages' ``curve.json`` files (``polyfuse.implicit.curves``) as rows; dpo and wrpo start
+    where sft ended."""
     out: dict[str, list[tuple[int, dict[str, float]]]] = {}
     offset = 0
     for stage, row in (("sft", "+sft"), ("dpo", "+sft+dpo"), ("wrpo", "+sft+wrpo")):
-        curve = read_curve(run_dir / stage)
-        if curve is None:
+        curve = _read_json(run_dir / stage / "curve.json")
+        if not isinstance(curve, dict) or not isinstance(curve.get("points"), list):
             continue
         points = [(int(p["step"]) + (offset if stage != "sft" else 0), p["accuracy"]) for p in curve["points"]
                   if isinstance(p, dict) and isinstance(p.get("accuracy"), dict) and "step" in p]
