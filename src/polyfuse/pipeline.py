@@ -532,6 +532,8 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
               **({"fuse": fuse_dir} if with_teacher else {})}
 
     def build(out: Path) -> dict:
+        import torch
+
         config = FusionConfig(
             output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
@@ -539,6 +541,7 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
             adam_beta2=0.95, max_grad_norm=1.0, seed=recipe.seed, data_seed=recipe.seed,
             bf16=bool(opts.bf16), logging_steps=max(1, opts.max_steps // 20), save_strategy="steps",
             save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
             disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
             distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
             distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,

@@ -234,8 +234,19 @@ def _common_args(cfg: SFTTrainConfig, output_dir: Path) -> dict[str, Any]:
         "bf16": _use_bf16(cfg.bf16),
         "fp16": False,
         "report_to": "none",
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
         **cfg.extra,
     }
+
+
+def _trl_config(cls: type, kwargs: Mapping[str, Any]) -> Any:
+    """``cls(**kwargs)`` without the deprecation warning TRL's own ``gradient_checkpointing`` field raises
+    (TRL defaults it to True; polyfuse must pass it to keep it off unless asked)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return cls(**kwargs)
 
 
 def _prepare(model_path: str, cfg: SFTTrainConfig) -> tuple[str, Any]:
@@ -317,7 +328,7 @@ def run_sft(model_path: str, data: str | Path, output_dir: str | Path, config: S
     dataset = _dataset(read_jsonl_rows(data, ["messages"], "sft"), ["messages"])
     assistant_only = (has_generation_markers(tokenizer.chat_template) if cfg.assistant_only_loss is None
                       else cfg.assistant_only_loss)
-    args = SFTConfig(**{"assistant_only_loss": assistant_only, **_common_args(cfg, output_dir)})
+    args = _trl_config(SFTConfig, {"assistant_only_loss": assistant_only, **_common_args(cfg, output_dir)})
     sft_trainer, _ = _trainer_classes()
     trainer = sft_trainer(model=location, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=_peft_config(cfg), callbacks=callbacks)
@@ -345,8 +356,8 @@ def run_dpo(model_path: str, data: str | Path, output_dir: str | Path, config: D
     beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.loss]
     losses = {"loss_type": [cfg.loss, "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight > 0 else \
         {"loss_type": [cfg.loss]}
-    args = DPOConfig(**{**losses, "beta": beta,
-                        "precompute_ref_log_probs": cfg.precompute_ref_log_probs, **_common_args(cfg, output_dir)})
+    args = _trl_config(DPOConfig, {**losses, "beta": beta, "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+                                   **_common_args(cfg, output_dir)})
     _, dpo_trainer = _trainer_classes()
     trainer = dpo_trainer(model=location, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=_peft_config(cfg), callbacks=callbacks)
@@ -367,10 +378,10 @@ def run_wrpo(model_path: str, data: str | Path, output_dir: str | Path, config: 
     location, tokenizer = _prepare(model_path, cfg)
     dataset = _dataset(read_jsonl_rows(data, ["prompt", "chosen", "rejected"], "wrpo"),
                        ["prompt", "chosen", "rejected"])
-    args = WRPOConfig(**{"beta": cfg.beta, "alpha_max": cfg.alpha_max, "alpha_schedule": cfg.alpha_schedule,
-                         "length_normalize": cfg.length_normalize, "label_smoothing": cfg.label_smoothing,
-                         "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
-                         **_common_args(cfg, output_dir)})
+    args = _trl_config(WRPOConfig, {"beta": cfg.beta, "alpha_max": cfg.alpha_max, "alpha_schedule": cfg.alpha_schedule,
+                                    "length_normalize": cfg.length_normalize, "label_smoothing": cfg.label_smoothing,
+                                    "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+                                    **_common_args(cfg, output_dir)})
     trainer = WRPOTrainer(model=location, args=args, train_dataset=dataset, processing_class=tokenizer,
                           peft_config=_peft_config(cfg), callbacks=callbacks)
     return _train(trainer, cfg, output_dir, "wrpo", started)
