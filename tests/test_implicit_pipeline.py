@@ -73,10 +73,10 @@ def test_chat_models_do_not_depend_on_the_callers_thread_count(world: Path, tmp_
     other = tmp_path / "world"
     shutil.copytree(world, other)
     shutil.rmtree(other / "models" / "chat-prose")  # GPT-2: its training numerics depend on the thread count
-    from polyfuse.demo.implicit import CHAT_THREADS
+    from polyfuse.demo.threads import DEMO_THREADS
 
     before = torch.get_num_threads()
-    with fixed_threads(CHAT_THREADS + 1):
+    with fixed_threads(DEMO_THREADS + 1):
         build_chat_world(other, preset="test", progress=False)
     assert torch.get_num_threads() == before
     name = "models/chat-prose/model.safetensors"
@@ -113,7 +113,7 @@ def test_end_to_end_rows_and_data(demo: tuple[Path, dict]) -> None:
 
 
 def test_learning_curves_start_and_end_at_the_accuracy_rows(demo: tuple[Path, dict]) -> None:
-    from polyfuse.implicit.curves import read_curve
+    from polyfuse.evaluate.results import read_curve
 
     out, results = demo
     rows = results["models"]

@@ -205,11 +205,12 @@ class TargetCuts:
             pid[i] = j
         keys = ((pid[:, None] << 32) | ids.astype(np.int64))[ask]
         uniq, inverse = np.unique(keys, return_inverse=True)
-        known, todo = self._by_key, [k for k in uniq.tolist() if k not in self._by_key]
+        distinct, known = uniq.tolist(), self._by_key
+        todo = [k for k in distinct if k not in known]
         if todo:
             pairs = [(self._prev_texts[k >> 32], pieces[k & 0xFFFFFFFF]) for k in todo]
             known.update(zip(todo, self._survives(pairs), strict=True))
-        return np.fromiter((known[k] for k in uniq.tolist()), dtype=bool, count=len(uniq))[inverse]
+        return np.fromiter((known[k] for k in distinct), dtype=bool, count=len(distinct))[inverse]
 
 
 def consistent_entries(src_topk: BlockTopK, src_pos: np.ndarray, src: EncodedBlock, tgt: EncodedBlock,

@@ -109,10 +109,6 @@ def _build_tasks(out: Path, preset: ChatWorldPreset, seed: int, models: list[str
     return {"train": len(train), "heldout": len(held), "sft_rows": sizes, "tasks": tasks}
 
 
-#: Torch threads the chat models train with (:mod:`polyfuse.demo.threads`); part of their stage config.
-CHAT_THREADS = DEMO_THREADS
-
-
 def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset, seed: int,
           progress: bool) -> dict[str, Any]:
     from polyfuse.implicit.train import SFTTrainConfig, run_sft
@@ -121,7 +117,7 @@ def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset
                          warmup_ratio=preset.warmup_ratio, lr_scheduler_type=preset.lr_scheduler_type,
                          max_length=64, seed=seed, logging_steps=max(1, steps // 8),
                          save_steps=max(10, steps // 2), extra={"disable_tqdm": not progress})
-    with fixed_threads(CHAT_THREADS):
+    with fixed_threads(DEMO_THREADS):
         summary = run_sft(str(base), data, out, cfg)
     return {k: summary[k] for k in ("global_step", "train_loss", "losses", "seconds")}
 
@@ -153,7 +149,7 @@ def build_chat_world(world_dir: str | Path, *, preset: str = "demo", seed: int =
         data = world / "tasks" / "sft" / f"{model}.jsonl"
         cfg = {"seed": seed, "steps": steps, "base": model, "batch_size": spec.batch_size,
                "learning_rate": spec.learning_rate, "warmup_ratio": spec.warmup_ratio,
-               "lr_scheduler_type": spec.lr_scheduler_type, "threads": CHAT_THREADS}
+               "lr_scheduler_type": spec.lr_scheduler_type, "threads": DEMO_THREADS}
         res = run_stage(world / "models" / f"chat-{model}", "world.chat_model", cfg,
                         {"base": base, "data": data},
                         lambda out, base=base, data=data, steps=steps: _tune(out, base, data, steps, spec, seed,
@@ -193,10 +189,10 @@ def transfer_checks(results: dict[str, Any], target: str = TARGET) -> list[tuple
     """Did implicit fusion move every source's strength into the target? For the DPO and WRPO rows: more
     accurate than the target, at least :data:`TRANSFER_SHARE` of the best source on every task, and more
     accurate overall than every single source."""
-    from polyfuse.evaluate.results import best_source_share
+    from polyfuse.evaluate.results import best_source_share, source_rows
 
     acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}
-    sources = [n for n in acc if "+" not in n and n != target]
+    sources = [n for n in source_rows(results) if n in acc]
     checks = []
     for row in (f"{target}+sft+dpo", f"{target}+sft+wrpo"):
         if row not in acc or target not in acc:

@@ -41,7 +41,9 @@ from polyfuse.evaluate.results import (
     best_source_share,
     gap_closed,
     load_results,
+    read_curve,
     row_order,
+    source_rows,
     target_name,
 )
 from polyfuse.workspace import atomic_write_bytes, atomic_write_text
@@ -232,8 +234,8 @@ def _accuracy_curves(run_dir: Path, target: str) -> dict[str, list[tuple[int, di
     out: dict[str, list[tuple[int, dict[str, float]]]] = {}
     offset = 0
     for stage, row in (("sft", "+sft"), ("dpo", "+sft+dpo"), ("wrpo", "+sft+wrpo")):
-        curve = _read_json(run_dir / stage / "curve.json")
-        if not isinstance(curve, dict) or not isinstance(curve.get("points"), list):
+        curve = read_curve(run_dir / stage)
+        if curve is None:
             continue
         points = [(int(p["step"]) + (offset if stage != "sft" else 0), p["accuracy"]) for p in curve["points"]
                   if isinstance(p, dict) and isinstance(p.get("accuracy"), dict) and "step" in p]
@@ -657,8 +659,8 @@ def make_figures(runs: Sequence[Run], tables: Sequence[MetricTable]) -> list[Fig
                 curves,
             )
         )
-    refs = [{name: row["accuracy"] for name, row in run.results["models"].items()
-             if "+" not in name and name != run.target and "accuracy" in row} for run in runs]
+    refs = [{name: run.results["models"][name]["accuracy"] for name in source_rows(run.results)
+             if "accuracy" in run.results["models"][name]} for run in runs]
     learning = plots.accuracy_curves([(run.label, run.accuracy_curves) for run in runs], refs[0] if refs else {})
     if learning:
         figures.append(

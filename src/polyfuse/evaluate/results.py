@@ -195,7 +195,7 @@ def gap_closed(results: Mapping[str, Any], row: str, *, baseline: str | None = N
         return {}
     base = models.get(baseline or f"{target}+clm", {}).get("bpb", {})
     mine = models.get(row, {}).get("bpb", {})
-    sources = [m.get("bpb", {}) for name, m in models.items() if "+" not in name and name != target]
+    sources = [models[name].get("bpb", {}) for name in source_rows(results)]
     out = {}
     for domain, value in mine.items():
         best = [s[domain] for s in sources if domain in s]
@@ -213,12 +213,33 @@ def best_source_share(results: Mapping[str, Any], row: str) -> dict[str, float]:
     source). Sources are the rows without ``+`` other than the target; ``all`` and tasks where every source
     scores 0 are left out."""
     models = results.get("models", {})
-    target = target_name(results)
     mine = models.get(row, {}).get("accuracy", {})
-    sources = [m.get("accuracy", {}) for name, m in models.items() if "+" not in name and name != target]
+    sources = [models[name].get("accuracy", {}) for name in source_rows(results)]
     out = {}
     for task, value in mine.items():
         best = max((s[task] for s in sources if task in s), default=0.0)
         if task != "all" and best > 0:
             out[task] = value / best
     return out
+
+
+def source_rows(results: Mapping[str, Any]) -> list[str]:
+    """The sources' row names: the rows without ``+`` other than the target."""
+    target = target_name(results)
+    return [name for name in results.get("models", {}) if "+" not in name and name != target]
+
+
+#: Per-task learning curve of an implicit training stage, beside its model (``polyfuse.implicit.curves``).
+CURVE_FILE = "curve.json"
+
+
+def read_curve(path: str | Path) -> dict[str, Any] | None:
+    """A stage's ``curve.json`` (a stage directory or the file), or ``None`` when absent or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CURVE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("points"), list) else None

@@ -14,7 +14,6 @@ resumed run keeps the points it already has and adds the missing ones.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,13 +22,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from polyfuse.evaluate.results import CURVE_FILE, read_curve
 from polyfuse.workspace import atomic_write_json
 
-__all__ = ["CURVE_FILE", "AccuracyCurve", "curve_steps", "read_curve", "sample_per_task"]
+__all__ = ["AccuracyCurve", "curve_steps", "sample_per_task"]
 
 log = logging.getLogger(__name__)
-
-CURVE_FILE = "curve.json"
 
 
 def curve_steps(total_steps: int, points: int) -> list[int]:
@@ -51,18 +49,6 @@ def sample_per_task(problems: Sequence[Mapping[str, Any]], per_task: int | None)
             seen[task] = seen.get(task, 0) + 1
             out.append(p)
     return out
-
-
-def read_curve(path: str | Path) -> dict[str, Any] | None:
-    """A stage's ``curve.json`` (a stage directory or the file), or ``None`` when absent or unreadable."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CURVE_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("points"), list) else None
 
 
 class AccuracyCurve(TrainerCallback):
