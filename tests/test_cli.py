@@ -237,7 +237,7 @@ def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> Non
     """mode=fusechat: one target per source (target + that source only), merged onto the target (SCE)."""
     path = _recipe(tmp_path, tiny_world)
     small = ["mode=fusechat", "corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2",
-             "train.batch_size=4", "eval.max_bytes_per_domain=1500"]
+             "train.batch_size=4", "eval.max_bytes_per_domain=1500", "pairs.max_steps=3", "pairs.batch_size=2"]
     assert main(["run", str(path), *small]) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())["models"]
@@ -247,6 +247,11 @@ def test_fusechat_mode_pairs_then_merge(tmp_path: Path, tiny_world: Path) -> Non
         fuse = json.loads((run / "pairs" / source / "fuse" / "manifest.json").read_text())
         assert fuse["config"]["sources"] == [source]
         assert len(fuse["outputs"]["teacher_share"]["share"]) == 2   # the target and that source
+        train = json.loads((run / "pairs" / source / "train" / "manifest.json").read_text())
+        assert train["config"]["train"]["max_steps"] == 3 and train["outputs"]["steps"] == 3  # pairs.max_steps
+        state = json.loads((run / "pairs" / source / "train" / "trainer_state.json").read_text())
+        assert state["global_step"] == 3 and state["train_batch_size"] == 2       # pairs.batch_size
+        assert train["config"]["train"]["batch_size"] == 2
     merge_cfg = yaml.safe_load((run / "merge" / "merge.yaml").read_text())
     assert merge_cfg["merge_method"] == "sce" and len(merge_cfg["models"]) == 2
     from safetensors.torch import load_file

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.recipe import Recipe
@@ -516,14 +516,16 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     return results
 
 
-def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bool, progress: bool) -> StageResult:
-    """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM."""
+def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bool, progress: bool,
+               overrides: dict[str, Any] | None = None) -> StageResult:
+    """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM;
+    ``overrides`` replace ``train`` settings (``None`` values are ignored)."""
     from polyfuse.fuse.trainer import FusionConfig, train_fusion
 
-    opts = recipe.train
+    opts = recipe.train.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
     with_teacher = fuse_dir is not None
     target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
-    train_cfg = recipe.section_dict("train")
+    train_cfg = opts.model_dump(mode="json")
     if not with_teacher:  # the baseline does not depend on the distillation settings
         train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
     cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
@@ -569,7 +571,7 @@ def pairs_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
         fuse_dir = stage_dir(recipe, "pairs", spec.name, "fuse")
         results[f"{spec.name}/fuse"] = _fuse_into(recipe, [spec.name], fuse_dir, force=force, progress=progress)
         results[f"{spec.name}/train"] = _train_run(recipe, fuse_dir, stage_dir(recipe, "pairs", spec.name, "train"),
-                                                   force=force, progress=progress)
+                                                   force=force, progress=progress, overrides=recipe.section_dict("pairs"))
     return results
 
 

@@ -394,6 +394,16 @@ class TrainSection(Section):
         return self
 
 
+class PairsSection(Section):
+    """FuseChat's pairwise fusion (mode fusechat): one target trained per source, with that source and the
+    target as teachers, on the ``train`` settings. Dividing ``train.max_steps`` or ``train.batch_size`` by
+    the number of sources gives the pairs together the compute of one FuseLLM training."""
+
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of each pairwise target (null: train.max_steps)")
+    batch_size: int | None = Field(None, ge=1, description="blocks per device per step of each pairwise target "
+                                   "(null: train.batch_size)")
+
+
 class MergeSection(Section):
     """FuseChat's last step: merging the pairwise targets in parameter space (mode fusechat)."""
 
@@ -487,6 +497,7 @@ class Recipe(RecipeBase):
     align: AlignSection = Field(default_factory=AlignSection, description="token alignment")
     fuse: FuseSection = Field(default_factory=FuseSection, description="distribution fusion")
     train: TrainSection = Field(default_factory=TrainSection, description="continual training")
+    pairs: PairsSection = Field(default_factory=PairsSection, description="FuseChat's pairwise targets")
     merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
 
     @model_validator(mode="before")
