@@ -13,8 +13,7 @@ import pytest
 from polyfuse.demo.implicit import build_chat_world, implicit_recipe_path, run_implicit_demo
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.implicit import pipeline
-from polyfuse.implicit.recipe import ImplicitRecipe, load_implicit_recipe, parse_implicit_recipe
-from polyfuse.recipe import Section
+from polyfuse.recipe import ImplicitRecipe, Recipe, Section, load_recipe, parse_recipe
 
 TASKS = {"first", "last", "count"}
 
@@ -37,7 +36,7 @@ def demo(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
 def recipe_for(world: Path, out: Path, *extra: str) -> ImplicitRecipe:
     from polyfuse.demo.implicit import _test_overrides
 
-    return load_implicit_recipe(implicit_recipe_path(), [f"workdir={out}", f"world={world}", *_test_overrides(),
+    return load_recipe(implicit_recipe_path(), [f"workdir={out}", f"world={world}", *_test_overrides(),
                                                          *extra])
 
 
@@ -199,20 +198,23 @@ def test_missing_inputs_name_the_stage_to_run(world: Path, tmp_path: Path) -> No
 
 
 def test_recipe_validation_and_help_texts() -> None:
-    recipe = load_implicit_recipe(implicit_recipe_path())
+    recipe = load_recipe(implicit_recipe_path())
     assert recipe.mode == "implicit" and [m.name for m in recipe.models()] == ["target", "prose", "code", "math"]
     assert recipe.sources[2].sample.temperature == 0.8
-    base = {"target": {"model": "world:chat-target"}, "sources": [{"name": "a", "model": "world:chat-prose"}]}
+    base = {"mode": "implicit", "target": {"model": "world:chat-target"},
+            "sources": [{"name": "a", "model": "world:chat-prose"}]}
     with pytest.raises(RecipeError, match=r"recipe: dpo\.loss: expected one of 'sigmoid', 'sigmoid_norm'"):
-        parse_implicit_recipe(base, ["dpo.loss=ipo"])
+        parse_recipe(base, ["dpo.loss=ipo"])
     with pytest.raises(RecipeError, match=r"sample\.temprature: unknown key, did you mean 'temperature'"):
-        parse_implicit_recipe(base, ["sample.temprature=1"])
+        parse_recipe(base, ["sample.temprature=1"])
     with pytest.raises(RecipeError, match=r"sources\.0\.sample\.n: expected an integer >= 1"):
-        parse_implicit_recipe({**base, "sources": [{"name": "a", "model": "m/x", "sample": {"n": 0}}]})
+        parse_recipe({**base, "sources": [{"name": "a", "model": "m/x", "sample": {"n": 0}}]})
     with pytest.raises(RecipeError, match="build.split: .*non-negative"):
-        parse_implicit_recipe(base, ["build.split=[0, 0]"])
-    with pytest.raises(RecipeError, match="mode: expected one of 'implicit'"):
-        parse_implicit_recipe({**base, "mode": "fusellm"})
+        parse_recipe(base, ["build.split=[0, 0]"])
+    with pytest.raises(RecipeError, match="mode: expected one of fusellm, fusechat, implicit, got 'explicit'"):
+        parse_recipe({**base, "mode": "explicit"})
+    assert isinstance(parse_recipe(base), ImplicitRecipe)
+    assert isinstance(parse_recipe(base, ["mode=fusechat"]), Recipe)   # one loader, keyed on the mode
 
     def fields(model: type) -> Iterator[tuple[str, Any]]:
         for name, field in model.model_fields.items():
@@ -238,8 +240,6 @@ def test_cli_stage_commands(demo: tuple[Path, dict], world: Path, capsys: pytest
 
 
 def test_load_recipe_dispatches_on_mode_implicit(tmp_path: Path) -> None:
-    from polyfuse.recipe import Recipe, load_recipe
-
     recipe = load_recipe(implicit_recipe_path(), [f"workdir={tmp_path}"])
     assert isinstance(recipe, ImplicitRecipe) and recipe.workdir == str(tmp_path)
     from polyfuse.demo.run import demo_recipe_path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from polyfuse.corpus.chat import DEFAULT_CHAT_TEMPLATE
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.implicit.sample import (
     HFBackend,
@@ -19,7 +20,6 @@ from polyfuse.implicit.sample import (
     partial_path,
     sample_prompts,
 )
-from polyfuse.implicit.train import DEFAULT_CHAT_TEMPLATE
 
 PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"What is the first letter of: {' '.join('abcde'[i % 5:])}?",
             "answer": "abcde"[i % 5], "category": "math", "task": "first"} for i in range(5)]

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from polyfuse.corpus.chat import DEFAULT_CHAT_TEMPLATE, ensure_chat_template
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.implicit.train import (
-    DEFAULT_CHAT_TEMPLATE,
     DPOTrainConfig,
     SFTTrainConfig,
     WRPOTrainConfig,
-    ensure_chat_template,
     read_jsonl_rows,
     run_dpo,
     run_sft,

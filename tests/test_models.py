@@ -287,3 +287,15 @@ def test_bos_context_id_falls_back_to_eos_then_none(tokenizer: PreTrainedTokeniz
     eos_only.bos_token = None
     assert bos_context_id(eos_only) == eos_only.convert_tokens_to_ids("</s>")
     assert bos_context_id(make_tokenizer(special=False)) is None
+
+
+def test_bf16_null_is_auto_and_true_needs_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyfuse.models import resolve_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_bf16(None) is False and resolve_bf16(False) is False
+    with pytest.raises(PolyfuseError, match="bf16=true needs a CUDA device"):
+        resolve_bf16(True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_bf16(None) is True and resolve_bf16(False) is False   # auto turns it on; false keeps it off

@@ -366,3 +366,13 @@ def test_align_defaults_follow_the_vocabulary_map():
     assert (mined.align.method, mined.align.inside, mined.align.cuts) == ("offsets", False, False)
     offsets = parse_recipe(base, ["align.method=offsets", "align.cuts=true"])
     assert (offsets.vocab.method, offsets.align.inside, offsets.align.cuts) == ("groups", False, True)
+
+
+def test_training_settings_are_recipe_fields_with_the_old_values_as_defaults(valid: Path) -> None:
+    train = load_recipe(valid).train
+    assert (train.lr_scheduler_type, train.adam_beta2, train.max_grad_norm) == ("cosine", 0.95, 1.0)
+    assert train.logging_steps is None and train.save_steps is None and train.bf16 is None
+    changed = load_recipe(valid, ["train.adam_beta2=0.99", "train.lr_scheduler_type=linear", "train.save_steps=5"]).train
+    assert (changed.adam_beta2, changed.lr_scheduler_type, changed.save_steps) == (0.99, "linear", 5)
+    with pytest.raises(RecipeError, match=r"train\.adam_beta2"):
+        load_recipe(valid, ["train.adam_beta2=1.5"])

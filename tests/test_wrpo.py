@@ -126,7 +126,7 @@ def target(tiny_world: Path) -> Path:
 def tokenizer(target: Path):
     from transformers import AutoTokenizer
 
-    from polyfuse.implicit.train import ensure_chat_template
+    from polyfuse.corpus.chat import ensure_chat_template
 
     tok = AutoTokenizer.from_pretrained(target)
     ensure_chat_template(tok)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,11 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="recipe overrides as
 
 
 def _setup_logging(verbose: bool) -> None:
+    from polyfuse.progress import set_verbose
+
+    set_verbose(verbose)
+    if not verbose:  # the datasets library's map/filter bars (TRL tokenizing), read when it is imported
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
@@ -40,7 +46,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging, and the libraries' own progress bars and per-step logs")] = False) -> None:
     _setup_logging(verbose)
 
 

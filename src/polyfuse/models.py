@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,7 +32,11 @@ __all__ = [
     "bos_context_id",
     "load_model",
     "load_tokenizer",
+    "data_dir",
+    "lazy_loaders",
     "pick_device",
+    "resolve_all",
+    "resolve_bf16",
     "pick_dtype",
     "resolve_model_ref",
     "vocab_facts",
@@ -241,6 +246,15 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def resolve_bf16(flag: bool | None) -> bool:
+    """A trainer's ``bf16`` setting: ``None`` is auto (on when CUDA supports bf16); ``True`` without such a
+    device raises PolyfuseError rather than training in float32 unasked."""
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if flag and not cuda_bf16:
+        raise PolyfuseError("bf16=true needs a CUDA device with bf16 support; leave bf16 unset (auto) on CPU")
+    return cuda_bf16 if flag is None else flag
+
+
 def pick_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """``auto`` -> bfloat16 on a CUDA device that supports it, else float32; names like ``bf16`` map to dtypes.
 
@@ -430,3 +444,34 @@ def bos_context_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
         if token_id is not None:
             return int(token_id)
     return None
+
+
+# --------------------------------------------------------------------------------------------------
+# what every stage resolves and loads
+
+
+def resolve_all(models: Sequence[tuple[str, str, str | None, str | None]], *,
+                world_dir: str | Path) -> list[tuple[str, Any, str | None]]:
+    """Resolve every ``(name, ref, revision, tokenizer)`` up front, so a bad path fails before any work."""
+    return [(name, resolve_model_ref(ref, world_dir=world_dir, revision=rev), tok)
+            for name, ref, rev, tok in models]
+
+
+def lazy_loaders(resolved: Sequence[tuple[str, Any, str | None]], *, dtype: str = "auto",
+                 device: str = "auto") -> list[tuple[str, Callable[[], Any]]]:
+    """``(name, load)`` pairs; evaluation calls ``load()`` one model at a time. A tokenizer with ids the model
+    has no embedding row for is refused in one line (:meth:`polyfuse.models.VocabFacts.check`)."""
+    def make(res, tok):
+        def load():
+            model, tokenizer = load_model(res, dtype=dtype, device=device), load_tokenizer(res, tok)
+            vocab_facts(model, tokenizer).check(str(res))
+            return model, tokenizer
+
+        return load
+
+    return [(name, make(res, tok)) for name, res, tok in resolved]
+
+
+def data_dir(ref: str, world_dir: str | Path) -> str:
+    """``world:corpus`` → ``<world>/corpus``; anything else is a directory path."""
+    return str(Path(world_dir) / ref.removeprefix("world:")) if ref.startswith("world:") else ref

@@ -24,12 +24,12 @@ from polyfuse.workspace import (
 )
 
 if TYPE_CHECKING:
-    from polyfuse.implicit.recipe import ImplicitRecipe
+    from polyfuse.recipe import ImplicitRecipe
 
 
 def resolve_models(recipe: Recipe) -> list:
     """``(name, ResolvedModel, tokenizer)`` for the target and every source; a missing one fails here."""
-    from polyfuse.evaluate.runner import resolve_all
+    from polyfuse.models import resolve_all
 
     return resolve_all([(s.name, s.ref.model, s.ref.revision, s.tokenizer) for s in recipe.models()],
                        world_dir=recipe.world)
@@ -68,7 +68,7 @@ def blocks_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) 
     """Documents of the fusion corpus → blocks that fit every participating tokenizer."""
     from polyfuse.corpus.blocks import make_blocks, write_blocks
     from polyfuse.corpus.documents import domain_path, list_domains, read_documents, render_key
-    from polyfuse.evaluate.runner import data_dir
+    from polyfuse.models import data_dir
 
     corpus = data_dir(recipe.corpus.path, recipe.world)
     resolved = resolve_models(recipe)
@@ -517,7 +517,7 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
 
 
 def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bool, progress: bool,
-               overrides: dict[str, Any] | None = None) -> StageResult:
+               overrides: dict[str, Any] | None = None, description: str | None = None) -> StageResult:
     """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM;
     ``overrides`` replace ``train`` settings (``None`` values are ignored)."""
     from polyfuse.fuse.trainer import FusionConfig, train_fusion
@@ -536,13 +536,16 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
     def build(out: Path) -> dict:
         import torch
 
+        from polyfuse.models import resolve_bf16
+
         config = FusionConfig(
             output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
-            warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type="cosine",
-            adam_beta2=0.95, max_grad_norm=1.0, seed=recipe.seed, data_seed=recipe.seed,
-            bf16=bool(opts.bf16), logging_steps=max(1, opts.max_steps // 20), save_strategy="steps",
-            save_steps=max(1, opts.max_steps // 4), save_total_limit=1, report_to=[],
+            warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type=opts.lr_scheduler_type,
+            adam_beta2=opts.adam_beta2, max_grad_norm=opts.max_grad_norm, seed=recipe.seed, data_seed=recipe.seed,
+            bf16=resolve_bf16(opts.bf16), logging_steps=opts.logging_steps or max(1, opts.max_steps // 20),
+            save_strategy="steps", save_steps=opts.save_steps or max(1, opts.max_steps // 4), save_total_limit=1,
+            report_to=[],
             dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
             disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
             distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
@@ -554,7 +557,8 @@ def _train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: b
 
             with np.load(fuse_dir / GROUPS_NAME) as z:
                 groups = z["groups"]
-        result = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups)
+        result = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups,
+                              description=description or f"train {out_dir.name}")
         return {"final_loss": result["metrics"].get("train_loss"), "steps": opts.max_steps}
 
     return run_stage(out_dir, "train", cfg, inputs, build, force=force, resumable=True, collective=True)
@@ -571,7 +575,8 @@ def pairs_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
         fuse_dir = stage_dir(recipe, "pairs", spec.name, "fuse")
         results[f"{spec.name}/fuse"] = _fuse_into(recipe, [spec.name], fuse_dir, force=force, progress=progress)
         results[f"{spec.name}/train"] = _train_run(recipe, fuse_dir, stage_dir(recipe, "pairs", spec.name, "train"),
-                                                   force=force, progress=progress, overrides=recipe.section_dict("pairs"))
+                                                   force=force, progress=progress, overrides=recipe.section_dict("pairs"),
+                                                   description=f"train pair:{spec.name}")
     return results
 
 
@@ -630,7 +635,7 @@ def eval_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
     """
     from polyfuse.evaluate.bpb import evaluate_bpb, load_domain_texts
     from polyfuse.evaluate.results import update_results
-    from polyfuse.evaluate.runner import data_dir, lazy_loaders, resolve_all
+    from polyfuse.models import data_dir, lazy_loaders, resolve_all
 
     opts = recipe.eval
     models = resolve_models(recipe)

@@ -8,7 +8,7 @@ A row is plain text or a chat conversation:
 
 A chat row is rendered to text with **one** chat template, the target tokenizer's
 (``tokenizer.apply_chat_template(messages, tokenize=False)``; a tokenizer without a template gets
-:data:`polyfuse.implicit.train.DEFAULT_CHAT_TEMPLATE`), so every model scores the same text
+:data:`polyfuse.corpus.chat.DEFAULT_CHAT_TEMPLATE`), so every model scores the same text
 (FuseChat). A leading BOS string the template writes is dropped: the context token is the BOS
 already (:mod:`polyfuse.corpus.tokens`). The document keeps the character spans of its
 assistant responses (:mod:`polyfuse.corpus.spans`); a text document has none (every token counts).
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from polyfuse.corpus.chat import DEFAULT_CHAT_TEMPLATE
 from polyfuse.corpus.spans import Spans, locate_responses, normalise_spans
 from polyfuse.errors import DataError
 from polyfuse.workspace import iter_jsonl
@@ -93,8 +94,6 @@ def write_documents(path: Path, docs: Iterable[Document]) -> dict[str, int]:
 
 def chat_template_of(tokenizer: Any) -> str:
     """The template chat rows are rendered with: the tokenizer's own, else polyfuse's default."""
-    from polyfuse.implicit.train import DEFAULT_CHAT_TEMPLATE
-
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one
         template = template.get("default")
@@ -106,8 +105,6 @@ def render_key() -> str:
 
     (The tokenizer's own template is part of the tokenizer files, which stages hash as inputs.)
     """
-    from polyfuse.implicit.train import DEFAULT_CHAT_TEMPLATE
-
     digest = hashlib.sha256(DEFAULT_CHAT_TEMPLATE.encode("utf-8")).hexdigest()[:16]
     return f"v{RENDER_VERSION}:{digest}"
 

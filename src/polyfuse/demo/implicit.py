@@ -221,14 +221,16 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
     from polyfuse.demo.world import build_world
     from polyfuse.evaluate.results import read_results
     from polyfuse.implicit.pipeline import run_implicit
-    from polyfuse.implicit.recipe import load_implicit_recipe
+    from polyfuse.recipe import ImplicitRecipe, load_recipe
 
     started = time.perf_counter()
     build_world(world_dir, preset=preset, seed=seed, budget=budget)
     build_chat_world(world_dir, preset=preset, seed=seed, progress=progress)
     extra = [] if preset == "demo" else _test_overrides()
-    recipe = load_implicit_recipe(implicit_recipe_path(), [f"workdir={out_dir}", f"world={world_dir}",
-                                                          f"seed={seed}", *extra, *(overrides or [])])
+    recipe = load_recipe(implicit_recipe_path(), [f"workdir={out_dir}", f"world={world_dir}",
+                                                  f"seed={seed}", *extra, *(overrides or [])])
+    if not isinstance(recipe, ImplicitRecipe):
+        raise TypeError(f"{implicit_recipe_path()} is not an implicit recipe")
     run_implicit(recipe, progress=progress)
     results = read_results(Path(out_dir) / "results.json")
     acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}

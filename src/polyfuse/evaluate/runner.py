@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from polyfuse.errors import RecipeError
+from polyfuse.models import data_dir, lazy_loaders, resolve_all
 
 
 def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -25,37 +26,6 @@ def parse_model_args(items: Sequence[str]) -> list[tuple[str, str]]:
     if dupes:
         raise RecipeError(f"model name {', '.join(dupes)} given twice; name them explicitly as NAME=REF")
     return pairs
-
-
-def resolve_all(models: Sequence[tuple[str, str, str | None, str | None]], *,
-                world_dir: str | Path) -> list[tuple[str, Any, str | None]]:
-    """Resolve every ``(name, ref, revision, tokenizer)`` up front, so a bad path fails before any work."""
-    from polyfuse.models import resolve_model_ref
-
-    return [(name, resolve_model_ref(ref, world_dir=world_dir, revision=rev), tok)
-            for name, ref, rev, tok in models]
-
-
-def lazy_loaders(resolved: Sequence[tuple[str, Any, str | None]], *, dtype: str = "auto",
-                 device: str = "auto") -> list[tuple[str, Callable[[], Any]]]:
-    """``(name, load)`` pairs; evaluation calls ``load()`` one model at a time. A tokenizer with ids the model
-    has no embedding row for is refused in one line (:meth:`polyfuse.models.VocabFacts.check`)."""
-    from polyfuse.models import load_model, load_tokenizer, vocab_facts
-
-    def make(res, tok):
-        def load():
-            model, tokenizer = load_model(res, dtype=dtype, device=device), load_tokenizer(res, tok)
-            vocab_facts(model, tokenizer).check(str(res))
-            return model, tokenizer
-
-        return load
-
-    return [(name, make(res, tok)) for name, res, tok in resolved]
-
-
-def data_dir(ref: str, world_dir: str | Path) -> str:
-    """``world:corpus`` → ``<world>/corpus``; anything else is a directory path."""
-    return str(Path(world_dir) / ref.removeprefix("world:")) if ref.startswith("world:") else ref
 
 
 def evaluate_refs(models: Sequence[str], *, recipe: str | Path | None = None, data: str = "world:corpus",

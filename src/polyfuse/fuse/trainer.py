@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from polyfuse.corpus.spans import Spans, response_labels
@@ -41,6 +40,7 @@ from polyfuse.corpus.tokens import EncodedBlock
 from polyfuse.errors import DataError
 from polyfuse.fuse.losses import IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
 from polyfuse.fuse.strategies import STRATEGIES
+from polyfuse.trainer_bar import quiet_trainer
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -387,16 +387,6 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-class _LossOnBar(ProgressCallback):
-    """The Trainer's progress bar, with the latest losses as its postfix instead of printed dicts."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer callback API
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k: f"{logs[k]:.3f}" for k in ("loss", "clm_loss", "distill_loss") if k in logs}
-            if shown:
-                self.training_bar.set_postfix(shown, refresh=False)
-
-
 def train_fusion(
     model_path: str | Path,
     train_rows: Sequence[Mapping[str, Any]],
@@ -408,6 +398,7 @@ def train_fusion(
     callbacks: Sequence[TrainerCallback] = (),
     keep_checkpoints: bool = False,
     teacher_groups: np.ndarray | None = None,
+    description: str = "train",
 ) -> dict[str, Any]:
     """Train the model at ``model_path`` on ``train_rows`` and save model + tokenizer to ``out_dir``.
 
@@ -416,6 +407,7 @@ def train_fusion(
     is the dtype the weights are loaded in (mixed precision comes from ``config.bf16``/``fp16``). The
     checkpoints are deleted once training has finished and the model is saved, unless ``keep_checkpoints``.
     ``teacher_groups`` [M, V]: the fused entries are grouped (:func:`polyfuse.fuse.losses.grouped_log_probs`).
+    ``description`` names the progress bar (:func:`polyfuse.trainer_bar.quiet_trainer`; none with ``disable_tqdm``).
 
     Returns ``{"metrics", "log_history", "global_step", "resumed_from", "out_dir"}``.
     """
@@ -439,9 +431,7 @@ def train_fusion(
         callbacks=list(callbacks) or None,
         teacher_groups=teacher_groups,
     )
-    if not args.disable_tqdm:  # the loss goes on the bar, not as a printed dict per logging step
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_LossOnBar())
+    quiet_trainer(trainer, description, keys=("loss", "clm_loss", "distill_loss"), progress=not args.disable_tqdm)
     checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
     result = trainer.train(resume_from_checkpoint=True if checkpoint else None)
     trainer.save_model(str(out))

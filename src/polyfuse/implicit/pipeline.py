@@ -26,7 +26,7 @@ from typing import Any
 
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
-from polyfuse.implicit.recipe import ImplicitRecipe, SamplingOverrides, _TrainSection
+from polyfuse.recipe.implicit import ImplicitRecipe, SamplingOverrides, TrainingSection
 from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, run_stage
 
 __all__ = ["IMPLICIT_STAGES", "STAGE_FUNCTIONS", "accuracy_stage", "build_stage", "dpo_stage", "eval_prompts_path",
@@ -189,7 +189,7 @@ def build_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool =
     return run_stage(_dir(recipe, "build"), "build", cfg, {"score": scored}, build, force=force)
 
 
-def _train(recipe: ImplicitRecipe, stage: str, section: _TrainSection, base: str, data: Path,
+def _train(recipe: ImplicitRecipe, stage: str, section: TrainingSection, base: str, data: Path,
            extra_cfg: Mapping[str, Any], inputs: Mapping[str, Any], *, force: bool, progress: bool) -> StageResult:
     from polyfuse.implicit import train
 

@@ -8,7 +8,7 @@ one JSONL record per response::
 
 * **Per source**: its own sampling parameters (:class:`SamplingParams`: ``n``, temperature, top-p,
   repetition penalty, max new tokens) and its own chat template -- the tokenizer's, else the one given in
-  :class:`SourceSpec`, else :data:`polyfuse.implicit.train.DEFAULT_CHAT_TEMPLATE` (the template the
+  :class:`SourceSpec`, else :data:`polyfuse.corpus.chat.DEFAULT_CHAT_TEMPLATE` (the template the
   ``sft`` stage trains with, so a trained target samples in its own format).
 * **Backends**: ``hf`` (default): batched ``generate`` with left padding, ``num_return_sequences=n``;
   ``vllm`` (optional, GPU): :class:`VLLMBackend`, a small adapter over ``vllm.LLM.chat``. The vLLM path is
@@ -114,7 +114,7 @@ def batch_seed(seed: int, source: str, batch_index: int) -> int:
 
 
 def _tokenizer_with_template(location: str, revision: str | None, template: str | None) -> Any:
-    from polyfuse.implicit.train import ensure_chat_template
+    from polyfuse.corpus.chat import ensure_chat_template
     from polyfuse.models import load_tokenizer, resolve_model_ref
 
     resolved = resolve_model_ref(location, revision=revision, kind="tokenizer")

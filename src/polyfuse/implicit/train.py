@@ -18,7 +18,7 @@ directory, ``world:NAME`` or a hub id already in the local cache), a JSONL file 
   tokenizer are saved to ``output_dir`` (checkpoints removed unless ``keep_checkpoints``) with
   ``train_result.json``. Wrap the call in ``workspace.run_stage(..., resumable=True)`` for an atomic stage
   directory: it hands the same persistent work directory to a rerun.
-* **Chat template**: tokenizers without one get :data:`DEFAULT_CHAT_TEMPLATE` (see
+* **Chat template**: tokenizers without one get :data:`polyfuse.corpus.chat.DEFAULT_CHAT_TEMPLATE` (see
   :func:`ensure_chat_template`), which is saved with the trained model, so sampling and evaluation of the
   result use the same format.
 """
@@ -36,64 +36,19 @@ from typing import Any, Literal
 
 import torch
 
+from polyfuse.corpus.chat import ensure_chat_template
 from polyfuse.errors import DataError, PolyfuseError
-from polyfuse.models import load_tokenizer, resolve_model_ref
+from polyfuse.models import load_tokenizer, resolve_bf16, resolve_model_ref
+from polyfuse.trainer_bar import quiet_trainer
 from polyfuse.workspace import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "DPOTrainConfig", "SFTTrainConfig", "WRPOTrainConfig", "ensure_chat_template",
-           "read_jsonl_rows", "run_dpo", "run_sft", "run_wrpo", "stage_runner"]
-
-#: The chat template polyfuse sets on a tokenizer that has none. Plain text, no new tokens (so no
-#: embedding resize), the tokenizer's own ``eos_token`` after each answer so the model learns to stop, and
-#: ``{% generation %}`` markers so TRL can train on the assistant tokens only::
-#:
-#:     ### System:\n{system}\n\n### User:\n{question}\n\n### Assistant:\n{answer}<eos>
-#:
-#: With ``add_generation_prompt`` the prompt ends in ``"### Assistant:\n"``; the answer follows the newline,
-#: which byte-level and metaspace tokenizers keep as a token boundary.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if not loop.first %}{{ '\n\n' }}{% endif -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '### Assistant:\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
-    "{%- else -%}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '\n\n### Assistant:\n' }}{%- endif -%}"
-)
+__all__ = ["DPOTrainConfig", "SFTTrainConfig", "WRPOTrainConfig", "read_jsonl_rows", "run_dpo", "run_sft", "run_wrpo", "stage_runner"]
 
 LOSSES = ("sigmoid", "sigmoid_norm")
 #: FuseChat-3.0's DPO beta per loss: 0.01 without length normalisation (Qwen, Gemma), 10 with (Llama).
 DEFAULT_BETA = {"sigmoid": 0.01, "sigmoid_norm": 10.0}
-
-
-def ensure_chat_template(tokenizer: Any, template: str | None = None) -> bool:
-    """Give ``tokenizer`` a chat template: ``template`` if given (Jinja text or a ``.jinja`` file path), else
-    :data:`DEFAULT_CHAT_TEMPLATE` when it has none. Also sets ``pad_token`` to ``eos_token`` if unset.
-
-    Returns whether the template was changed.
-    """
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if template is not None:
-        path = Path(template)
-        if template.endswith((".jinja", ".j2")):
-            if not path.is_file():
-                raise PolyfuseError(f"chat template file {template!r} does not exist; give a .jinja path or the "
-                                    "template text")
-            template = path.read_text(encoding="utf-8")
-        tokenizer.chat_template = template
-        return True
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    if tokenizer.eos_token is None:
-        raise PolyfuseError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template and no "
-                            "eos_token; set chat_template (Jinja text or a .jinja file) in the training config")
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,13 +149,6 @@ def _dataset(rows: list[dict[str, Any]], keep: Sequence[str]) -> Any:
     return Dataset.from_list([{k: r[k] for k in keep} for r in rows])
 
 
-def _use_bf16(flag: bool | None) -> bool:
-    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if flag and not cuda_bf16:
-        raise PolyfuseError("bf16=true needs a CUDA device with bf16 support; leave bf16 unset (auto) on CPU")
-    return cuda_bf16 if flag is None else flag
-
-
 def _peft_config(cfg: SFTTrainConfig) -> Any:
     if cfg.lora_r <= 0:
         return None
@@ -231,7 +179,7 @@ def _common_args(cfg: SFTTrainConfig, output_dir: Path) -> dict[str, Any]:
         "save_steps": cfg.save_steps,
         "save_total_limit": cfg.save_total_limit,
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "bf16": _use_bf16(cfg.bf16),
+        "bf16": resolve_bf16(cfg.bf16),
         "fp16": False,
         "report_to": "none",
         "dataloader_pin_memory": torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
@@ -277,8 +225,10 @@ def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, star
     last = get_last_checkpoint(str(output_dir)) if cfg.resume and output_dir.is_dir() else None
     if last:
         log.info("%s: resuming from %s", stage, last)
+    quiet_trainer(trainer, stage, progress=not cfg.extra.get("disable_tqdm", False))
     result = trainer.train(resume_from_checkpoint=last)
     _save_final(trainer, cfg, output_dir)
+    trainer.save_state()  # trainer_state.json: the logged values (log_history) next to the model
     if not cfg.keep_checkpoints:
         for ckpt in output_dir.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The implicit-fusion recipe (``mode: implicit``, FuseChat-3.0 / WRPO) as pydantic models.
 
-Same conventions as :mod:`polyfuse.recipe` (strict types, unknown keys are errors, help text on every field,
+Same conventions as :mod:`polyfuse.recipe.explicit` (strict types, unknown keys are errors, help text on every field,
 one-line errors naming the file and dotted key). A recipe::
 
     mode: implicit
@@ -23,26 +23,16 @@ Stages, in order: ``sample``, ``score``, ``build``, ``sft``, ``dpo``, ``wrpo``, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from polyfuse.errors import RecipeError
-from polyfuse.recipe import (
-    ModelSpec,
-    RecipeBase,
-    Section,
-    TargetSpec,
-    apply_overrides,
-    format_validation_error,
-)
+from polyfuse.recipe.base import ModelSpec, RecipeBase, Section, TargetSpec
 
-__all__ = ["AccuracySection", "BuildSection", "DPOSection", "ImplicitModelSpec", "ImplicitRecipe",
+__all__ = ["AccuracySection", "BuildSection", "CurvesSection", "DPOSection", "ImplicitModelSpec", "ImplicitRecipe",
            "ImplicitTargetSpec", "PromptsSection", "SampleSection", "SamplingOverrides", "ScoreSection",
-           "SFTSection", "WRPOSection", "load_implicit_recipe", "parse_implicit_recipe"]
+           "SFTSection", "TrainingSection", "WRPOSection"]
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:\d+)$"
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -146,7 +136,7 @@ class BuildSection(Section):
         return value
 
 
-class _TrainSection(Section):
+class TrainingSection(Section):
     """Settings every training stage shares (null learning_rate: the stage's published default)."""
 
     enabled: bool = Field(True, description="run this stage")
@@ -175,11 +165,11 @@ class _TrainSection(Section):
         return data
 
 
-class SFTSection(_TrainSection):
+class SFTSection(TrainingSection):
     """Supervised fine-tuning of the target on the best responses (TRL SFTTrainer)."""
 
 
-class DPOSection(_TrainSection):
+class DPOSection(TrainingSection):
     """DPO of the SFT model on same-source pairs (TRL DPOTrainer)."""
 
     loss: Literal["sigmoid", "sigmoid_norm"] = Field(
@@ -189,7 +179,7 @@ class DPOSection(_TrainSection):
                                                      "(RPO, 0 is plain DPO)")
 
 
-class WRPOSection(_TrainSection):
+class WRPOSection(TrainingSection):
     """WRPO of the SFT model: chosen = [source answer, target answer], alpha ramped from 0 to alpha_max."""
 
     alpha_max: float = Field(0.1, ge=0, le=1, description="final weight of the source answer in the chosen reward")
@@ -238,31 +228,3 @@ class ImplicitRecipe(RecipeBase):
         if exclude_defaults:
             data = {"mode": "implicit", **data}
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-
-
-def parse_implicit_recipe(data: Mapping[str, Any], overrides: Sequence[str] = (), *,
-                          source: str = "recipe") -> ImplicitRecipe:
-    """Validate an already-loaded mapping (plus ``key=value`` overrides); ``source`` names it in errors."""
-    merged = apply_overrides(data, overrides)
-    try:
-        return ImplicitRecipe.model_validate(merged)
-    except ValidationError as err:
-        notes = {item.split("=", 1)[0].lstrip("~").strip(): item for item in overrides}
-        raise RecipeError(format_validation_error(err, source, ImplicitRecipe, overridden=notes)) from None
-
-
-def load_implicit_recipe(path: str | Path, overrides: Sequence[str] = ()) -> ImplicitRecipe:
-    """Read an implicit recipe YAML, apply overrides (they win) and validate it (RecipeError, one line)."""
-    # the house YAML loader: duplicate keys are errors, 1e-5 is a float
-    from polyfuse.recipe import _yaml_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found, check the path")
-    try:
-        data = _yaml_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the recipe must be a mapping of keys ({', '.join(ImplicitRecipe.model_fields)})")
-    return parse_implicit_recipe(data, overrides, source=str(path))
