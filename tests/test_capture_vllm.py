@@ -357,8 +357,9 @@ def test_real_vllm_matches_hf_on_the_tiny_target(target, blocks, tmp_path: Path)
 
 def test_pipeline_capture_stage_with_vllm(fake_vllm, tiny_world: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from polyfuse.pipeline import capture_stage, run_recipe, stage_dir
     from polyfuse.recipe import parse_recipe
+    from polyfuse.stages import run_recipe, stage_dir
+    from polyfuse.stages.teachers import capture_stage
 
     def recipe(workdir: Path, backend: str):
         return parse_recipe({

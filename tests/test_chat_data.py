@@ -261,8 +261,9 @@ def chat_corpus(root: Path) -> Path:
 
 
 def test_chat_recipe_end_to_end(tmp_path, tiny_world, target_tok):
-    from polyfuse.pipeline import _train_rows, run_recipe, stage_dir
     from polyfuse.recipe import parse_recipe
+    from polyfuse.stages import run_recipe, stage_dir
+    from polyfuse.stages.fusion import _train_rows
 
     data = {"workdir": str(tmp_path / "run"), "world": str(tiny_world),
             "target": {"model": "world:target"},

@@ -246,8 +246,9 @@ def chat_target(tiny_world: Path, root: Path) -> Path:
 
 def test_chatml_recipe_end_to_end(tmp_path, tiny_world):
     from polyfuse.fuse.trainer import FusionCollator
-    from polyfuse.pipeline import _train_rows, run_recipe, stage_dir
     from polyfuse.recipe import parse_recipe
+    from polyfuse.stages import run_recipe, stage_dir
+    from polyfuse.stages.fusion import _train_rows
 
     model_dir = chat_target(tiny_world, tmp_path / "chat-target")
     tok = load_tokenizer(str(model_dir))

@@ -132,7 +132,7 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
 def test_grouped_projection_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
     """vocab.method=groups with a sampled tail: the fused entries carry their teacher, training reads the groups."""
     from polyfuse.capture.store import StoreReader
-    from polyfuse.pipeline import GROUPS_NAME
+    from polyfuse.stages.fusion import GROUPS_NAME
 
     path = _recipe(tmp_path, tiny_world)
     small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",

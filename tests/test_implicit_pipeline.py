@@ -12,8 +12,9 @@ import pytest
 
 from polyfuse.demo.implicit import build_chat_world, implicit_recipe_path, run_implicit_demo
 from polyfuse.errors import DataError, RecipeError
-from polyfuse.implicit import pipeline
 from polyfuse.recipe import ImplicitRecipe, Recipe, Section, load_recipe, parse_recipe
+from polyfuse.stages import implicit as implicit_stages
+from polyfuse.stages import run_recipe
 
 TASKS = {"first", "last", "count"}
 
@@ -133,7 +134,7 @@ def test_learning_curves_do_not_change_the_trained_model(demo: tuple[Path, dict]
     out, _ = demo
     for stage in ("sample", "score", "build"):
         shutil.copytree(out / stage, tmp_path / stage)
-    pipeline.run_implicit(recipe_for(world, tmp_path, "curves.points=0"), only=["sft"], progress=False)
+    run_recipe(recipe_for(world, tmp_path, "curves.points=0"), only=["sft"], progress=False)
     assert not (tmp_path / "sft" / "curve.json").exists()
     assert (tmp_path / "sft" / "model.safetensors").read_bytes() == (out / "sft" / "model.safetensors").read_bytes()
 
@@ -141,12 +142,12 @@ def test_learning_curves_do_not_change_the_trained_model(demo: tuple[Path, dict]
 def test_rerun_skips_and_a_changed_setting_reruns_only_what_depends_on_it(demo: tuple[Path, dict],
                                                                          world: Path) -> None:
     out, _ = demo
-    again = pipeline.run_implicit(recipe_for(world, out), progress=False)
+    again = run_recipe(recipe_for(world, out), progress=False)
     assert again and all(r.skipped for r in again.values())
-    changed = pipeline.run_implicit(recipe_for(world, out, "dpo.beta=0.2"), progress=False)
+    changed = run_recipe(recipe_for(world, out, "dpo.beta=0.2"), progress=False)
     rerun = sorted(k for k, r in changed.items() if not r.skipped)
     assert rerun == ["accuracy/target+sft+dpo", "dpo"]
-    back = pipeline.run_implicit(recipe_for(world, out), only=["dpo", "accuracy"], progress=False)
+    back = run_recipe(recipe_for(world, out), only=["dpo", "accuracy"], progress=False)
     assert sorted(k for k, r in back.items() if not r.skipped) == ["accuracy/target+sft+dpo", "dpo"]
 
 
@@ -166,35 +167,35 @@ def test_sample_stage_resumes_after_a_failure(world: Path, demo: tuple[Path, dic
     monkeypatch.setattr(HFBackend, "generate", failing)
     recipe = recipe_for(world, tmp_path / "run", "sample.batch_size=8")
     with pytest.raises(RuntimeError, match="killed"):
-        pipeline.sample_stage(recipe, progress=False)
+        implicit_stages.sample_stage(recipe, progress=False)
     assert not (tmp_path / "run" / "sample" / "manifest.json").exists()
     calls.clear()
     monkeypatch.setattr(HFBackend, "generate", lambda self, p, q, s: (calls.append(s), original(self, p, q, s))[1])
-    result = pipeline.sample_stage(recipe, progress=False)
+    result = implicit_stages.sample_stage(recipe, progress=False)
     assert len(calls) == 4 * 3 - 5 and result.manifest.outputs["batches_skipped"] == 5
     # the same bytes as the demo's uninterrupted run (same seed and prompts; batch size is part of the seed
     # schedule, so compare against a fresh uninterrupted run with batch size 8)
-    fresh = pipeline.sample_stage(recipe_for(world, tmp_path / "fresh", "sample.batch_size=8"), progress=False)
+    fresh = implicit_stages.sample_stage(recipe_for(world, tmp_path / "fresh", "sample.batch_size=8"), progress=False)
     assert (result.path / "samples.jsonl").read_text() == (fresh.path / "samples.jsonl").read_text()
 
 
 def test_verifier_rewards_need_a_verdict() -> None:
     rows = [{"prompt_id": "a", "correct": True}, {"prompt_id": "b", "correct": False}]
-    pipeline._verifier_rewards(rows)
+    implicit_stages._verifier_rewards(rows)
     assert [r["reward"] for r in rows] == [1.0, 0.0]
     with pytest.raises(DataError, match="'c'.*score.reward_model"):
-        pipeline._verifier_rewards([{"prompt_id": "c", "correct": None}])
+        implicit_stages._verifier_rewards([{"prompt_id": "c", "correct": None}])
 
 
 def test_missing_inputs_name_the_stage_to_run(world: Path, tmp_path: Path) -> None:
     recipe = recipe_for(world, tmp_path / "empty")
     with pytest.raises(DataError, match="polyfuse sample"):
-        pipeline.score_stage(recipe, progress=False)
+        implicit_stages.score_stage(recipe, progress=False)
     with pytest.raises(RecipeError, match="unknown stage merge"):
-        pipeline.run_implicit(recipe, only=["merge"])
+        run_recipe(recipe, only=["merge"])
     bad = recipe_for(tmp_path, tmp_path / "x")  # a world without tasks
     with pytest.raises(DataError, match="tiny-world tasks"):
-        pipeline.sample_stage(bad, progress=False)
+        implicit_stages.sample_stage(bad, progress=False)
 
 
 def test_recipe_validation_and_help_texts() -> None:

@@ -194,7 +194,7 @@ def test_oversized_document_is_skipped_not_the_domain(tmp_path: Path, tiny_world
 
 def test_blocks_built_under_older_rules_are_rebuilt(tmp_path: Path, tiny_world: Path) -> None:
     """Blocks from before the oversized-document rule stayed current: the rules' version is in the config."""
-    from polyfuse import pipeline
+    from polyfuse.stages import common as stages_common
 
     small = [{"id": f"d{i}", "text": f"Document {i} is short and plain. " * 8} for i in range(20)]
     huge = {"id": "huge", "text": "word " * 20_000}
@@ -202,7 +202,7 @@ def test_blocks_built_under_older_rules_are_rebuilt(tmp_path: Path, tiny_world: 
     manifest = tmp_path / "run" / "blocks" / "manifest.json"
     assert main(["blocks", str(recipe)]) == 0
     data = json.loads(manifest.read_text())
-    assert data["config"]["rules"] == pipeline.BLOCKS_RULES
+    assert data["config"]["rules"] == stages_common.BLOCKS_RULES
     data["config"].pop("rules")                                  # what a build before the rules' version wrote
     manifest.write_text(json.dumps(data))
     before = manifest.stat().st_mtime_ns

@@ -167,8 +167,8 @@ def run(
     """Run every stale stage of a recipe."""
     import contextlib
 
-    from polyfuse.pipeline import run_recipe
     from polyfuse.recipe import load_recipe
+    from polyfuse.stages import run_recipe
     from polyfuse.workspace import full_verification
 
     r = load_recipe(recipe, overrides or [])
@@ -186,8 +186,8 @@ def _stage_command(stage: str, doc: str) -> None:
         overrides: Overrides = None,
         force: Annotated[bool, typer.Option(help="rerun even when the manifest is current")] = False,
     ) -> None:
-        from polyfuse.pipeline import run_recipe
         from polyfuse.recipe import load_recipe
+        from polyfuse.stages import run_recipe
 
         _print_stage_results(run_recipe(load_recipe(recipe, overrides or []), only=[stage], force=force))
 
@@ -195,6 +195,7 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(stage)(command)
 
 
+# one command per stage of every mode (merge, eval and accuracy run through polyfuse run --only)
 for _stage, _doc in {
     "blocks": "Split the fusion corpus into blocks that fit every tokenizer.",
     "capture": "Capture every model's top-k next-token log-probs over the blocks (resumable).",
@@ -203,6 +204,12 @@ for _stage, _doc in {
     "fuse": "Fuse the target's and the aligned sources' distributions (MinCE, AvgCE).",
     "train": "Continually train the target: fused, and the plain-CLM baseline on identical data.",
     "pairs": "FuseChat: fuse the target with each source alone and train one target per source.",
+    "sample": "Sample N responses per prompt from every source and the target (resumable).",
+    "score": "Score the samples: reward model or verifier verdict, maths answers, sandboxed code tests.",
+    "build": "Build SFT, DPO and WRPO data by the FuseChat-3.0 rules and print the statistics.",
+    "sft": "Fine-tune the target on the best responses (target+sft).",
+    "dpo": "DPO or length-normalised DPO of the SFT model (target+sft+dpo).",
+    "wrpo": "WRPO of the SFT model: the best source and target answers against the worst (target+sft+wrpo).",
 }.items():
     _stage_command(_stage, _doc)
 
@@ -213,8 +220,8 @@ def check(
     overrides: Overrides = None,
 ) -> None:
     """Validate a recipe (all problems at once), resolve its models and print it, without running anything."""
-    from polyfuse.pipeline import resolve_models
     from polyfuse.recipe import load_recipe
+    from polyfuse.stages import resolve_models
 
     r = load_recipe(recipe, overrides or [])
     for name, res, _ in resolve_models(r):
@@ -312,15 +319,6 @@ def report(
     out.print(f"report: {page}\n        {md}")
 
 
-for _stage, _doc in {
-    "sample": "Sample N responses per prompt from every source and the target (resumable).",
-    "score": "Score the samples: reward model or verifier verdict, maths answers, sandboxed code tests.",
-    "build": "Build SFT, DPO and WRPO data by the FuseChat-3.0 rules and print the statistics.",
-    "sft": "Fine-tune the target on the best responses (target+sft).",
-    "dpo": "DPO or length-normalised DPO of the SFT model (target+sft+dpo).",
-    "wrpo": "WRPO of the SFT model: the best source and target answers against the worst (target+sft+wrpo).",
-}.items():
-    _stage_command(_stage, _doc)
 
 
 _STORAGE_ERRORS = {

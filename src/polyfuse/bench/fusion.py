@@ -299,8 +299,8 @@ def _fused_rows(world: Path, workdir: Path, max_bytes: int) -> tuple[list[dict],
     from polyfuse.corpus.blocks import read_blocks
     from polyfuse.corpus.tokens import encode_blocks
     from polyfuse.models import load_tokenizer
-    from polyfuse.pipeline import run_recipe, stage_dir
     from polyfuse.recipe import load_recipe
+    from polyfuse.stages import run_recipe, stage_dir
 
     recipe_file = resources.files("polyfuse.demo") / "recipes" / "tiny.yaml"
     with resources.as_file(recipe_file) as path:

@@ -89,8 +89,8 @@ def _base() -> dict[str, Any]:
 
 def _run(data: dict[str, Any], overrides: Sequence[str], rows: Sequence[str]) -> dict[str, dict[str, float]]:
     """Run a recipe (every stale stage) and return the bits per byte of ``rows`` (name -> domain -> bpb)."""
-    from polyfuse.pipeline import run_recipe
     from polyfuse.recipe import parse_recipe
+    from polyfuse.stages import run_recipe
 
     recipe = parse_recipe(data, overrides, source="bench transfer")
     run_recipe(recipe, progress=False)

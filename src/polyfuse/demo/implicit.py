@@ -220,8 +220,8 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
     """
     from polyfuse.demo.world import build_world
     from polyfuse.evaluate.results import read_results
-    from polyfuse.implicit.pipeline import run_implicit
     from polyfuse.recipe import ImplicitRecipe, load_recipe
+    from polyfuse.stages import run_recipe
 
     started = time.perf_counter()
     build_world(world_dir, preset=preset, seed=seed, budget=budget)
@@ -231,7 +231,7 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
                                                   f"seed={seed}", *extra, *(overrides or [])])
     if not isinstance(recipe, ImplicitRecipe):
         raise TypeError(f"{implicit_recipe_path()} is not an implicit recipe")
-    run_implicit(recipe, progress=progress)
+    run_recipe(recipe, progress=progress)
     results = read_results(Path(out_dir) / "results.json")
     acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}
     checks = chat_world_checks(acc, recipe.target.name) + transfer_checks(results, recipe.target.name)

@@ -6,8 +6,8 @@ from importlib.resources import files
 from pathlib import Path
 
 from polyfuse.evaluate.results import read_results
-from polyfuse.pipeline import run_recipe
 from polyfuse.recipe import load_recipe
+from polyfuse.stages import run_recipe
 
 
 def demo_recipe_path() -> Path:

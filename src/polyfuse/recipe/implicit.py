@@ -18,7 +18,7 @@ one-line errors naming the file and dotted key). A recipe::
     wrpo: {alpha_max: 0.1, beta: 0.01}
 
 Stages, in order: ``sample``, ``score``, ``build``, ``sft``, ``dpo``, ``wrpo``, ``accuracy``
-(:mod:`polyfuse.implicit.pipeline`).
+(:mod:`polyfuse.stages.implicit`).
 """
 
 from __future__ import annotations

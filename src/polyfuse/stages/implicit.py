@@ -1,4 +1,4 @@
-"""The implicit-fusion stages (FuseChat-3.0 / WRPO) and :func:`run_implicit`, which runs the stale ones.
+"""The implicit-fusion stages (FuseChat-3.0 / WRPO); :func:`polyfuse.stages.run_recipe` runs the stale ones.
 
 Each stage is one :func:`polyfuse.workspace.run_stage` call (manifest, skipped when current)::
 
@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
 from polyfuse.recipe.implicit import ImplicitRecipe, SamplingOverrides, TrainingSection
-from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, run_stage
+from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
 
-__all__ = ["IMPLICIT_STAGES", "STAGE_FUNCTIONS", "accuracy_stage", "build_stage", "dpo_stage", "eval_prompts_path",
-           "prompts_path", "row_models", "run_implicit", "sample_stage", "score_stage",
-           "sft_stage", "wrpo_stage"]
+__all__ = ["accuracy_stage", "build_stage", "dpo_stage", "eval_prompts_path", "prompts_path", "row_models",
+           "sample_stage", "score_stage", "sft_stage", "wrpo_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -299,46 +298,10 @@ def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: boo
 
         res = run_stage(_dir(recipe, "accuracy", row), "accuracy", cfg, {"eval": held, "model": location}, build,
                         force=force)
-        update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
-                       meta={"target": recipe.target.name,
-                             "accuracy": {"prompts": str(held), "decoding": "greedy",
-                                          "n_prompts": res.manifest.outputs["prompts"]}})
+        if current_ranks().main:
+            update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
+                           meta={"target": recipe.target.name,
+                                 "accuracy": {"prompts": str(held), "decoding": "greedy",
+                                              "n_prompts": res.manifest.outputs["prompts"]}})
         results[row] = res
     return results
-
-
-# --------------------------------------------------------------------------------------------------
-# runner
-
-
-STAGE_FUNCTIONS: dict[str, Callable[..., StageResult | dict[str, StageResult]]] = {
-    "sample": sample_stage,
-    "score": score_stage,
-    "build": build_stage,
-    "sft": sft_stage,
-    "dpo": dpo_stage,
-    "wrpo": wrpo_stage,
-    "accuracy": accuracy_stage,
-}
-IMPLICIT_STAGES: tuple[str, ...] = tuple(STAGE_FUNCTIONS)
-"""The stages of ``mode: implicit``, in the order ``polyfuse run`` runs them."""
-
-
-def run_implicit(recipe: ImplicitRecipe, *, only: Sequence[str] | None = None, force: bool = False,
-                 progress: bool = True) -> dict[str, StageResult]:
-    """Run every stage of an implicit recipe (or ``only`` these, in pipeline order), skipping current ones.
-
-    Returns every artifact's result keyed ``stage`` or ``stage/<row>``; a disabled stage gives nothing.
-    """
-    names = list(only) if only else list(IMPLICIT_STAGES)
-    unknown = [n for n in names if n not in STAGE_FUNCTIONS]
-    if unknown:
-        raise RecipeError(f"unknown stage {', '.join(unknown)}; implicit stages: {', '.join(IMPLICIT_STAGES)}")
-    out: dict[str, StageResult] = {}
-    for name in [n for n in IMPLICIT_STAGES if n in names]:
-        result = STAGE_FUNCTIONS[name](recipe, force=force, progress=progress)
-        if isinstance(result, dict):
-            out.update({f"{name}/{part}": res for part, res in result.items()})
-        else:
-            out[name] = result
-    return out

@@ -1,0 +1,284 @@
+"""Fusing the aligned teachers per position (MinCE, AvgCE, ...) and the continual training of the target on
+``w·CLM + (1−w)·distill``, beside the plain-CLM baseline on the same blocks and steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from polyfuse.errors import DataError
+from polyfuse.recipe import Recipe
+from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
+from polyfuse.workspace import (
+    StageResult,
+    atomic_write_bytes,
+    run_stage,
+)
+
+
+def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None, source_nll: list | None = None) -> list:
+    """Fusion's teachers at the target's positions: the fallback (if any), the target, then each source.
+
+    Positions that some source reaches are fused from the target (``fuse.include_target``, FuseLLM's
+    teacher 0) and the sources. Positions no source reaches learn from ``fuse.fallback``: the target's
+    own distribution (``target``; it is the target's row itself when the target is a teacher), a
+    one-hot on the next token (``label``, FuseLLM's fallback) or nothing (``none``; only without the
+    target, which otherwise covers every position). A fallback that
+    is not the target is teacher 0 and never valid: the strategies use teacher 0 exactly where no
+    teacher has a usable prediction (:mod:`polyfuse.fuse.strategies`). ``next_ids`` [P]: the
+    target's next tokens (the ``label`` fallback). ``source_nll`` [P] per source: what each is scored by
+    at token level instead of its aligned ``target_logprob`` (``fuse.criterion: span``), where it has one.
+    """
+    import numpy as np
+
+    from polyfuse.fuse.strategies import TeacherBlock
+
+    def teacher(row, valid, seq_nll=None, nll=None):
+        own = -row.target_logprob.astype(np.float64)
+        nll = own if nll is None else np.where(np.isnan(own) | np.isnan(nll), own, nll)
+        return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid,
+                            row.nll_sum if seq_nll is None else seq_nll)
+
+    p = target_row.n_positions
+    opts = recipe.fuse
+    scores = source_nll if source_nll is not None else [None] * len(aligned_rows)
+    sources = [teacher(row, ~np.isnan(row.target_logprob), nll=nll) for row, nll in zip(aligned_rows, scores, strict=True)]
+    covered = np.any([t.valid for t in sources], axis=0) if sources else np.zeros(p, dtype=bool)
+    out = []
+    if opts.fallback == "label":
+        out.append(TeacherBlock(np.asarray(next_ids, dtype=np.int64)[:, None], np.zeros((p, 1), np.float32),
+                                np.full(p, np.nan), np.zeros(p, dtype=bool), float("nan")))
+    elif opts.fallback == "target" and not opts.include_target:  # NaN sequence NLL: never chosen for a block
+        out.append(teacher(target_row, np.zeros(p, dtype=bool), float("nan")))
+    if opts.include_target:
+        out.append(teacher(target_row, covered if opts.fallback == "label" else np.ones(p, dtype=bool)))
+    return out + sources
+
+
+def _n_teacher0(recipe: Recipe) -> int:
+    """How many teachers come before the sources (the fallback and/or the target)."""
+    opts = recipe.fuse
+    fallback = opts.fallback == "label" or (opts.fallback == "target" and not opts.include_target)
+    return int(fallback) + int(opts.include_target)
+
+
+def _teacher_names(recipe: Recipe, names: list[str]) -> list[str]:
+    """Fusion's teacher names, in :func:`_teachers` order (a label fallback is ``label``)."""
+    opts, target = recipe.fuse, recipe.target.name
+    lead = {0: [], 1: ["label" if opts.fallback == "label" and not opts.include_target else target],
+            2: ["label", target]}[_n_teacher0(recipe)]
+    return lead + names
+
+
+def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
+    """Fused next-token distributions at the target's positions (MinCE, AvgCE, ...)."""
+    return fuse_into(recipe, [s.name for s in recipe.sources], stage_dir(recipe, "fuse"), force=force,
+                      progress=progress)
+
+
+def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, progress: bool) -> StageResult:
+    """Fuse the target (when ``fuse.include_target``) with the aligned sources ``names`` into ``out_dir``."""
+    from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
+    from polyfuse.fuse.strategies import fuse_block, tag_teacher
+    from polyfuse.progress import progress_bar
+
+    opts = recipe.fuse
+    target = recipe.target.name
+    cfg = {"fuse": recipe.section_dict("fuse"), "store_format": FORMAT_VERSION, "sources": names}
+    span = opts.criterion == "span" and opts.level == "token"
+    inputs = {"target_capture": stage_dir(recipe, "capture", target),
+              **{f"align:{n}": stage_dir(recipe, "align", n) for n in names},
+              **{f"vocab:{n}": stage_dir(recipe, "vocab", n) for n in names},
+              **({f"capture:{n}": stage_dir(recipe, "capture", n) for n in names} if span else {})}
+
+    def build(out: Path) -> dict:
+        blocks = recipe_blocks(recipe)
+        own = StoreReader(stage_dir(recipe, "capture", target))
+        aligned = [StoreReader(stage_dir(recipe, "align", n)) for n in names]
+        n_tgt = own.meta.get("vocab_size", 0) or own.meta["tokenizer_len"]
+        groups = _teacher_groups(recipe, names, n_tgt)
+        next_ids = None
+        if opts.fallback == "label" or span:  # only these need the tokenizers
+            from polyfuse.corpus.tokens import encode_blocks
+
+            toks = tokenizers(recipe)
+            texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+            encoded = encode_blocks(toks[target], texts, chat)
+            next_ids = {b.block_id: e.ids[1:] for b, e in zip(blocks, encoded, strict=True)}
+        source_nll = None
+        if span:  # each source's NLL of the text of the target's next token, per block
+            from polyfuse.align.transfer import span_nll
+
+            source_nll = {b.block_id: [] for b in blocks}
+            for n in names:
+                raw = StoreReader(stage_dir(recipe, "capture", n))
+                for b, src, tgt in zip(blocks, encode_blocks(toks[n], texts, chat), encoded, strict=True):
+                    source_nll[b.block_id].append(span_nll(raw[b.block_id], src, tgt))
+        widths = [r.k for r in [own] * _n_teacher0(recipe) + aligned]
+        # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
+        k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
+        if groups is not None:  # entries carry their teacher: id = teacher * n_tgt + target id
+            atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
+        writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
+                             meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
+                                   "teachers": _teacher_names(recipe, names),
+                                   "temperature": own.temperature})
+        stats, by_domain = None, {}
+        shard = recipe.capture.shard_size
+        with progress_bar(f"fuse ({opts.strategy}, {opts.level})", len(blocks), progress) as advance:
+            for start in range(0, len(blocks), shard):
+                rows = []
+                for b in blocks[start:start + shard]:
+                    t_row = own[b.block_id]
+                    teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned],
+                                         next_ids[b.block_id] if opts.fallback == "label" else None,
+                                         source_nll[b.block_id] if source_nll is not None else None)
+                    if groups is not None:
+                        teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
+                    fused = fuse_block(teachers,
+                                       strategy=opts.strategy, level=opts.level, k_out=k_out,
+                                       n_bytes=b.metric_bytes)
+                    stats = fused.stats if stats is None else stats + fused.stats
+                    seen = by_domain.get(b.domain)
+                    by_domain[b.domain] = fused.stats if seen is None else seen + fused.stats
+                    rows.append(_fused_row(b.block_id, fused, t_row, k_out))
+                    advance()
+                writer.write_shard(start // shard, rows)
+        writer.finalize()
+        return {"teacher_share": stats.as_dict() if stats is not None else {},
+                "teacher_share_by_domain": {d: s.share.tolist() for d, s in sorted(by_domain.items())},
+                "teachers": _teacher_names(recipe, names)}
+
+    return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
+
+
+GROUPS_NAME = "groups.npz"
+"""Beside a fused store whose sources use ``groups`` maps: ``groups`` [teachers, V_tgt], each teacher's
+group of every target id (:func:`polyfuse.align.vocab.group_map`; the target's own row is the identity)."""
+
+
+def _teacher_groups(recipe: Recipe, names: list[str], n_tgt: int):
+    """[teachers, n_tgt] group index of every target id per teacher, or None when no source uses groups."""
+    import numpy as np
+
+    from polyfuse.align.vocab import VocabMap
+
+    maps = [VocabMap.load(stage_dir(recipe, "vocab", n)) for n in names]
+    if all(m.tgt_group is None for m in maps):
+        return None
+    rows = [np.arange(n_tgt)] * _n_teacher0(recipe)
+    rows += [np.arange(n_tgt) if m.tgt_group is None else m.tgt_group for m in maps]
+    return np.stack(rows).astype(np.int64)
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _fused_row(block_id: int, fused, target_row, k: int):
+    """A fused block in the store format (k entries per position, padded)."""
+    import numpy as np
+
+    from polyfuse.capture.store import BlockTopK
+
+    ids = np.full((fused.ids.shape[0], k), -1, dtype=np.int64)
+    logprobs = np.full((fused.ids.shape[0], k), -np.inf, dtype=np.float16)
+    width = min(k, fused.ids.shape[1])
+    ids[:, :width] = fused.ids[:, :width]
+    logprobs[:, :width] = fused.logprobs[:, :width]
+    return BlockTopK(block_id, ids, logprobs, target_row.target_logprob, target_row.nll_sum)
+
+
+def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
+    """Training rows: the target's tokens of each block, plus the fused targets when fusing."""
+    import numpy as np
+
+    from polyfuse.capture.store import StoreReader
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.fuse.trainer import training_row
+
+    blocks = recipe_blocks(recipe)
+    tok = tokenizers(recipe)[recipe.target.name]
+    encoded = encode_blocks(tok, [b.text for b in blocks], [b.response_spans is not None for b in blocks])
+    rows = [training_row(enc, b.response_spans) for enc, b in zip(encoded, blocks, strict=True)]
+    if rows and all("labels" in r and not (np.asarray(r["labels"]) != -100).any() for r in rows):
+        raise DataError(f"{stage_dir(recipe, 'blocks') / 'blocks.jsonl'}: no block has a response token to train on "
+                        "(chat rows without an assistant turn); add assistant responses to the corpus, then rerun "
+                        "'polyfuse run RECIPE'")
+    if fuse_dir is not None:
+        fused = StoreReader(fuse_dir)
+        for row, b in zip(rows, blocks, strict=True):
+            f = fused[b.block_id]
+            row["teacher_ids"] = f.ids
+            row["teacher_logprobs"] = f.logprobs.astype(np.float32)
+    return rows
+
+
+DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "teacher_mass", "baseline")
+"""Train settings that only the fused run reads; changing them leaves target+clm current."""
+
+
+def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Continual training of the target: fused (w·CLM + (1−w)·distill) and the plain-CLM baseline."""
+    results = {}
+    if recipe.fuse.strategy != "none":
+        results["fused"] = train_run(recipe, stage_dir(recipe, "fuse"), stage_dir(recipe, "train", "fused"),
+                                      force=force, progress=progress)
+    if recipe.train.baseline or recipe.fuse.strategy == "none":
+        results["clm"] = train_run(recipe, None, stage_dir(recipe, "train", "clm"), force=force,
+                                    progress=progress)
+    return results
+
+
+def train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bool, progress: bool,
+               overrides: dict[str, Any] | None = None, description: str | None = None) -> StageResult:
+    """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM;
+    ``overrides`` replace ``train`` settings (``None`` values are ignored)."""
+    from polyfuse.fuse.trainer import FusionConfig, train_fusion
+
+    opts = recipe.train.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
+    with_teacher = fuse_dir is not None
+    target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
+    train_cfg = opts.model_dump(mode="json")
+    if not with_teacher:  # the baseline does not depend on the distillation settings
+        train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
+    cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
+           "fuse": recipe.section_dict("fuse") if with_teacher else None}
+    inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
+              **({"fuse": fuse_dir} if with_teacher else {})}
+
+    def build(out: Path) -> dict:
+        import torch
+
+        from polyfuse.models import resolve_bf16
+
+        config = FusionConfig(
+            output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
+            gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
+            warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type=opts.lr_scheduler_type,
+            adam_beta2=opts.adam_beta2, max_grad_norm=opts.max_grad_norm, seed=recipe.seed, data_seed=recipe.seed,
+            bf16=resolve_bf16(opts.bf16), logging_steps=opts.logging_steps or max(1, opts.max_steps // 20),
+            save_strategy="steps", save_steps=opts.save_steps or max(1, opts.max_steps // 4), save_total_limit=1,
+            report_to=[],
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
+            disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
+            distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
+            distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,
+            fusion=recipe.fuse.strategy if with_teacher else "none")
+        groups = None
+        if fuse_dir is not None and (fuse_dir / GROUPS_NAME).is_file():
+            import numpy as np
+
+            with np.load(fuse_dir / GROUPS_NAME) as z:
+                groups = z["groups"]
+        result = train_fusion(target.location, _train_rows(recipe, fuse_dir), out, config, teacher_groups=groups,
+                              description=description or f"train {out_dir.name}")
+        return {"final_loss": result["metrics"].get("train_loss"), "steps": opts.max_steps}
+
+    return run_stage(out_dir, "train", cfg, inputs, build, force=force, resumable=True, collective=True)

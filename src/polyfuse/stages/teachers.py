@@ -1,0 +1,188 @@
+"""The teachers' side of explicit fusion: capture (top-k of every model over the blocks), the vocabulary
+maps and the alignment that projects each source's entries onto the target's tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from polyfuse.errors import RecipeError
+from polyfuse.recipe import Recipe
+from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
+from polyfuse.workspace import (
+    StageResult,
+    run_stage,
+)
+
+
+def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Top-k next-token log-probs of the target and every source over the blocks (resumable shards)."""
+    from polyfuse.align.normalize import token_table
+    from polyfuse.capture.hf import capture
+    from polyfuse.capture.store import FORMAT_VERSION
+    from polyfuse.models import load_model, load_tokenizer
+
+    opts = recipe.capture
+    if opts.backend == "vllm":  # fail fast, naming the extra, when vLLM is not installed
+        from polyfuse.capture.vllm import capture as vllm_capture
+        from polyfuse.capture.vllm import import_vllm
+
+        import_vllm()
+        if opts.samples:
+            raise RecipeError("capture.samples needs the hf backend (vLLM returns only top-k prompt log-probs); "
+                              "set capture.samples=0 or capture.backend=hf")
+    blocks = recipe_blocks(recipe)
+    pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
+    results = {}
+    for name, res, tok in resolve_models(recipe):
+        # prefix masses: sources only (positions inside *their* tokens), and only where the whole
+        # distribution is at hand (hf); recorded only when on, so other captures stay current
+        prefix_bytes = opts.prefix_bytes if opts.backend == "hf" and name != recipe.target.name else 0
+        section = {k: v for k, v in recipe.section_dict("capture").items() if k != "prefix_bytes"}
+        cfg = {"capture": section, "model": str(res), "store_format": FORMAT_VERSION,
+               **({"seed": recipe.seed} if opts.samples else {}), **({"prefix_bytes": prefix_bytes} if prefix_bytes else {})}
+
+        def build(out: Path, res=res, tok=tok, prefix_bytes=prefix_bytes) -> dict:
+            if opts.backend == "vllm":
+                return vllm_capture(res, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
+                                    shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
+                                    dtype=opts.dtype, device=opts.device, seed=recipe.seed)
+            model, tokenizer = load_model(res, dtype=opts.dtype, device=opts.device), load_tokenizer(res, tok)
+            return capture(model, tokenizer, pairs, out, k=opts.top_k, samples=opts.samples,
+                           seed=recipe.seed, batch_size=opts.batch_size,
+                           shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
+                           prefix_bytes=prefix_bytes, pieces=token_table(tokenizer).pieces if prefix_bytes else None)
+
+        results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
+                                  {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,
+                                  force=force, resumable=True, collective=True)
+    return results
+
+
+def entries_per_position(recipe: Recipe) -> int:
+    """Entries per position in a captured store: the top-k plus the sampled tail."""
+    return recipe.capture.top_k + recipe.capture.samples
+
+
+def vocab_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """A source → target vocabulary map per source."""
+    from polyfuse.align.vocab import vocab_map
+
+    toks = tokenizers(recipe)
+    target = recipe.target.name
+    resolved = {name: res for name, res, _ in resolve_models(recipe)}
+    opts = recipe.vocab
+    results = {}
+    for spec in recipe.sources:
+        cfg = {"vocab": recipe.section_dict("vocab"), "source": str(resolved[spec.name]),
+               "target": str(resolved[target])}
+        inputs = {"source": resolved[spec.name].location, "target": resolved[target].location}
+        if opts.method == "stats":  # counted on the blocks: they are an input
+            inputs["blocks"] = stage_dir(recipe, "blocks")
+
+        def build(out: Path, name=spec.name) -> dict:
+            if opts.method == "stats":
+                vmap = _stats_map(recipe, toks[name], toks[target],
+                                  vocab_map(toks[name], toks[target], opts.stats_fallback))
+            else:
+                vmap = vocab_map(toks[name], toks[target], opts.method)
+            vmap.save(out)
+            return vmap.summary()
+
+        results[spec.name] = run_stage(stage_dir(recipe, "vocab", spec.name), "vocab", cfg, inputs, build,
+                                       force=force)
+    return results
+
+
+def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
+    """FuseChat-2.0's statistics map, counted over DTW alignments of the recipe's blocks.
+
+    DTW, not offsets: pairs with identical character spans would only re-discover the exact map;
+    DTW also pairs differently cut tokens, which is where the statistics add information.
+    """
+    from polyfuse.align.tokens import align_blocks
+    from polyfuse.align.vocab import count_aligned_pairs, stats_map
+    from polyfuse.corpus.tokens import encode_blocks
+
+    blocks = recipe_blocks(recipe)
+    texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+    src_enc, tgt_enc = encode_blocks(src_tok, texts, chat), encode_blocks(tgt_tok, texts, chat)
+    alignments = (align_blocks(s, t, method="dtw", src_tokenizer=src_tok, tgt_tokenizer=tgt_tok)
+                  for s, t in zip(src_enc, tgt_enc, strict=True))
+    counts = count_aligned_pairs(src_enc, tgt_enc, alignments)
+    return stats_map(counts, len(src_tok), len(tgt_tok), fallback=fallback,
+                     min_count=recipe.vocab.stats_min_count)
+
+
+def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
+    """Each source's captured top-k carried to the target's positions and vocabulary."""
+    from polyfuse.align.normalize import token_table
+    from polyfuse.align.tokens import align_blocks
+    from polyfuse.align.transfer import (
+        RemainderMap,
+        TargetCuts,
+        TransferStats,
+        aligned_source_positions,
+        consistent_entries,
+        drop_special_mismatches,
+        inside_token_entries,
+        shared_start_positions,
+        transfer_block,
+    )
+    from polyfuse.align.vocab import VocabMap
+    from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
+    from polyfuse.corpus.tokens import encode_blocks
+    from polyfuse.progress import progress_bar
+
+    toks = tokenizers(recipe)
+    target = recipe.target.name
+    blocks = recipe_blocks(recipe)
+    texts, chat = [b.text for b in blocks], [b.response_spans is not None for b in blocks]
+    tgt_enc = encode_blocks(toks[target], texts, chat)
+    shard = recipe.capture.shard_size
+    results = {}
+    for spec in recipe.sources:
+        name = spec.name
+        cfg = {"align": recipe.section_dict("align"), "k": entries_per_position(recipe), "store_format": FORMAT_VERSION}
+        inputs = {"capture": stage_dir(recipe, "capture", name), "vocab": stage_dir(recipe, "vocab", name),
+                  "target_capture": stage_dir(recipe, "capture", target)}
+
+        def build(out: Path, name=name) -> dict:
+            method = recipe.align.method
+            vmap = VocabMap.load(stage_dir(recipe, "vocab", name))
+            reader = StoreReader(stage_dir(recipe, "capture", name))
+            src_enc = encode_blocks(toks[name], texts, chat)
+            writer = StoreWriter(out, k=reader.k, vocab_size=len(toks[target]),
+                                 meta={"kind": "aligned", "source": name, "target": target, "align": method,
+                                       "vocab": vmap.method, "temperature": reader.temperature})
+            stats = TransferStats()
+            inside = recipe.align.inside
+            src_table, tgt_table = token_table(toks[name]), token_table(toks[target])
+            remainder = RemainderMap(tgt_table) if inside else None
+            # a source with the target's own vocabulary already follows the target's cuts
+            cuts = TargetCuts(toks[target]) if recipe.align.cuts and src_table.pieces != tgt_table.pieces else None
+            with progress_bar(f"align {name}", len(blocks), progress) as advance:
+                for start in range(0, len(blocks), shard):
+                    rows = []
+                    for i in range(start, min(start + shard, len(blocks))):
+                        if method == "starts":
+                            pos = drop_special_mismatches(shared_start_positions(src_enc[i], tgt_enc[i]),
+                                                          src_enc[i], tgt_enc[i], src_table, tgt_table)
+                        else:
+                            alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
+                                                     src_tokenizer=toks[name], tgt_tokenizer=toks[target])
+                            pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
+                                                           vmap if method == "dtw" else None)
+                        src_row = reader[blocks[i].block_id]
+                        extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], texts[i], src_table,
+                                                      remainder, pos, cuts) if inside else None)
+                        keep = (consistent_entries(src_row, pos, src_enc[i], tgt_enc[i], texts[i], src_table, cuts)
+                                if cuts is not None else None)
+                        rows.append(transfer_block(src_row, pos, vmap, reader.k, extra, keep))
+                        stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
+                        advance()
+                    writer.write_shard(start // shard, rows)
+            writer.finalize()
+            return {**stats.as_dict(), "cuts": cuts is not None}
+
+        results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
+    return results
