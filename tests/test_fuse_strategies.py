@@ -190,3 +190,29 @@ def test_avg_ce_matches_a_dictionary_reference(seed):
         got = probs_of(fused, t)
         assert list(got) == [i for i, _ in top]
         assert np.allclose(list(got.values()), [v for _, v in top], rtol=1e-6)
+
+
+def test_fusion_teachers_order_fallback_target_sources_and_store_padding() -> None:
+    import numpy as np
+
+    from polyfuse.capture.store import BlockTopK
+    from polyfuse.fuse.strategies import fuse_block
+    from polyfuse.fuse.teachers import fused_store_row, fusion_teachers, lead_teachers, teacher_names
+
+    lp = np.log(np.array([[0.6, 0.3], [0.5, 0.4], [0.7, 0.2]], dtype=np.float16))
+    target = BlockTopK(0, np.array([[1, 2], [3, 4], [5, 6]]), lp, np.log(np.array([0.6, 0.5, 0.7])), 1.2)
+    source = BlockTopK(0, np.array([[1, 7], [3, 8], [-1, -1]]), lp, np.array([np.log(0.6), np.log(0.4), np.nan]), 0.9)
+    label = fusion_teachers(target, [source], fallback="label", include_target=True, next_ids=np.array([1, 3, 5]))
+    assert len(label) == 3 == lead_teachers("label", True) + 1
+    assert teacher_names("t", ["s"], "label", True) == ["label", "t", "s"]
+    assert not label[0].valid.any() and (label[0].ids[:, 0] == [1, 3, 5]).all()   # the one-hot, never valid
+    assert label[1].valid.tolist() == [True, True, False]       # the target: only where a source reaches
+    assert label[2].valid.tolist() == [True, True, False]
+    plain = fusion_teachers(target, [source], fallback="target", include_target=True)
+    assert len(plain) == 2 and plain[0].valid.all() and teacher_names("t", ["s"], "target", True) == ["t", "s"]
+    alone = fusion_teachers(target, [source], fallback="target", include_target=False)
+    assert len(alone) == 2 and not alone[0].valid.any() and np.isnan(alone[0].seq_nll)
+    fused = fuse_block(plain, strategy="min_ce", level="token", k_out=2, n_bytes=3)
+    row = fused_store_row(0, fused, target, k=4)
+    assert row.ids.shape == (3, 4) and (row.ids[:, 2:] == -1).all() and np.isneginf(row.logprobs[:, 2:]).all()
+    assert row.nll_sum == 1.2

@@ -16,60 +16,6 @@ from polyfuse.workspace import (
 )
 
 
-def _teachers(recipe: Recipe, target_row, aligned_rows: list, next_ids=None, source_nll: list | None = None) -> list:
-    """Fusion's teachers at the target's positions: the fallback (if any), the target, then each source.
-
-    Positions that some source reaches are fused from the target (``fuse.include_target``, FuseLLM's
-    teacher 0) and the sources. Positions no source reaches learn from ``fuse.fallback``: the target's
-    own distribution (``target``; it is the target's row itself when the target is a teacher), a
-    one-hot on the next token (``label``, FuseLLM's fallback) or nothing (``none``; only without the
-    target, which otherwise covers every position). A fallback that
-    is not the target is teacher 0 and never valid: the strategies use teacher 0 exactly where no
-    teacher has a usable prediction (:mod:`polyfuse.fuse.strategies`). ``next_ids`` [P]: the
-    target's next tokens (the ``label`` fallback). ``source_nll`` [P] per source: what each is scored by
-    at token level instead of its aligned ``target_logprob`` (``fuse.criterion: span``), where it has one.
-    """
-    import numpy as np
-
-    from polyfuse.fuse.strategies import TeacherBlock
-
-    def teacher(row, valid, seq_nll=None, nll=None):
-        own = -row.target_logprob.astype(np.float64)
-        nll = own if nll is None else np.where(np.isnan(own) | np.isnan(nll), own, nll)
-        return TeacherBlock(row.ids, row.logprobs.astype(np.float32), nll, valid,
-                            row.nll_sum if seq_nll is None else seq_nll)
-
-    p = target_row.n_positions
-    opts = recipe.fuse
-    scores = source_nll if source_nll is not None else [None] * len(aligned_rows)
-    sources = [teacher(row, ~np.isnan(row.target_logprob), nll=nll) for row, nll in zip(aligned_rows, scores, strict=True)]
-    covered = np.any([t.valid for t in sources], axis=0) if sources else np.zeros(p, dtype=bool)
-    out = []
-    if opts.fallback == "label":
-        out.append(TeacherBlock(np.asarray(next_ids, dtype=np.int64)[:, None], np.zeros((p, 1), np.float32),
-                                np.full(p, np.nan), np.zeros(p, dtype=bool), float("nan")))
-    elif opts.fallback == "target" and not opts.include_target:  # NaN sequence NLL: never chosen for a block
-        out.append(teacher(target_row, np.zeros(p, dtype=bool), float("nan")))
-    if opts.include_target:
-        out.append(teacher(target_row, covered if opts.fallback == "label" else np.ones(p, dtype=bool)))
-    return out + sources
-
-
-def _n_teacher0(recipe: Recipe) -> int:
-    """How many teachers come before the sources (the fallback and/or the target)."""
-    opts = recipe.fuse
-    fallback = opts.fallback == "label" or (opts.fallback == "target" and not opts.include_target)
-    return int(fallback) + int(opts.include_target)
-
-
-def _teacher_names(recipe: Recipe, names: list[str]) -> list[str]:
-    """Fusion's teacher names, in :func:`_teachers` order (a label fallback is ``label``)."""
-    opts, target = recipe.fuse, recipe.target.name
-    lead = {0: [], 1: ["label" if opts.fallback == "label" and not opts.include_target else target],
-            2: ["label", target]}[_n_teacher0(recipe)]
-    return lead + names
-
-
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Fused next-token distributions at the target's positions (MinCE, AvgCE, ...)."""
     return fuse_into(recipe, [s.name for s in recipe.sources], stage_dir(recipe, "fuse"), force=force,
@@ -80,6 +26,7 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
     """Fuse the target (when ``fuse.include_target``) with the aligned sources ``names`` into ``out_dir``."""
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.fuse.strategies import fuse_block, tag_teacher
+    from polyfuse.fuse.teachers import fused_store_row, fusion_teachers, lead_teachers, teacher_names
     from polyfuse.progress import progress_bar
 
     opts = recipe.fuse
@@ -114,14 +61,14 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
                 raw = StoreReader(stage_dir(recipe, "capture", n))
                 for b, src, tgt in zip(blocks, encode_blocks(toks[n], texts, chat), encoded, strict=True):
                     source_nll[b.block_id].append(span_nll(raw[b.block_id], src, tgt))
-        widths = [r.k for r in [own] * _n_teacher0(recipe) + aligned]
+        widths = [r.k for r in [own] * lead_teachers(opts.fallback, opts.include_target) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
         if groups is not None:  # entries carry their teacher: id = teacher * n_tgt + target id
             atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
         writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
-                                   "teachers": _teacher_names(recipe, names),
+                                   "teachers": teacher_names(target, names, opts.fallback, opts.include_target),
                                    "temperature": own.temperature})
         stats, by_domain = None, {}
         shard = recipe.capture.shard_size
@@ -130,9 +77,10 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
                 rows = []
                 for b in blocks[start:start + shard]:
                     t_row = own[b.block_id]
-                    teachers = _teachers(recipe, t_row, [a[b.block_id] for a in aligned],
-                                         next_ids[b.block_id] if opts.fallback == "label" else None,
-                                         source_nll[b.block_id] if source_nll is not None else None)
+                    teachers = fusion_teachers(t_row, [a[b.block_id] for a in aligned], fallback=opts.fallback,
+                                               include_target=opts.include_target,
+                                               next_ids=next_ids[b.block_id] if opts.fallback == "label" else None,
+                                               source_nll=source_nll[b.block_id] if source_nll is not None else None)
                     if groups is not None:
                         teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
                     fused = fuse_block(teachers,
@@ -141,13 +89,13 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
                     stats = fused.stats if stats is None else stats + fused.stats
                     seen = by_domain.get(b.domain)
                     by_domain[b.domain] = fused.stats if seen is None else seen + fused.stats
-                    rows.append(_fused_row(b.block_id, fused, t_row, k_out))
+                    rows.append(fused_store_row(b.block_id, fused, t_row, k_out))
                     advance()
                 writer.write_shard(start // shard, rows)
         writer.finalize()
         return {"teacher_share": stats.as_dict() if stats is not None else {},
                 "teacher_share_by_domain": {d: s.share.tolist() for d, s in sorted(by_domain.items())},
-                "teachers": _teacher_names(recipe, names)}
+                "teachers": teacher_names(target, names, opts.fallback, opts.include_target)}
 
     return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
 
@@ -166,7 +114,9 @@ def _teacher_groups(recipe: Recipe, names: list[str], n_tgt: int):
     maps = [VocabMap.load(stage_dir(recipe, "vocab", n)) for n in names]
     if all(m.tgt_group is None for m in maps):
         return None
-    rows = [np.arange(n_tgt)] * _n_teacher0(recipe)
+    from polyfuse.fuse.teachers import lead_teachers
+
+    rows = [np.arange(n_tgt)] * lead_teachers(recipe.fuse.fallback, recipe.fuse.include_target)
     rows += [np.arange(n_tgt) if m.tgt_group is None else m.tgt_group for m in maps]
     return np.stack(rows).astype(np.int64)
 
@@ -179,20 +129,6 @@ def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
-
-
-def _fused_row(block_id: int, fused, target_row, k: int):
-    """A fused block in the store format (k entries per position, padded)."""
-    import numpy as np
-
-    from polyfuse.capture.store import BlockTopK
-
-    ids = np.full((fused.ids.shape[0], k), -1, dtype=np.int64)
-    logprobs = np.full((fused.ids.shape[0], k), -np.inf, dtype=np.float16)
-    width = min(k, fused.ids.shape[1])
-    ids[:, :width] = fused.ids[:, :width]
-    logprobs[:, :width] = fused.logprobs[:, :width]
-    return BlockTopK(block_id, ids, logprobs, target_row.target_logprob, target_row.nll_sum)
 
 
 def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:

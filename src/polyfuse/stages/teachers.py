@@ -115,19 +115,7 @@ def _stats_map(recipe: Recipe, src_tok, tgt_tok, fallback):
 
 def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Each source's captured top-k carried to the target's positions and vocabulary."""
-    from polyfuse.align.normalize import token_table
-    from polyfuse.align.tokens import align_blocks
-    from polyfuse.align.transfer import (
-        RemainderMap,
-        TargetCuts,
-        TransferStats,
-        aligned_source_positions,
-        consistent_entries,
-        drop_special_mismatches,
-        inside_token_entries,
-        shared_start_positions,
-        transfer_block,
-    )
+    from polyfuse.align.project import project_store
     from polyfuse.align.vocab import VocabMap
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
     from polyfuse.corpus.tokens import encode_blocks
@@ -154,35 +142,11 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             writer = StoreWriter(out, k=reader.k, vocab_size=len(toks[target]),
                                  meta={"kind": "aligned", "source": name, "target": target, "align": method,
                                        "vocab": vmap.method, "temperature": reader.temperature})
-            stats = TransferStats()
-            inside = recipe.align.inside
-            src_table, tgt_table = token_table(toks[name]), token_table(toks[target])
-            remainder = RemainderMap(tgt_table) if inside else None
-            # a source with the target's own vocabulary already follows the target's cuts
-            cuts = TargetCuts(toks[target]) if recipe.align.cuts and src_table.pieces != tgt_table.pieces else None
             with progress_bar(f"align {name}", len(blocks), progress) as advance:
-                for start in range(0, len(blocks), shard):
-                    rows = []
-                    for i in range(start, min(start + shard, len(blocks))):
-                        if method == "starts":
-                            pos = drop_special_mismatches(shared_start_positions(src_enc[i], tgt_enc[i]),
-                                                          src_enc[i], tgt_enc[i], src_table, tgt_table)
-                        else:
-                            alignment = align_blocks(src_enc[i], tgt_enc[i], method=method,
-                                                     src_tokenizer=toks[name], tgt_tokenizer=toks[target])
-                            pos = aligned_source_positions(alignment, src_enc[i], tgt_enc[i],
-                                                           vmap if method == "dtw" else None)
-                        src_row = reader[blocks[i].block_id]
-                        extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], texts[i], src_table,
-                                                      remainder, pos, cuts) if inside else None)
-                        keep = (consistent_entries(src_row, pos, src_enc[i], tgt_enc[i], texts[i], src_table, cuts)
-                                if cuts is not None else None)
-                        rows.append(transfer_block(src_row, pos, vmap, reader.k, extra, keep))
-                        stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
-                        advance()
-                    writer.write_shard(start // shard, rows)
-            writer.finalize()
-            return {**stats.as_dict(), "cuts": cuts is not None}
+                return project_store(reader, writer, [(b.block_id, b.text) for b in blocks], src_enc, tgt_enc,
+                                     method=method, vmap=vmap, src_tokenizer=toks[name], tgt_tokenizer=toks[target],
+                                     inside=recipe.align.inside, cuts=recipe.align.cuts, shard_size=shard,
+                                     advance=advance)
 
         results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
     return results
