@@ -29,6 +29,7 @@ from polyfuse.corpus.spans import Spans, normalise_spans, response_positions
 from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
 from polyfuse.errors import DataError
 from polyfuse.progress import progress_bar
+from polyfuse.workspace import NO_ACCELERATE, start_process_group
 
 __all__ = [
     "FP16_MIN",
@@ -140,7 +141,7 @@ def ranks(
     """``(rank, world_size, barrier or None, this rank's device or None)``.
 
     Explicit arguments win (no barrier). Otherwise, under a launcher (``WORLD_SIZE`` > 1)
-    ``accelerate.PartialState()`` sets up the process group if nobody has yet, and rank and
+    :func:`polyfuse.workspace.start_process_group` sets up the process group if nobody has yet, and rank and
     world size come from ``torch.distributed`` (accelerate reports a CPU-only torchrun as one
     process although it initialises the group); without accelerate the ``RANK`` / ``WORLD_SIZE``
     environment is used, without a barrier.
@@ -153,14 +154,9 @@ def ranks(
         return rank, world_size, None, None
     import torch.distributed as dist
 
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = None
-    if launched and not (dist.is_available() and dist.is_initialized()):
-        try:
-            from accelerate import PartialState
-        except ImportError:
-            return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]), None, None
-        device = PartialState().device
+    device = start_process_group(accelerate_optional=True)
+    if device is NO_ACCELERATE:
+        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]), None, None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if torch.cuda.is_available() and (device is None or device.type != "cuda"):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

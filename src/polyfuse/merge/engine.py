@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -38,7 +39,7 @@ from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
-from polyfuse.workspace import clean_stale_temps
+from polyfuse.workspace import clean_stale_temps, swap_in
 
 __all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
 
@@ -97,10 +98,7 @@ class TensorTask:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def out_bytes(self) -> int:
@@ -379,21 +377,6 @@ def _check_out_dir(out_dir: Path, plan: MergePlan) -> None:
         )
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` to ``out_dir``; an earlier output is renamed away first, then removed."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    trash = out_dir.parent / f".trash-{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    os.replace(out_dir, trash)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(trash, out_dir)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def _write_config(plan: MergePlan, tmp: Path) -> None:
     for name in _COPIED_CONFIGS:
         src = plan.config_dir / name
@@ -469,7 +452,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
                     shutil.copyfile(plan.tokenizer_dir / name, tmp / name)
         (tmp / MARKER).write_text(f"# polyfuse merge --seed {plan.seed}\n{plan.config.to_yaml()}", encoding="utf-8")
         _write_card(plan, tmp, out_dir.name)
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

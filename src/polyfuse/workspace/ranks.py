@@ -1,0 +1,87 @@
+"""Process ranks: this process's place under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1).
+
+:func:`start_process_group` is the one place that joins a launcher's process group (through
+``accelerate.PartialState()``, as ``accelerate launch`` and the HF Trainer would); :func:`current_ranks`
+reads rank and world size from it for the stage runner and the workdir lock, and the capture backends
+read theirs (with a device) through :func:`polyfuse.capture.common.ranks`. Torch is imported only
+under a launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["NO_ACCELERATE", "Ranks", "current_ranks", "start_process_group"]
+
+NO_ACCELERATE: Any = object()
+"""What :func:`start_process_group` returns, with ``accelerate_optional``, when accelerate cannot be imported."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes running a pipeline (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start_process_group(*, accelerate_optional: bool = False) -> Any:
+    """Under a launcher (``WORLD_SIZE`` > 1) with no process group yet, create it with
+    ``accelerate.PartialState()`` (gloo on CPU, nccl on GPU), as ``accelerate launch`` and the HF Trainer would.
+
+    Returns the device accelerate gives this rank when it created the group, else None (no launcher, or
+    the group exists already). When accelerate cannot be imported this raises ImportError or, with
+    ``accelerate_optional``, returns :data:`NO_ACCELERATE` (no group is created).
+    """
+    if not _launched():
+        return None
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if accelerate_optional:
+            return NO_ACCELERATE
+        raise
+    return PartialState().device
+
+
+def current_ranks() -> Ranks:
+    """Rank and world size from an initialised process group, else from ``WORLD_SIZE``/``RANK``.
+
+    With ``WORLD_SIZE`` > 1 and no process group yet, :func:`start_process_group` creates it.
+    """
+    if not _launched():
+        return Ranks()
+    import torch.distributed as dist
+
+    start_process_group()
+    return Ranks(dist.get_rank(), dist.get_world_size())
