@@ -463,7 +463,7 @@ def test_tokenizer_longer_than_the_embedding_is_refused_by_eval(tmp_path: Path, 
 
 def test_sandboxed_code_cannot_read_etc_shadow() -> None:
     """Held in the probe; kept here so that it stays held."""
-    from polyfuse.implicit.sandbox import SandboxConfig, run_code
+    from polyfuse.verify.sandbox import SandboxConfig, run_code
 
     if not Path("/etc/shadow").is_file():
         pytest.skip("no /etc/shadow on this machine")

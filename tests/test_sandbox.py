@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from polyfuse.implicit import sandbox as sb
-from polyfuse.implicit.sandbox import SandboxConfig, SandboxError, SandboxJob, run_code, run_many
+from polyfuse.verify import sandbox as sb
+from polyfuse.verify.sandbox import SandboxConfig, SandboxError, SandboxJob, run_code, run_many
 
 ROOT = os.geteuid() == 0
 FAST = SandboxConfig(timeout_s=5)
-SANDBOX_FILE = Path(sb.__file__)
+SANDBOX_DIR = Path(sb.__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +392,10 @@ def test_non_root_path_as_nobody(tmp_path, listener):
     shared = Path(f"/tmp/polyfuse-sandbox-nobody-test-{secrets.token_hex(4)}")
     shared.mkdir(mode=0o755)
     try:
-        shutil.copy(SANDBOX_FILE, shared / "sandbox_copy.py")
+        shutil.copytree(SANDBOX_DIR, shared / "sandbox_copy", ignore=shutil.ignore_patterns("__pycache__"))
         target = f"/tmp/polyfuse-sandbox-test-{secrets.token_hex(6)}"
-        proc = subprocess.run([python, "-I", "-c", NOBODY_SCRIPT, str(shared / "sandbox_copy.py"), str(port), target],
+        copy = str(shared / "sandbox_copy" / "__init__.py")
+        proc = subprocess.run([python, "-I", "-c", NOBODY_SCRIPT, copy, str(port), target],
                               user="nobody", group=pwd.getpwnam("nobody").pw_gid, extra_groups=[],
                               capture_output=True, text=True,
                               timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin"})
@@ -413,9 +414,9 @@ def test_non_root_path_as_nobody(tmp_path, listener):
 
 
 def test_launcher_is_stdlib_only():
-    """The launcher runs as ``python -I -S sandbox.py``: importing the file must not need site-packages."""
+    """The launcher runs as ``python -I -S launcher.py``: importing the file must not need site-packages."""
     proc = subprocess.run([sys.executable, "-I", "-S", "-c",
-                           f"import importlib.util, sys; s = importlib.util.spec_from_file_location('x', {str(SANDBOX_FILE)!r});"
+                           f"import importlib.util, sys; s = importlib.util.spec_from_file_location('x', {str(SANDBOX_DIR / 'launcher.py')!r});"
                            "m = importlib.util.module_from_spec(s); sys.modules['x'] = m; s.loader.exec_module(m)"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

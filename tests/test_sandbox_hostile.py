@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from polyfuse.implicit import sandbox as sb
-from polyfuse.implicit.sandbox import SandboxConfig, run_code
-from polyfuse.implicit.verify import CodeVerdict, VerifierConfig, verify_code
+from polyfuse.verify import sandbox as sb
+from polyfuse.verify.checkers import CodeVerdict, VerifierConfig, verify_code
+from polyfuse.verify.sandbox import SandboxConfig, run_code
 
 FAST = VerifierConfig(sandbox=SandboxConfig(timeout_s=5))
 NO_HOOK = VerifierConfig(sandbox=SandboxConfig(timeout_s=5, audit_hook=False))
 SITE = VerifierConfig(sandbox=SandboxConfig(timeout_s=5, site_packages=True))
 TESTS = ["assert add(2, 2) == 4", "assert add(1, 2) == 3"]
 FAILURE = ("failed", "crashed")
-SANDBOX_FILE = Path(sb.__file__)
+SANDBOX_DIR = Path(sb.__file__).parent
 
 FORGED = r"""
 import json, os
@@ -303,8 +303,9 @@ def test_attacks_with_an_unprivileged_polyfuse(tmp_path):
     shared = Path(f"/tmp/polyfuse-sandbox-hostile-test-{secrets.token_hex(4)}")
     shared.mkdir(mode=0o755)
     try:
-        shutil.copy(SANDBOX_FILE, shared / "sandbox_copy.py")
-        proc = subprocess.run([python, "-I", "-c", NOBODY_SCRIPT, str(shared / "sandbox_copy.py"), json.dumps(codes)],
+        shutil.copytree(SANDBOX_DIR, shared / "sandbox_copy", ignore=shutil.ignore_patterns("__pycache__"))
+        copy = str(shared / "sandbox_copy" / "__init__.py")
+        proc = subprocess.run([python, "-I", "-c", NOBODY_SCRIPT, copy, json.dumps(codes)],
                               user="nobody", group=pwd.getpwnam("nobody").pw_gid, extra_groups=[],
                               capture_output=True, text=True, timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin"})
     finally:

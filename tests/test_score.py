@@ -11,18 +11,17 @@ import pytest
 import torch
 
 from polyfuse.errors import DataError, ModelLoadError
-from polyfuse.implicit import score as score_mod
-from polyfuse.implicit.sandbox import SandboxConfig
 from polyfuse.implicit.score import (
     RewardModel,
     ScoreCache,
-    category_of,
-    read_prompts,
     read_samples,
     score_file,
     score_samples,
 )
-from polyfuse.implicit.verify import VerifierConfig
+from polyfuse.verify import registry as registry_mod
+from polyfuse.verify.checkers import VerifierConfig
+from polyfuse.verify.registry import category_of, read_prompts
+from polyfuse.verify.sandbox import SandboxConfig
 
 VERIFIER = VerifierConfig(sandbox=SandboxConfig(timeout_s=5))
 CORPUS = ("What is 2 + 3 ? The answer is 5 . 6 7 boxed Write a function add that adds two numbers def "
@@ -239,8 +238,8 @@ def test_score_file_end_to_end_and_rerun_scores_nothing(tmp_path, llama_rm, monk
     def no_more_runs(*args, **kwargs):
         raise AssertionError("a cached verdict was computed again")
 
-    monkeypatch.setattr(score_mod, "verify_code", no_more_runs)
-    monkeypatch.setattr(score_mod, "verify_math", no_more_runs)
+    monkeypatch.setattr(registry_mod, "verify_code", no_more_runs)
+    monkeypatch.setattr(registry_mod, "verify_math", no_more_runs)
     rm2 = CountingModel(rm.inner)
     stats2 = score_file(samples, out, reward_model=rm2, verifier=VERIFIER, progress=False)
     assert rm2.scored == 0 and stats2.rewards_computed == 0 and stats2.verdicts_computed == 0

@@ -19,7 +19,7 @@ from polyfuse.demo.tasks import (
 )
 from polyfuse.errors import DataError
 from polyfuse.evaluate.accuracy import read_problems
-from polyfuse.implicit.verify import verify_math
+from polyfuse.verify.checkers import verify_math
 
 
 def solve(question: str) -> str:

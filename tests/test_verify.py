@@ -6,8 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from polyfuse.implicit.sandbox import SandboxConfig
-from polyfuse.implicit.verify import (
+from polyfuse.verify.checkers import (
     VerifierConfig,
     answers_match,
     build_test_program,
@@ -20,6 +19,7 @@ from polyfuse.implicit.verify import (
     verify_code_many,
     verify_math,
 )
+from polyfuse.verify.sandbox import SandboxConfig
 
 FAST = VerifierConfig(sandbox=SandboxConfig(timeout_s=5))
 
@@ -208,7 +208,7 @@ def test_verify_code_humaneval_style_and_many():
 
 
 def test_different_atoms_never_reach_sympy(monkeypatch):
-    from polyfuse.implicit import verify
+    from polyfuse.verify import checkers as verify
 
     def boom(a, b):
         raise AssertionError("sympy called")

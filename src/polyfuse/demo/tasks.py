@@ -1,7 +1,7 @@
 """A verifiable mini task for the tiny world: seeded chat problems with exact answers, in skills that differ.
 
 Each problem is one user turn and one checkable final answer; the reference response states it as
-``The answer is X.``, which :func:`polyfuse.implicit.verify.verify_math` reads back (the answer phrase,
+``The answer is X.``, which :func:`polyfuse.verify.checkers.verify_math` reads back (the answer phrase,
 spaces and case ignored). The tasks are small on purpose: each one is learnt by a tiny world model in a
 couple of hundred SFT steps on a CPU, and each needs a different skill (attend to the start, to the end,
 count every item, or pick a position or compare every item)::

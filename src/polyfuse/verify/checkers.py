@@ -16,7 +16,7 @@ thousands separators, a leading ``x =``), then
 
 **Code.** :func:`extract_code` takes the response's code (the fenced ```` ```python ```` block that
 defines the entry point, else the longest Python block, else any fenced block, else the whole text) and
-:func:`verify_code` runs it against the prompt's tests in :mod:`polyfuse.implicit.sandbox`.
+:func:`verify_code` runs it against the prompt's tests in :mod:`polyfuse.verify.sandbox`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from polyfuse.implicit.sandbox import SandboxConfig, SandboxJob, SandboxResult, run_code, run_many
+from polyfuse.verify.sandbox import SandboxConfig, SandboxJob, SandboxResult, run_code, run_many
 
 __all__ = [
     "CodeVerdict",
