@@ -41,9 +41,9 @@ class FakeBackend:
 
 @pytest.fixture
 def fake_backend(monkeypatch):
-    from polyfuse.implicit import sample
+    from polyfuse import generate
 
-    monkeypatch.setattr(sample, "HFBackend", FakeBackend)
+    monkeypatch.setattr(generate, "HFBackend", FakeBackend)
 
 
 def test_each_row_goes_to_its_verifier_and_tasks_are_pooled(fake_backend):
@@ -55,12 +55,12 @@ def test_each_row_goes_to_its_verifier_and_tasks_are_pooled(fake_backend):
 
 
 def test_a_row_without_gold_fails_before_any_model_is_loaded(monkeypatch):
-    from polyfuse.implicit import sample
+    from polyfuse import generate
 
     def boom(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(sample, "HFBackend", boom)
+    monkeypatch.setattr(generate, "HFBackend", boom)
     with pytest.raises(DataError, match="'x'.*neither a gold 'answer' nor code 'tests'"):
         evaluate_accuracy("m", [*PROBLEMS, {"prompt_id": "x", "prompt": "hi"}])
 

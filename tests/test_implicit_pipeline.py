@@ -153,7 +153,7 @@ def test_rerun_skips_and_a_changed_setting_reruns_only_what_depends_on_it(demo: 
 
 def test_sample_stage_resumes_after_a_failure(world: Path, demo: tuple[Path, dict], tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from polyfuse.implicit.sample import HFBackend
+    from polyfuse.generate import HFBackend
 
     calls: list[int] = []
     original = HFBackend.generate

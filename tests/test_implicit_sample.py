@@ -11,15 +11,8 @@ import pytest
 
 from polyfuse.corpus.chat import DEFAULT_CHAT_TEMPLATE
 from polyfuse.errors import DataError, PolyfuseError
-from polyfuse.implicit.sample import (
-    HFBackend,
-    SamplingParams,
-    SourceSpec,
-    batch_seed,
-    make_backend,
-    partial_path,
-    sample_prompts,
-)
+from polyfuse.generate import HFBackend, SamplingParams, SourceSpec, batch_seed, make_backend
+from polyfuse.implicit.sample import partial_path, sample_prompts
 
 PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"What is the first letter of: {' '.join('abcde'[i % 5:])}?",
             "answer": "abcde"[i % 5], "category": "math", "task": "first"} for i in range(5)]

@@ -1,13 +1,13 @@
-"""Task accuracy on verifiable prompt sets: greedy answers checked by the implicit-fusion verifiers.
+"""Task accuracy on verifiable prompt sets: greedy answers checked by the verifiers of :mod:`polyfuse.verify`.
 
 A prompt set is a JSONL file of ``{prompt_id, prompt, ...gold}`` rows (``prompt`` a string or a list of
 chat messages). The gold fields decide the check, exactly as in the score stage
-(:func:`polyfuse.implicit.score.category_of`):
+(:func:`polyfuse.verify.registry.category_of`):
 
 * ``answer`` -> maths: the final answer is extracted (``\\boxed{}``, "the answer is", last number) and
-  compared after normalisation (:func:`polyfuse.implicit.verify.verify_math`);
+  compared after normalisation (:func:`polyfuse.verify.checkers.verify_math`);
 * ``tests`` (+ optional ``entry_point``) -> code pass@1: the response's code runs against the tests in
-  the sandbox (:func:`polyfuse.implicit.verify.verify_code`), never in this process.
+  the sandbox (:func:`polyfuse.verify.checkers.verify_code`), never in this process.
 
 Accuracy is reported per task (the row's ``task``, else ``category``, else the verifier's category) and
 pooled as ``all``. ``polyfuse eval --prompts FILE`` and the implicit recipe's ``accuracy`` stage call
@@ -32,7 +32,7 @@ def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, 
     Raises:
         DataError: the file is missing, a line is bad, or a ``prompt_id`` repeats (file and line named).
     """
-    from polyfuse.implicit.score import read_prompts
+    from polyfuse.verify.registry import read_prompts
 
     path = Path(path)
     if not path.is_file():
@@ -44,7 +44,7 @@ def read_problems(path: str | Path, limit: int | None = None) -> list[dict[str, 
 
 def _check(row: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
     """``(category, gold)`` of a row, or a DataError naming the prompt when nothing can be checked."""
-    from polyfuse.implicit.score import category_of, gold_fields, needs_verifier
+    from polyfuse.verify.registry import category_of, gold_fields, needs_verifier
 
     gold = gold_fields(row, None)
     category = category_of(gold)
@@ -63,7 +63,7 @@ def evaluate_accuracy(model: str, problems: Sequence[Mapping[str, Any]], *, batc
     Returns ``({task: accuracy, "all": accuracy}, one record per problem)``; ``all`` pools every problem.
     Every problem is checked up front, so a row without gold fails before the model is loaded.
     """
-    from polyfuse.implicit.sample import HFBackend, SourceSpec
+    from polyfuse.generate import HFBackend, SourceSpec
 
     checks = [_check(p) for p in problems]
     backend = HFBackend(SourceSpec("eval", model, chat_template=chat_template), device=device, dtype=dtype)
@@ -76,11 +76,11 @@ def answer_accuracy(backend: Any, problems: Sequence[Mapping[str, Any]], *, batc
                     checks: Sequence[tuple[str, Mapping[str, Any]]] | None = None
                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """:func:`evaluate_accuracy` with a loaded generation backend (anything with ``generate(prompts, params,
-    seed)``, e.g. :class:`polyfuse.implicit.sample.HFBackend` over a model being trained)."""
-    from polyfuse.implicit.sample import SamplingParams, as_messages
-    from polyfuse.implicit.score import VERIFIERS
-    from polyfuse.implicit.verify import VerifierConfig
+    seed)``, e.g. :class:`polyfuse.generate.HFBackend` over a model being trained)."""
+    from polyfuse.generate import SamplingParams, as_messages
     from polyfuse.progress import progress_bar
+    from polyfuse.verify.checkers import VerifierConfig
+    from polyfuse.verify.registry import VERIFIERS
 
     checks = list(checks) if checks is not None else [_check(p) for p in problems]
     verifier = VerifierConfig()

@@ -67,7 +67,7 @@ class AccuracyCurve(TrainerCallback):
 
     def _measure(self, step: int, model: Any, tokenizer: Any) -> None:
         from polyfuse.evaluate.accuracy import answer_accuracy
-        from polyfuse.implicit.sample import HFBackend
+        from polyfuse.generate import HFBackend
 
         if step in self.done or model is None or tokenizer is None:
             return

@@ -74,7 +74,7 @@ def _location(recipe: ImplicitRecipe, spec: Any) -> str:
 
 
 def _params(recipe: ImplicitRecipe, overrides: SamplingOverrides) -> Any:
-    from polyfuse.implicit.sample import SamplingParams
+    from polyfuse.generate import SamplingParams
 
     s = recipe.sample
     mine = overrides.model_dump(exclude_none=True)
@@ -83,7 +83,7 @@ def _params(recipe: ImplicitRecipe, overrides: SamplingOverrides) -> Any:
 
 
 def _samplers(recipe: ImplicitRecipe) -> list[Any]:
-    from polyfuse.implicit.sample import SourceSpec
+    from polyfuse.generate import SourceSpec
 
     models = [*recipe.sources, *([recipe.target] if recipe.sample.include_target else [])]
     return [SourceSpec(m.name, _location(recipe, m), _params(recipe, m.sample), m.chat_template) for m in models]
@@ -131,7 +131,8 @@ def _verifier_rewards(rows: list[dict[str, Any]]) -> None:
 
 def score_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = True) -> StageResult:
     """Reward (reward model, or the verdict) and correctness (maths answers, sandboxed code tests)."""
-    from polyfuse.implicit.score import RewardModel, ScoreCache, read_prompts, read_samples, score_samples
+    from polyfuse.implicit.score import RewardModel, ScoreCache, read_samples, score_samples
+    from polyfuse.verify.registry import read_prompts
 
     o = recipe.score
     samples = _dir(recipe, "sample") / "samples.jsonl"
