@@ -174,11 +174,16 @@ def test_batching_does_not_change_results(prose, blocks, tmp_path: Path) -> None
 
 def test_empty_block_and_backend_registry(prose, tmp_path: Path) -> None:
     model, tokenizer = prose
-    run = get_backend("hf")
-    run(model, tokenizer, [(5, ""), (6, "a b")], tmp_path / "store", k=4, progress=False)
+    capture(model, tokenizer, [(5, ""), (6, "a b")], tmp_path / "store", k=4, progress=False)
     reader = StoreReader(tmp_path / "store")
     assert reader[5].n_positions == 0 and reader[5].ids.shape == (0, 4) and reader[5].nll_sum == 0.0
     assert reader[6].n_positions > 0
+    # the registry's entry point takes references and loads the model itself: the same store
+    run = get_backend("hf")
+    run(model.name_or_path, None, [(5, ""), (6, "a b")], tmp_path / "by_ref", k=4, progress=False, dtype="float32",
+        device="cpu")
+    by_ref = StoreReader(tmp_path / "by_ref")
+    assert (by_ref[6].ids == reader[6].ids).all() and by_ref[6].nll_sum == pytest.approx(reader[6].nll_sum)
     with pytest.raises(PolyfuseError, match="unknown capture backend"):
         get_backend("nope")
 

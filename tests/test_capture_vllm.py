@@ -384,3 +384,13 @@ def test_pipeline_capture_stage_with_vllm(fake_vllm, tiny_world: Path, tmp_path:
     monkeypatch.setitem(sys.modules, "vllm", None)  # the stage names the extra before doing anything
     with pytest.raises(PolyfuseError, match=r"polyfuse\[vllm\]"):
         capture_stage(recipe(tmp_path / "none", "vllm"), progress=False)
+
+
+def test_vllm_with_a_sampled_tail_is_a_recipe_error() -> None:
+    from polyfuse.errors import RecipeError
+    from polyfuse.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="capture: capture.samples needs the hf backend"):
+        parse_recipe({"target": {"model": "world:target"}, "sources": [{"name": "a", "model": "world:prose"}],
+                      "capture": {"backend": "vllm", "samples": 8}})
+

@@ -372,7 +372,8 @@ def test_smollm2_capture_aligns_to_a_real_target(tiny_world: Path, tmp_path: Pat
     from polyfuse.align.tokens import align_blocks
     from polyfuse.align.transfer import aligned_source_positions, transfer_block
     from polyfuse.align.vocab import vocab_map
-    from polyfuse.capture import StoreReader, get_backend
+    from polyfuse.capture import StoreReader
+    from polyfuse.capture.hf import capture
     from polyfuse.corpus.blocks import split_document
     from polyfuse.corpus.tokens import encode_blocks
     from polyfuse.models import load_model, load_tokenizer
@@ -390,8 +391,8 @@ def test_smollm2_capture_aligns_to_a_real_target(tiny_world: Path, tmp_path: Pat
     texts = [*REAL_TEXTS, *(prose[a:b] for a, b in split_document(prose, [src_tok, tgt_tok], 96))][:5]
     blocks = list(enumerate(texts, start=10))
     model = load_model(str(paths["smollm2"]), device="cpu")
-    stats = get_backend("hf")(model, src_tok, blocks, tmp_path / "store", k=10, batch_size=2, shard_size=2,
-                              progress=False, meta={"model": "world:smollm2"})
+    stats = capture(model, src_tok, blocks, tmp_path / "store", k=10, batch_size=2, shard_size=2,
+                    progress=False, meta={"model": "world:smollm2"})
     reader = StoreReader(tmp_path / "store")
     assert stats["finalized"] and reader.block_ids == [b for b, _ in blocks]
     assert reader.vocab_size == len(src_tok) == 49_152 and reader.id_bits == 16

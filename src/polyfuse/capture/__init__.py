@@ -4,7 +4,7 @@
 it. Backends are looked up by name (``capture.backend`` in a recipe)::
 
     >>> run = get_backend("hf")
-    >>> stats = run(model, tokenizer, [(0, "text"), ...], "runs/x/capture/prose", k=10)
+    >>> stats = run("world:prose", None, [(0, "text"), ...], "runs/x/capture/prose", k=10)
     >>> StoreReader("runs/x/capture/prose")[0].logprobs.shape     # (P, 10)
 """
 
@@ -20,11 +20,16 @@ from polyfuse.errors import PolyfuseError
 __all__ = ["BACKENDS", "BlockTopK", "StoreReader", "StoreWriter", "get_backend", "id_bits_for", "is_store"]
 
 BACKENDS: dict[str, str] = {
-    "hf": "polyfuse.capture.hf:capture",
-    "vllm": "polyfuse.capture.vllm:capture",
+    "hf": "polyfuse.capture.hf:capture_ref",
+    "vllm": "polyfuse.capture.vllm:capture_ref",
 }
-"""Backend name -> ``module:function`` with the signature of :func:`polyfuse.capture.hf.capture` (the
-``vllm`` backend takes a model reference instead of a loaded model and builds its own engine)."""
+"""Backend name -> ``module:function`` with the signature of :func:`polyfuse.capture.hf.capture_ref`: a model
+reference, a tokenizer reference (or None), the blocks, the store directory, and keyword settings (``k``,
+``samples``, ``seed``, ``batch_size``, ``shard_size``, ``progress``, ``meta``, ``dtype``, ``device``,
+``prefix_bytes``, ``pieces``). Each backend loads what it needs itself."""
+
+_REQUIRES: dict[str, tuple[str, ...]] = {"vllm": ("vllm",)}
+"""The optional packages a backend needs, imported by :func:`get_backend`."""
 
 
 def get_backend(name: str) -> Callable[..., dict[str, Any]]:
@@ -41,6 +46,8 @@ def get_backend(name: str) -> Callable[..., dict[str, Any]]:
         ) from None
     module_name, _, attr = target.partition(":")
     try:
+        for dependency in _REQUIRES.get(name, ()):  # an optional extra: fail here, before any work
+            importlib.import_module(dependency)
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise PolyfuseError(

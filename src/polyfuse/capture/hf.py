@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["capture", "capture_meta", "head_logits", "topk_of_hidden"]
+__all__ = ["capture", "capture_meta", "capture_ref", "head_logits", "topk_of_hidden"]
 
 logger = logging.getLogger(__name__)
 
@@ -495,3 +495,16 @@ def capture(
         prefix_bytes=prefix_bytes, max_len=_max_positions(model), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
         progress=progress, log=logger,
     )
+
+
+def capture_ref(model: Any, tokenizer: str | None, blocks: Sequence[tuple[int, str] | tuple[int, str, Spans | None]],
+                out_dir: str | Path, *, dtype: str = "auto", device: str = "auto", **kwargs: Any) -> dict[str, Any]:
+    """:func:`capture` for a model *reference* (a :class:`~polyfuse.models.ResolvedModel` or what
+    :func:`polyfuse.models.resolve_model_ref` reads; ``tokenizer``: another tokenizer reference or None):
+    loads the model in ``dtype`` on ``device`` and its tokenizer, then captures (the backend registry's
+    entry point, :func:`polyfuse.capture.get_backend`)."""
+    from polyfuse.models import load_model, load_tokenizer
+
+    return capture(load_model(model, dtype=dtype, device=device), load_tokenizer(model, tokenizer), blocks, out_dir,
+                   **kwargs)
+

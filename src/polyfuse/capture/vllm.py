@@ -82,7 +82,7 @@ from polyfuse.models import (
     vocab_facts,
 )
 
-__all__ = ["capture", "import_vllm", "position_topk", "vllm_meta"]
+__all__ = ["capture", "capture_ref", "import_vllm", "position_topk", "vllm_meta"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,3 +321,20 @@ def capture(
         max_len=context_length(config), rank=rank, world_size=world_size, barrier=barrier, wait_s=wait_s,
         progress=progress, log=logger,
     )
+
+
+def capture_ref(model: str | ResolvedModel, tokenizer: str | None,
+                blocks: Sequence[tuple[int, str] | tuple[int, str, Spans | None]], out_dir: str | Path, *,
+                samples: int = 0, prefix_bytes: int = 0, pieces: Sequence[bytes | None] | None = None,
+                **kwargs: Any) -> dict[str, Any]:
+    """:func:`capture` with the registry's signature (:func:`polyfuse.capture.hf.capture_ref`): ``tokenizer``
+    is a reference loaded here. vLLM returns only top-k prompt log-probs, so a sampled tail (``samples``) is
+    refused and prefix masses (``prefix_bytes``, ``pieces``) are not captured."""
+    from polyfuse.models import load_tokenizer
+
+    import_vllm()  # fail before anything is read, naming the extra
+    if samples:
+        raise PolyfuseError("capture.samples needs the hf backend (vLLM returns only top-k prompt log-probs); "
+                            "set capture.samples=0 or capture.backend=hf")
+    return capture(model, load_tokenizer(model, tokenizer), blocks, out_dir, **kwargs)
+

@@ -139,6 +139,13 @@ class CaptureSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N")
 
+    @model_validator(mode="after")
+    def _samples_need_hf(self) -> CaptureSection:
+        if self.backend == "vllm" and self.samples:
+            raise ValueError("capture.samples needs the hf backend (vLLM returns only top-k prompt log-probs), "
+                             "set capture.samples=0 or capture.backend=hf")
+        return self
+
 
 class VocabSection(Section):
     """Source-vocabulary → target-vocabulary maps."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polyfuse.errors import RecipeError
 from polyfuse.recipe import Recipe
 from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
 from polyfuse.workspace import (
@@ -17,19 +16,12 @@ from polyfuse.workspace import (
 def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
     """Top-k next-token log-probs of the target and every source over the blocks (resumable shards)."""
     from polyfuse.align.normalize import token_table
-    from polyfuse.capture.hf import capture
+    from polyfuse.capture import get_backend
     from polyfuse.capture.store import FORMAT_VERSION
-    from polyfuse.models import load_model, load_tokenizer
+    from polyfuse.models import load_tokenizer
 
     opts = recipe.capture
-    if opts.backend == "vllm":  # fail fast, naming the extra, when vLLM is not installed
-        from polyfuse.capture.vllm import capture as vllm_capture
-        from polyfuse.capture.vllm import import_vllm
-
-        import_vllm()
-        if opts.samples:
-            raise RecipeError("capture.samples needs the hf backend (vLLM returns only top-k prompt log-probs); "
-                              "set capture.samples=0 or capture.backend=hf")
+    run = get_backend(opts.backend)  # an unknown backend or a missing extra fails here, before any work
     blocks = recipe_blocks(recipe)
     pairs = [(b.block_id, b.text, b.response_spans) for b in blocks]
     results = {}
@@ -42,15 +34,11 @@ def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True)
                **({"seed": recipe.seed} if opts.samples else {}), **({"prefix_bytes": prefix_bytes} if prefix_bytes else {})}
 
         def build(out: Path, res=res, tok=tok, prefix_bytes=prefix_bytes) -> dict:
-            if opts.backend == "vllm":
-                return vllm_capture(res, load_tokenizer(res, tok), pairs, out, k=opts.top_k, batch_size=opts.batch_size,
-                                    shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
-                                    dtype=opts.dtype, device=opts.device, seed=recipe.seed)
-            model, tokenizer = load_model(res, dtype=opts.dtype, device=opts.device), load_tokenizer(res, tok)
-            return capture(model, tokenizer, pairs, out, k=opts.top_k, samples=opts.samples,
-                           seed=recipe.seed, batch_size=opts.batch_size,
-                           shard_size=opts.shard_size, progress=progress, meta={"model": str(res)},
-                           prefix_bytes=prefix_bytes, pieces=token_table(tokenizer).pieces if prefix_bytes else None)
+            pieces = token_table(load_tokenizer(res, tok)).pieces if prefix_bytes else None
+            return run(res, tok, pairs, out, k=opts.top_k, samples=opts.samples, seed=recipe.seed,
+                       batch_size=opts.batch_size, shard_size=opts.shard_size, progress=progress,
+                       meta={"model": str(res)}, dtype=opts.dtype, device=opts.device, prefix_bytes=prefix_bytes,
+                       pieces=pieces)
 
         results[name] = run_stage(stage_dir(recipe, "capture", name), "capture", cfg,
                                   {"blocks": stage_dir(recipe, "blocks"), "model": res.location}, build,
