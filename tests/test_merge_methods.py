@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from polyfuse.errors import PolyfuseError
-from polyfuse.merge.methods import METHODS, _stream_seed, merge_tensors
+from polyfuse.merge.blocks import stream_seed
+from polyfuse.merge.methods import METHODS, merge_tensors
 from polyfuse.merge.select import TopK
 
 
@@ -60,7 +61,7 @@ def test_dare_linear_follows_its_documented_drop_stream():
                         parameters={"weight": [1.0, 2.0], "density": density, "rescale": False})
     expected = base.clone()
     for i, (d, rho, w) in enumerate(zip(deltas, density, [1.0, 2.0], strict=True)):
-        u = torch.rand(64, generator=torch.Generator().manual_seed(_stream_seed(5, "w", i)))
+        u = torch.rand(64, generator=torch.Generator().manual_seed(stream_seed(5, "w", i)))
         expected += w * d * (u < rho)
     torch.testing.assert_close(out, expected)
 
@@ -222,12 +223,12 @@ def test_streaming_topk_matches_a_stable_sort_with_ties(small_bytes):
 
 
 def test_sums_do_not_depend_on_the_chunking():
-    from polyfuse.merge.methods import _RowSums
+    from polyfuse.merge.blocks import RowSums
 
     values = torch.randn(3, 10_000, generator=torch.Generator().manual_seed(5))  # a 1-D tensor, 3 models
     totals = []
     for sizes in ([10_000], [1, 4095, 5904], [7] * 1428 + [4], [4096, 4096, 1808]):
-        sums, offset = _RowSums(), 0
+        sums, offset = RowSums(), 0
         for size in sizes:
             sums.add(values[:, offset:offset + size])
             offset += size

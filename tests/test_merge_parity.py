@@ -29,7 +29,7 @@ import yaml
 from safetensors import safe_open
 
 from polyfuse.merge import merge_tensors, run_merge
-from polyfuse.merge.methods import _stream_seed
+from polyfuse.merge.blocks import stream_seed
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -85,7 +85,7 @@ def test_dare_parity_with_the_drop_mask_fixed(api, tensors, monkeypatch, method,
 
     def polyfuse_mask(tensor, density, rescale_norm=None):
         i = next(calls)
-        u = torch.rand(tensor.numel(), generator=torch.Generator().manual_seed(_stream_seed(seed, name, i)))
+        u = torch.rand(tensor.numel(), generator=torch.Generator().manual_seed(stream_seed(seed, name, i)))
         mask = (u < density).view_as(tensor).to(tensor.dtype)
         return sparsify.rescaled_masked_tensor(tensor, mask, rescale_norm)
 
