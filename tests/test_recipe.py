@@ -376,3 +376,20 @@ def test_training_settings_are_recipe_fields_with_the_old_values_as_defaults(val
     assert (changed.adam_beta2, changed.lr_scheduler_type, changed.save_steps) == (0.99, "linear", 5)
     with pytest.raises(RecipeError, match=r"train\.adam_beta2"):
         load_recipe(valid, ["train.adam_beta2=1.5"])
+
+
+def test_recipe_choices_are_the_registries_names() -> None:
+    """A method, strategy or backend added to its registry is a valid recipe value with no second list."""
+    from typing import get_args
+
+    from polyfuse import generate
+    from polyfuse.capture import BACKENDS
+    from polyfuse.fuse.strategies import STRATEGIES
+    from polyfuse.merge.methods import METHODS
+    from polyfuse.recipe import CaptureSection, FuseSection, MergeSection
+    from polyfuse.recipe.implicit import SampleSection
+
+    assert get_args(FuseSection.model_fields["strategy"].annotation) == tuple(STRATEGIES)
+    assert get_args(MergeSection.model_fields["method"].annotation) == tuple(METHODS)
+    assert get_args(CaptureSection.model_fields["backend"].annotation) == tuple(BACKENDS)
+    assert get_args(SampleSection.model_fields["backend"].annotation) == tuple(generate.BACKENDS)

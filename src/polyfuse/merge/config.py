@@ -186,7 +186,7 @@ def parse_merge_config(data: Any, *, source: str = "merge config") -> MergeConfi
     Raises:
         RecipeError: one line naming every bad key and the fix.
     """
-    from polyfuse.recipe import format_validation_error
+    from polyfuse.validation import format_validation_error
 
     if not isinstance(data, Mapping):
         raise RecipeError(f"{source}: a merge config must be a mapping with keys {', '.join(MergeConfig.model_fields)}")

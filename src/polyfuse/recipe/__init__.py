@@ -6,8 +6,8 @@ error that names the file, the dotted key and the fix, never a silent fallback t
 
 The package: :mod:`~polyfuse.recipe.base` (model references, ``Section``, ``RecipeBase``),
 :mod:`~polyfuse.recipe.explicit` (``Recipe``: modes ``fusellm`` and ``fusechat``),
-:mod:`~polyfuse.recipe.implicit` (``ImplicitRecipe``: mode ``implicit``), :mod:`~polyfuse.recipe.loading`
-(YAML and overrides) and :mod:`~polyfuse.recipe.validation` (one-line errors). :func:`load_recipe` is the
+:mod:`~polyfuse.recipe.implicit` (``ImplicitRecipe``: mode ``implicit``) and :mod:`~polyfuse.recipe.loading`
+(YAML and overrides); errors are one line (:mod:`polyfuse.validation`). :func:`load_recipe` is the
 one loader: it reads the file, applies the overrides once and validates against the class of the ``mode``.
 """
 
@@ -45,7 +45,7 @@ from polyfuse.recipe.explicit import (
 )
 from polyfuse.recipe.implicit import ImplicitRecipe
 from polyfuse.recipe.loading import _apply_overrides, apply_overrides, read_recipe_file
-from polyfuse.recipe.validation import format_validation_error
+from polyfuse.validation import format_validation_error
 
 __all__ = [
     "MODES",

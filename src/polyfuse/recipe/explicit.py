@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from polyfuse.capture import BACKENDS as CAPTURE_BACKENDS
+from polyfuse.fuse.strategies import STRATEGIES
+from polyfuse.merge.methods import METHODS
 from polyfuse.recipe.base import RecipeBase, Section
 
 __all__ = ["AlignSection", "BlocksSection", "CaptureSection", "CorpusSection", "DataSection", "EvalSection",
@@ -124,7 +127,8 @@ class BlocksSection(Section):
 class CaptureSection(Section):
     """Teacher forward passes that keep each position's top-k next-token log-probs."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf (default) or vllm (optional extra)")
+    backend: Literal[tuple(CAPTURE_BACKENDS)] = Field(  # the capture registry's names
+        "hf", description="hf (default) or vllm (optional extra)")
     top_k: int = Field(10, ge=1, le=256, description="teacher log-probs kept per position", examples=[10])
     samples: int = Field(
         0, ge=0, le=1024, description="draws from the rest of each teacher distribution, stored after the "
@@ -186,7 +190,7 @@ class AlignSection(Section):
 class FuseSection(Section):
     """Fusion of the target's and the aligned sources' distributions."""
 
-    strategy: Literal["min_ce", "avg_ce", "none"] = Field(
+    strategy: Literal[tuple(STRATEGIES)] = Field(  # the fusion strategies' registry
         "min_ce", description="min_ce (lowest cross-entropy teacher), avg_ce (weighted average) or none")
     level: Literal["token", "sequence"] = Field("token", description="choose or weigh teachers per token or per block")
     criterion: Literal["token", "span"] = Field(
@@ -251,7 +255,7 @@ class PairsSection(Section):
 class MergeSection(Section):
     """FuseChat's last step: merging the pairwise targets in parameter space (mode fusechat)."""
 
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "sce", "varm"] = Field(
+    method: Literal[tuple(METHODS)] = Field(  # the merge methods' registry
         "sce", description="merge method (mergekit names), sce as FuseChat-2.0 or varm as FuseChat-1.0")
     parameters: dict[str, float | str | bool] = Field(
         default_factory=lambda: {"select_topk": 1.0, "sce_variant": "fusechat"},

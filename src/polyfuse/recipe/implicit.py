@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator
 
+from polyfuse.generate import BACKENDS as GENERATION_BACKENDS
 from polyfuse.recipe.base import ModelSpec, RecipeBase, Section, TargetSpec
 
 __all__ = ["AccuracySection", "BuildSection", "CurvesSection", "DPOSection", "ImplicitModelSpec", "ImplicitRecipe",
@@ -83,7 +84,8 @@ class PromptsSection(Section):
 class SampleSection(Section):
     """Sampling N responses per prompt from every source (and the target)."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf (batched generate) or vllm (optional extra, GPU)")
+    backend: Literal[tuple(GENERATION_BACKENDS)] = Field(  # polyfuse.generate's backends
+        "hf", description="hf (batched generate) or vllm (optional extra, GPU)")
     n: int = Field(4, ge=1, description="responses per prompt and model")
     temperature: float = Field(1.0, ge=0, description="sampling temperature, 0 is greedy (then n must be 1)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")

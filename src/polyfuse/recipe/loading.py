@@ -11,8 +11,9 @@ from typing import Any
 import yaml
 
 from polyfuse.errors import RecipeError
+from polyfuse.validation import one_line
 
-__all__ = ["apply_overrides", "one_line", "read_recipe_file"]
+__all__ = ["apply_overrides", "read_recipe_file"]
 
 
 class _Loader(yaml.SafeLoader):
@@ -43,11 +44,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-
-
-def one_line(text: str) -> str:
-    """``text`` on one line: every run of whitespace becomes one space."""
-    return " ".join(str(text).split())
 
 
 def _parse_override(item: str) -> tuple[str, list[str], Any, bool]:

@@ -1,4 +1,6 @@
-"""Pydantic validation errors as one line: ``file: dotted.key: problem (fix)``, all problems at once."""
+"""Pydantic validation errors as one line: ``file: dotted.key: problem (fix)``, all problems at once.
+
+Shared by recipes (:mod:`polyfuse.recipe`) and mergekit-style merge configs (:mod:`polyfuse.merge.config`)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from polyfuse.recipe.loading import one_line
+__all__ = ["format_validation_error", "one_line"]
 
-__all__ = ["format_validation_error"]
+
+def one_line(text: str) -> str:
+    """``text`` on one line: every run of whitespace becomes one space."""
+    return " ".join(str(text).split())
 
 
 def _is_model(annotation: Any) -> bool:
