@@ -282,7 +282,7 @@ def run_shards(
             store_tokens=reader.n_positions,
             bytes_per_token=round(reader.bytes_per_token(), 3),
         )
-    log.info(
+    log.debug(
         "capture %s: %d blocks, %d tokens in %.1fs (%s tok/s) -> %s%s",
         name,
         n_todo,

@@ -237,7 +237,7 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
     checks = chat_world_checks(acc, recipe.target.name) + transfer_checks(results, recipe.target.name)
     results["implicit_checks"] = checks
     results["implicit_seconds"] = round(time.perf_counter() - started, 1)
-    log.info("implicit demo: %s", json.dumps(checks))
+    log.debug("implicit demo: %s", json.dumps(checks))
     return results
 
 

@@ -337,7 +337,8 @@ def evaluate_bpb(
 
     Each entry of ``models`` is ``(name, model, tokenizer)`` or ``(name, load)`` where ``load()``
     returns ``(model, tokenizer)``; loaded models are evaluated one at a time and released before
-    the next is loaded. ``opts`` go to :func:`bits_per_byte`.
+    the next is loaded. ``opts`` go to :func:`bits_per_byte`, except ``progress``: one bar per model,
+    a step per domain.
 
     Returns:
         ``{name: {"bpb": {domain: float, ..., "all": float}, "n_tokens": {...}, "n_bytes": {...}}}``;
@@ -345,6 +346,7 @@ def evaluate_bpb(
     """
     if "all" in data:
         raise DataError("a domain is named 'all', which is reserved for the pooled score; rename its file")
+    progress = opts.pop("progress", None)
     results: dict[str, dict[str, dict[str, float | int]]] = {}
     for entry in models:
         name = entry[0]
@@ -356,10 +358,12 @@ def evaluate_bpb(
             owned = False
         else:
             raise ValueError(f"model entry {entry!r} must be (name, model, tokenizer) or (name, load)")
-        per_domain = {
-            domain: bits_per_byte(model, tokenizer, texts, description=f"bpb {name}/{domain}", **opts)
-            for domain, texts in data.items()
-        }
+        per_domain: dict[str, BpbResult] = {}
+        with progress_bar(f"bpb {name}", len(data), progress) as advance:  # one bar per model, a step per domain
+            for domain, texts in data.items():
+                per_domain[domain] = bits_per_byte(model, tokenizer, texts, description=f"bpb {name}/{domain}",
+                                                   progress=False, **opts)
+                advance(domain=domain)
         pooled = sum(per_domain.values(), BpbResult(0.0, 0, 0))
         per_domain["all"] = pooled
         results[name] = {

@@ -81,7 +81,7 @@ class AccuracyCurve(TrainerCallback):
         finally:
             model.train(was_training)
         self.done[step] = accuracy
-        log.info("%s step %d: held-out accuracy %s", self.stage, step, accuracy)
+        log.debug("%s step %d: held-out accuracy %s", self.stage, step, accuracy)
         atomic_write_json(self.path, {"stage": self.stage, "steps": self.steps,
                                       "points": [{"step": s, "accuracy": a} for s, a in sorted(self.done.items())]})
 

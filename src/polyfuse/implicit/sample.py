@@ -138,6 +138,6 @@ def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[Sourc
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     part.unlink(missing_ok=True)
     stats["records"] = len(kept)
-    log.info("sample: %d records from %d sources on %d prompts -> %s (%d batches run, %d reused)", len(kept),
+    log.debug("sample: %d records from %d sources on %d prompts -> %s (%d batches run, %d reused)", len(kept),
              len(sources), len(prompts), out, stats["batches_done"], stats["batches_skipped"])
     return stats

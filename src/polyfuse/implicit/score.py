@@ -440,7 +440,7 @@ def score_file(samples_path: str | Path, out_path: str | Path, *, reward_model: 
         scored, stats = score_samples(samples, reward_model=reward_model, cache=cache, verifier=verifier,
                                       prompts=prompts, workers=workers, progress=progress)
     atomic_write_text(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
-    log.info("score: wrote %d rows to %s in %.1fs (rewards %d new / %d cached, verdicts %d new / %d cached)",
+    log.debug("score: wrote %d rows to %s in %.1fs (rewards %d new / %d cached, verdicts %d new / %d cached)",
              len(scored), out_path, stats.seconds, stats.rewards_computed, stats.rewards_cached,
              stats.verdicts_computed, stats.verdicts_cached)
     return stats

@@ -29,6 +29,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -190,8 +191,6 @@ def _common_args(cfg: SFTTrainConfig, output_dir: Path) -> dict[str, Any]:
 def _trl_config(cls: type, kwargs: Mapping[str, Any]) -> Any:
     """``cls(**kwargs)`` without the deprecation warning TRL's own ``gradient_checkpointing`` field raises
     (TRL defaults it to True; polyfuse must pass it to keep it off unless asked)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         return cls(**kwargs)
@@ -201,7 +200,7 @@ def _prepare(model_path: str, cfg: SFTTrainConfig) -> tuple[str, Any]:
     resolved = resolve_model_ref(model_path)
     tokenizer = load_tokenizer(resolved)
     if ensure_chat_template(tokenizer, cfg.chat_template):
-        log.info("chat template set on the tokenizer of %s", model_path)
+        log.debug("chat template set on the tokenizer of %s", model_path)
     return resolved.location, tokenizer
 
 
@@ -226,7 +225,9 @@ def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, star
     if last:
         log.info("%s: resuming from %s", stage, last)
     quiet_trainer(trainer, stage, progress=not cfg.extra.get("disable_tqdm", False))
-    result = trainer.train(resume_from_checkpoint=last)
+    with warnings.catch_warnings():  # TRL reads the model's deprecated is_gradient_checkpointing when it generates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        result = trainer.train(resume_from_checkpoint=last)
     _save_final(trainer, cfg, output_dir)
     trainer.save_state()  # trainer_state.json: the logged values (log_history) next to the model
     if not cfg.keep_checkpoints:

@@ -457,7 +457,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
-    logger.info("merged %d tensors (%.2f GB read) with %s into %s (%d shard(s)) in %.1f s", len(plan.tensors),
+    logger.debug("merged %d tensors (%.2f GB read) with %s into %s (%d shard(s)) in %.1f s", len(plan.tensors),
                 plan.input_bytes / 1e9, plan.method.name, out_dir, len(names), seconds)
     return MergeResult(out_dir, len(plan.tensors), names, plan.input_bytes, output_bytes, seconds)
 

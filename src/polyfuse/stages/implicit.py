@@ -26,6 +26,7 @@ from typing import Any
 
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
+from polyfuse.progress import progress_bar
 from polyfuse.recipe.implicit import ImplicitRecipe, SamplingOverrides, TrainingSection
 from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
 
@@ -285,24 +286,27 @@ def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: boo
     o = recipe.accuracy
     results = {}
     rows: list[dict[str, Any]] | None = None
-    for row, (location, template) in row_models(recipe).items():
-        cfg = {"accuracy": recipe.section_dict("accuracy"), "model": location, "chat_template": template,
-               "max_eval_prompts": recipe.prompts.max_eval_prompts}
+    models = row_models(recipe)
+    with progress_bar("accuracy", len(models), progress) as advance:  # one bar, a step per model
+        for row, (location, template) in models.items():
+            cfg = {"accuracy": recipe.section_dict("accuracy"), "model": location, "chat_template": template,
+                   "max_eval_prompts": recipe.prompts.max_eval_prompts}
 
-        def build(out: Path, location: str = location, template: str | None = template) -> dict[str, Any]:
-            nonlocal rows
-            rows = rows if rows is not None else read_problems(held, recipe.prompts.max_eval_prompts)
-            acc, records = evaluate_accuracy(location, rows, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
-                                             device=o.device, dtype=o.dtype, chat_template=template, progress=progress)
-            _write_jsonl(out / "responses.jsonl", records)
-            return {"accuracy": acc, "prompts": len(records)}
+            def build(out: Path, location: str = location, template: str | None = template) -> dict[str, Any]:
+                nonlocal rows
+                rows = rows if rows is not None else read_problems(held, recipe.prompts.max_eval_prompts)
+                acc, records = evaluate_accuracy(location, rows, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
+                                                 device=o.device, dtype=o.dtype, chat_template=template, progress=False)
+                _write_jsonl(out / "responses.jsonl", records)
+                return {"accuracy": acc, "prompts": len(records)}
 
-        res = run_stage(_dir(recipe, "accuracy", row), "accuracy", cfg, {"eval": held, "model": location}, build,
-                        force=force)
-        if current_ranks().main:
-            update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
-                           meta={"target": recipe.target.name,
-                                 "accuracy": {"prompts": str(held), "decoding": "greedy",
-                                              "n_prompts": res.manifest.outputs["prompts"]}})
-        results[row] = res
+            res = run_stage(_dir(recipe, "accuracy", row), "accuracy", cfg, {"eval": held, "model": location}, build,
+                            force=force)
+            if current_ranks().main:
+                update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
+                               meta={"target": recipe.target.name,
+                                     "accuracy": {"prompts": str(held), "decoding": "greedy",
+                                                  "n_prompts": res.manifest.outputs["prompts"]}})
+            results[row] = res
+            advance(model=row)
     return results

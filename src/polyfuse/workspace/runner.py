@@ -179,7 +179,7 @@ def run_stage(
     `collective=True` hands every rank the same (resumable) directory.
     """
     out_dir = Path(out_dir)
-    log = log or logger.info
+    log = log or logger.debug  # the stage bars and the CLI say what ran; --verbose shows these lines
     config = normalise_config(config)
     input_hashes = hash_inputs(inputs)
     input_paths = {name: os.path.relpath(value.resolve(), out_dir.resolve())
