@@ -25,8 +25,8 @@ def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) ->
 def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, progress: bool) -> StageResult:
     """Fuse the target (when ``fuse.include_target``) with the aligned sources ``names`` into ``out_dir``."""
     from polyfuse.capture.store import FORMAT_VERSION, StoreReader, StoreWriter
-    from polyfuse.fuse.strategies import fuse_block, tag_teacher
-    from polyfuse.fuse.teachers import fused_store_row, fusion_teachers, lead_teachers, teacher_names
+    from polyfuse.fuse.stores import fuse_stores
+    from polyfuse.fuse.teachers import lead_teachers, teacher_names
     from polyfuse.progress import progress_bar
 
     opts = recipe.fuse
@@ -70,29 +70,11 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
                                    "teachers": teacher_names(target, names, opts.fallback, opts.include_target),
                                    "temperature": own.temperature})
-        stats, by_domain = None, {}
-        shard = recipe.capture.shard_size
         with progress_bar(f"fuse ({opts.strategy}, {opts.level})", len(blocks), progress) as advance:
-            for start in range(0, len(blocks), shard):
-                rows = []
-                for b in blocks[start:start + shard]:
-                    t_row = own[b.block_id]
-                    teachers = fusion_teachers(t_row, [a[b.block_id] for a in aligned], fallback=opts.fallback,
-                                               include_target=opts.include_target,
-                                               next_ids=next_ids[b.block_id] if opts.fallback == "label" else None,
-                                               source_nll=source_nll[b.block_id] if source_nll is not None else None)
-                    if groups is not None:
-                        teachers = [tag_teacher(t, m, n_tgt) for m, t in enumerate(teachers)]
-                    fused = fuse_block(teachers,
-                                       strategy=opts.strategy, level=opts.level, k_out=k_out,
-                                       n_bytes=b.metric_bytes)
-                    stats = fused.stats if stats is None else stats + fused.stats
-                    seen = by_domain.get(b.domain)
-                    by_domain[b.domain] = fused.stats if seen is None else seen + fused.stats
-                    rows.append(fused_store_row(b.block_id, fused, t_row, k_out))
-                    advance()
-                writer.write_shard(start // shard, rows)
-        writer.finalize()
+            stats, by_domain = fuse_stores(blocks, own, aligned, writer, strategy=opts.strategy, level=opts.level,
+                                           k_out=k_out, fallback=opts.fallback, include_target=opts.include_target,
+                                           groups=groups, n_tgt=n_tgt, next_ids=next_ids, source_nll=source_nll,
+                                           shard_size=recipe.capture.shard_size, advance=advance)
         return {"teacher_share": stats.as_dict() if stats is not None else {},
                 "teacher_share_by_domain": {d: s.share.tolist() for d, s in sorted(by_domain.items())},
                 "teachers": teacher_names(target, names, opts.fallback, opts.include_target)}
