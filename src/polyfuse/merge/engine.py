@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
-from polyfuse.workspace import clean_stale_temps, swap_in
+from polyfuse.workspace import clean_stale_temps, swap_in, temp_name
 
 __all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
 
@@ -427,7 +425,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     names = _shard_names(len(shards))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out_dir.parent, name=out_dir.name)  # what a killed merge into out_dir left behind
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out_dir.parent / temp_name(out_dir.name)
     tmp.mkdir()
     start = time.perf_counter()
     try:

@@ -31,6 +31,7 @@ from polyfuse.workspace.files import (
     iter_jsonl,
     read_jsonl,
     swap_in,
+    temp_name,
 )
 from polyfuse.workspace.hashing import (
     check_lineage,
@@ -87,6 +88,7 @@ __all__ = [
     "stage_status",
     "start_process_group",
     "swap_in",
+    "temp_name",
     "tree_files",
     "verify_artifact",
     "workdir_lock",

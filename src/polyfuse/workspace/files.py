@@ -32,6 +32,7 @@ __all__ = [
     "iter_jsonl",
     "read_jsonl",
     "swap_in",
+    "temp_name",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -53,7 +54,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _temp_name(name: str, prefix: str = TMP_PREFIX) -> str:
+def temp_name(name: str, prefix: str = TMP_PREFIX) -> str:
+    """A sibling name for writing ``name`` atomically: ``PREFIX NAME-PID-RANDOM``, the form
+    :func:`clean_stale_temps` reads the writer's pid from."""
     return f"{prefix}{name}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
@@ -61,7 +64,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` via a temp file in the same directory, fsync and `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / _temp_name(path.name)
+    tmp = path.parent / temp_name(path.name)
     try:
         with tmp.open("xb") as f:
             f.write(data)
@@ -139,7 +142,7 @@ def swap_in(tmp: Path, out_dir: Path) -> None:
     if not (out_dir.exists() or out_dir.is_symlink()):
         os.replace(tmp, out_dir)
         return
-    trash = out_dir.parent / _temp_name(out_dir.name, TRASH_PREFIX)
+    trash = out_dir.parent / temp_name(out_dir.name, TRASH_PREFIX)
     os.replace(out_dir, trash)
     try:
         os.replace(tmp, out_dir)

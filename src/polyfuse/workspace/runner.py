@@ -34,11 +34,11 @@ from polyfuse.workspace.files import (
     _dumps,
     _fsync_dir,
     _remove,
-    _temp_name,
     atomic_write_json,
     atomic_write_text,
     clean_stale_temps,
     swap_in,
+    temp_name,
 )
 from polyfuse.workspace.hashing import check_lineage, file_records, hash_inputs, verify_artifact
 from polyfuse.workspace.manifest import (
@@ -281,7 +281,7 @@ def _run_stage_here(out_dir: Path, stage: str, config: dict[str, Any], input_has
         tmp = partial_dir(out_dir)
         _open_partial(tmp, _stage_key(stage, config, input_hashes), fresh=force, log=log, stage=stage)
     else:
-        tmp = parent / _temp_name(out_dir.name)
+        tmp = parent / temp_name(out_dir.name)
         tmp.mkdir()
     start = time.perf_counter()
     try:
