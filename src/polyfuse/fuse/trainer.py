@@ -45,7 +45,8 @@ from polyfuse.trainer_bar import quiet_trainer
 if TYPE_CHECKING:
     from transformers import TrainerCallback
 
-__all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "lm_weight_at", "train_fusion", "training_row"]
+__all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "TeacherRows", "lm_weight_at", "train_fusion",
+           "training_row"]
 
 DISTILL_LOSSES = ("ce", "kl")
 SCHEDULES = ("hard", "hard_and_decay")
@@ -229,6 +230,31 @@ def training_row(enc: EncodedBlock, response_spans: Spans | None = None) -> dict
     if response_spans is not None:
         row["labels"] = response_labels(enc, response_spans)
     return row
+
+
+class TeacherRows(Sequence[dict[str, np.ndarray]]):
+    """Training rows whose fused teacher entries are read from a top-k store when a row is fetched.
+
+    ``rows[i]`` is ``rows[i]`` of the given list (``input_ids``, optional ``labels``) plus ``teacher_ids``
+    [P, k] and ``teacher_logprobs`` [P, k] float32 of block ``block_ids[i]`` in ``store`` (anything whose
+    ``store[block_id]`` has ``ids`` and ``logprobs``, e.g. :class:`polyfuse.capture.store.StoreReader`,
+    which memory-maps its shards). Nothing is read up front: under several processes each rank's data
+    loader fetches only the rows of its share, so a rank reads only its share of the teacher store.
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], store: Any, block_ids: Sequence[int]) -> None:
+        if len(rows) != len(block_ids):
+            raise ValueError(f"{len(rows)} rows but {len(block_ids)} block ids")
+        self.rows, self.store, self.block_ids = rows, store, list(block_ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        entry = self.store[self.block_ids[i]]
+        return {**self.rows[i], "teacher_ids": entry.ids, "teacher_logprobs": entry.logprobs.astype(np.float32)}
 
 
 def _as_1d(example: Mapping[str, Any], key: str, length: int | None = None) -> np.ndarray:

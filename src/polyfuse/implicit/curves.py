@@ -88,10 +88,10 @@ class AccuracyCurve(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                        **kwargs: Any) -> None:
         self.steps = curve_steps(state.max_steps, self.points)
-        if state.global_step == 0:
+        if state.global_step == 0 and state.is_world_process_zero:  # under several processes: rank 0 measures
             self._measure(0, model, processing_class)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None,
                     **kwargs: Any) -> None:
-        if state.global_step in self.steps:
+        if state.global_step in self.steps and state.is_world_process_zero:
             self._measure(state.global_step, model, processing_class)

@@ -213,9 +213,10 @@ def _save_final(trainer: Any, cfg: SFTTrainConfig, output_dir: Path) -> None:
         trainer.save_model(str(output_dir))
         return
     trainer.save_model(str(output_dir / "adapter"))
-    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    merged.save_pretrained(output_dir)
-    trainer.processing_class.save_pretrained(output_dir)
+    if trainer.is_world_process_zero():  # one writer under several processes (save_model takes care of itself)
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        merged.save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
 
 
 def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, started: float) -> dict[str, Any]:
@@ -230,7 +231,8 @@ def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, star
         result = trainer.train(resume_from_checkpoint=last)
     _save_final(trainer, cfg, output_dir)
     trainer.save_state()  # trainer_state.json: the logged values (log_history) next to the model
-    if not cfg.keep_checkpoints:
+    main = trainer.is_world_process_zero()  # under several processes the other ranks write nothing here
+    if not cfg.keep_checkpoints and main:
         for ckpt in output_dir.glob("checkpoint-*"):
             shutil.rmtree(ckpt, ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -241,7 +243,8 @@ def _train(trainer: Any, cfg: SFTTrainConfig, output_dir: Path, stage: str, star
     if not all(math.isfinite(x) for x in losses):
         raise PolyfuseError(f"{stage}: the loss became NaN or infinite (logged {losses[-5:]}); lower the "
                             "learning rate or beta")
-    atomic_write_json(output_dir / "train_result.json", summary)
+    if main:
+        atomic_write_json(output_dir / "train_result.json", summary)
     return summary
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,14 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
-def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
-    """Training rows: the target's tokens of each block, plus the fused targets when fusing."""
+def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> Sequence[dict]:
+    """Training rows: the target's tokens of each block, plus the fused targets when fusing (read from the
+    store only when the data loader fetches a row, so each rank reads its own share)."""
     import numpy as np
 
     from polyfuse.capture.store import StoreReader
     from polyfuse.corpus.tokens import encode_blocks
-    from polyfuse.fuse.trainer import training_row
+    from polyfuse.fuse.trainer import TeacherRows, training_row
 
     blocks = recipe_blocks(recipe)
     tok = tokenizers(recipe)[recipe.target.name]
@@ -129,13 +131,9 @@ def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> list[dict]:
         raise DataError(f"{stage_dir(recipe, 'blocks') / 'blocks.jsonl'}: no block has a response token to train on "
                         "(chat rows without an assistant turn); add assistant responses to the corpus, then rerun "
                         "'polyfuse run RECIPE'")
-    if fuse_dir is not None:
-        fused = StoreReader(fuse_dir)
-        for row, b in zip(rows, blocks, strict=True):
-            f = fused[b.block_id]
-            row["teacher_ids"] = f.ids
-            row["teacher_logprobs"] = f.logprobs.astype(np.float32)
-    return rows
+    if fuse_dir is None:
+        return rows
+    return TeacherRows(rows, StoreReader(fuse_dir), [b.block_id for b in blocks])  # read per fetched row
 
 
 DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "teacher_mass", "baseline")

@@ -216,7 +216,9 @@ def _train(recipe: ImplicitRecipe, stage: str, section: TrainingSection, base: s
         summary = train.stage_runner(stage)(base, data, out, configs[stage](**kwargs), callbacks=callbacks)
         return {k: summary[k] for k in ("global_step", "train_loss", "losses", "seconds", "resumed_from")}
 
-    return run_stage(_dir(recipe, stage), stage, cfg, {**inputs, "data": data}, build, force=force, resumable=True)
+    # collective: under several processes every rank trains its share of each batch (DDP / FSDP / DeepSpeed)
+    return run_stage(_dir(recipe, stage), stage, cfg, {**inputs, "data": data}, build, force=force, resumable=True,
+                     collective=True)
 
 
 def sft_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = True) -> StageResult | dict:

@@ -55,14 +55,22 @@ def start_process_group(*, accelerate_optional: bool = False) -> Any:
     """Under a launcher (``WORLD_SIZE`` > 1) with no process group yet, create it with
     ``accelerate.PartialState()`` (gloo on CPU, nccl on GPU), as ``accelerate launch`` and the HF Trainer would.
 
+    On a machine without an accelerator it also sets ``ACCELERATE_USE_CPU`` (as ``accelerate launch --cpu``
+    does): without it accelerate, and so every ``TrainingArguments``, takes a plain ``torchrun`` on CPU for
+    one process, and each rank would train on every batch instead of its share.
+
     Returns the device accelerate gives this rank when it created the group, else None (no launcher, or
     the group exists already). When accelerate cannot be imported this raises ImportError or, with
     ``accelerate_optional``, returns :data:`NO_ACCELERATE` (no group is created).
     """
     if not _launched():
         return None
+    import torch
     import torch.distributed as dist
 
+    cpu = not torch.accelerator.is_available()
+    if cpu:  # as `accelerate launch --cpu` does: else accelerate (and every Trainer) sees one process, not N
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     if dist.is_available() and dist.is_initialized():
         return None
     try:
@@ -71,7 +79,7 @@ def start_process_group(*, accelerate_optional: bool = False) -> Any:
         if accelerate_optional:
             return NO_ACCELERATE
         raise
-    return PartialState().device
+    return PartialState(cpu=cpu).device
 
 
 def current_ranks() -> Ranks:

@@ -1,0 +1,105 @@
+"""Capture and fused training under two real processes (``torchrun``, gloo on CPU) against one process.
+
+Each rank's spy (``tests/dist_worker.py``) records the shards it wrote and the store blocks it read, so
+these tests fail if a rank writes another's shard, reads the whole teacher store, or skips its share.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.dist_worker import torchrun
+
+BATCH, STEPS = 4, 4   # the global batch: one process of 4 rows, or two of 2
+
+
+def write_recipe(path: Path, world: Path, workdir: Path) -> Path:
+    data = {"workdir": str(workdir), "world": str(world), "seed": 0,
+            "target": {"name": "target", "model": "world:target"},
+            "sources": [{"name": "prose", "model": "world:prose"}, {"name": "math", "model": "world:math"}],
+            "data": {"eval": "world:corpus", "split": "heldout"},
+            "corpus": {"path": "world:corpus", "split": "train", "max_bytes_per_domain": 6000},
+            "blocks": {"max_tokens": 64},
+            "capture": {"top_k": 4, "samples": 4, "batch_size": 4, "shard_size": 5},
+            "fuse": {"strategy": "min_ce"},
+            "train": {"max_steps": STEPS, "batch_size": BATCH, "learning_rate": 1.0e-3, "warmup_ratio": 0.0,
+                      "logging_steps": 1, "save_steps": 100, "baseline": False, "lm_loss_weight": 0.5}}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The capture of one process and of two, then fused training of both from the one-process store."""
+    root = tmp_path_factory.mktemp("dist")
+    one = write_recipe(root / "one.yaml", tiny_world, root / "one")
+    two = write_recipe(root / "two.yaml", tiny_world, root / "two")
+    torchrun(1, root / "capture-1", one, "blocks,capture")
+    torchrun(2, root / "capture-2", two, "blocks,capture")
+    # training: the same fused store for both (copied), one process with 4 rows, two with 2 rows each
+    from polyfuse.recipe import load_recipe
+    from polyfuse.stages import run_recipe
+
+    run_recipe(load_recipe(one), only=["vocab", "align", "fuse"], progress=False)
+    shutil.copytree(root / "one", root / "train-two")
+    torchrun(1, root / "train-1", one, "train")
+    train_two = write_recipe(root / "train-two.yaml", tiny_world, root / "train-two")
+    torchrun(2, root / "train-2", train_two, "train", f"train.batch_size={BATCH // 2}")
+    return {"root": root, "one": root / "one", "two": root / "two", "train-two": root / "train-two"}
+
+
+def _store_files(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.name.startswith("shard-") or p.name == "store.json"}
+
+
+def test_two_process_capture_is_byte_identical_and_split_by_shard(runs: dict[str, Path]) -> None:
+    for model in ("target", "prose", "math"):
+        one, two = (_store_files(runs[k] / "capture" / model) for k in ("one", "two"))
+        shards = sorted(n for n in one if n.startswith("shard-"))
+        assert len(shards) >= 4, "the test needs several shards per rank"
+        assert one.keys() == two.keys()
+        for name in one:
+            assert one[name] == two[name], f"{model}/{name} differs between one and two processes"
+    reports = {r: json.loads((runs["root"] / "capture-2" / f"rank{r}.json").read_text()) for r in (0, 1)}
+    solo = json.loads((runs["root"] / "capture-1" / "rank0.json").read_text())
+    for store, written in solo["writes"].items():
+        n = len(written)
+        assert sorted(written) == list(range(n))
+        for r in (0, 1):  # each rank wrote exactly its own shards, once each
+            assert sorted(reports[r]["writes"][store]) == [s for s in range(n) if s % 2 == r], (store, r)
+
+
+def _log(workdir: Path) -> list[dict]:
+    state = json.loads((workdir / "train" / "fused" / "trainer_state.json").read_text())
+    return [h for h in state["log_history"] if "loss" in h and "train_loss" not in h]
+
+
+def test_two_process_training_matches_one_process_at_the_same_global_batch(runs: dict[str, Path]) -> None:
+    import torch
+
+    from polyfuse.models import load_model
+
+    one, two = _log(runs["one"]), _log(runs["train-two"])
+    assert [h["step"] for h in one] == [h["step"] for h in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two, strict=True):  # same rows per step, loss summed over both ranks' tokens
+        for key in ("loss", "clm_loss", "distill_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+    m1 = load_model(str(runs["one"] / "train" / "fused"), dtype="float32", device="cpu")
+    m2 = load_model(str(runs["train-two"] / "train" / "fused"), dtype="float32", device="cpu")
+    for (name, p1), (_, p2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.allclose(p1, p2, atol=1e-5), name
+
+
+def test_each_rank_reads_only_its_share_of_the_teacher_store(runs: dict[str, Path]) -> None:
+    solo = json.loads((runs["root"] / "train-1" / "rank0.json").read_text())["reads"]["fuse"]
+    ranks = [json.loads((runs["root"] / "train-2" / f"rank{r}.json").read_text())["reads"]["fuse"] for r in (0, 1)]
+    n_blocks = len((runs["one"] / "blocks" / "blocks.jsonl").read_text().splitlines())
+    assert len(solo) >= BATCH * STEPS and n_blocks > BATCH * STEPS  # a store larger than what training reads
+    # the two ranks together read what one process reads, each half of it: no rank reads the whole store
+    assert Counter(ranks[0]) + Counter(ranks[1]) == Counter(solo)
+    assert len(ranks[0]) == len(ranks[1]) == len(solo) // 2
