@@ -17,19 +17,19 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     report_dir, recipe_path, stages, *overrides = argv
     rank = int(os.environ.get("RANK", "0"))
-    writes: dict[str, list[int]] = defaultdict(list)   # store directory name -> shard indices this rank wrote
-    reads: dict[str, list[int]] = defaultdict(list)    # store directory name -> block ids this rank read
+    writes: dict[str, list[int]] = defaultdict(list)   # "stage/store" -> shard indices this rank wrote
+    reads: dict[str, list[int]] = defaultdict(list)    # "stage/store" -> block ids this rank read
 
     from polyfuse.capture.store import StoreReader, StoreWriter
 
     write_shard, getitem = StoreWriter.write_shard, StoreReader.__getitem__
 
     def spy_write(self, shard_index, rows):
-        writes[self.out_dir.name.removeprefix(".partial-")].append(int(shard_index))
+        writes[f"{self.out_dir.parent.name}/{self.out_dir.name.removeprefix('.partial-')}"].append(int(shard_index))
         return write_shard(self, shard_index, rows)
 
     def spy_read(self, block_id):
-        reads[self.path.name].append(int(block_id))
+        reads[f"{self.path.parent.name}/{self.path.name}"].append(int(block_id))
         return getitem(self, block_id)
 
     StoreWriter.write_shard, StoreReader.__getitem__ = spy_write, spy_read

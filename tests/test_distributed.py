@@ -35,17 +35,17 @@ def write_recipe(path: Path, world: Path, workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The capture of one process and of two, then fused training of both from the one-process store."""
+    """Capture and align with one process and with two, then fused training of both from the one-process store."""
     root = tmp_path_factory.mktemp("dist")
     one = write_recipe(root / "one.yaml", tiny_world, root / "one")
     two = write_recipe(root / "two.yaml", tiny_world, root / "two")
-    torchrun(1, root / "capture-1", one, "blocks,capture")
-    torchrun(2, root / "capture-2", two, "blocks,capture")
+    torchrun(1, root / "capture-1", one, "blocks,capture,vocab,align")
+    torchrun(2, root / "capture-2", two, "blocks,capture,vocab,align")
     # training: the same fused store for both (copied), one process with 4 rows, two with 2 rows each
     from polyfuse.recipe import load_recipe
     from polyfuse.stages import run_recipe
 
-    run_recipe(load_recipe(one), only=["vocab", "align", "fuse"], progress=False)
+    run_recipe(load_recipe(one), only=["fuse"], progress=False)
     shutil.copytree(root / "one", root / "train-two")
     torchrun(1, root / "train-1", one, "train")
     train_two = write_recipe(root / "train-two.yaml", tiny_world, root / "train-two")
@@ -57,21 +57,26 @@ def _store_files(store: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.name.startswith("shard-") or p.name == "store.json"}
 
 
-def test_two_process_capture_is_byte_identical_and_split_by_shard(runs: dict[str, Path]) -> None:
-    for model in ("target", "prose", "math"):
-        one, two = (_store_files(runs[k] / "capture" / model) for k in ("one", "two"))
+def test_two_process_capture_and_align_are_byte_identical_and_split_by_shard(runs: dict[str, Path]) -> None:
+    stores = [f"capture/{m}" for m in ("target", "prose", "math")] + [f"align/{m}" for m in ("prose", "math")]
+    for store in stores:
+        one, two = (_store_files(runs[k] / store) for k in ("one", "two"))
         shards = sorted(n for n in one if n.startswith("shard-"))
         assert len(shards) >= 4, "the test needs several shards per rank"
         assert one.keys() == two.keys()
         for name in one:
-            assert one[name] == two[name], f"{model}/{name} differs between one and two processes"
+            assert one[name] == two[name], f"{store}/{name} differs between one and two processes"
     reports = {r: json.loads((runs["root"] / "capture-2" / f"rank{r}.json").read_text()) for r in (0, 1)}
     solo = json.loads((runs["root"] / "capture-1" / "rank0.json").read_text())
+    assert set(solo["writes"]) == set(stores)
     for store, written in solo["writes"].items():
         n = len(written)
         assert sorted(written) == list(range(n))
         for r in (0, 1):  # each rank wrote exactly its own shards, once each
             assert sorted(reports[r]["writes"][store]) == [s for s in range(n) if s % 2 == r], (store, r)
+    for source in ("prose", "math"):  # the transfer statistics are summed over the ranks
+        a, b = (json.loads((runs[k] / "align" / source / "manifest.json").read_text())["outputs"] for k in ("one", "two"))
+        assert b == pytest.approx(a, rel=1e-9)
 
 
 def _log(workdir: Path) -> list[dict]:
@@ -96,8 +101,14 @@ def test_two_process_training_matches_one_process_at_the_same_global_batch(runs:
 
 
 def test_each_rank_reads_only_its_share_of_the_teacher_store(runs: dict[str, Path]) -> None:
-    solo = json.loads((runs["root"] / "train-1" / "rank0.json").read_text())["reads"]["fuse"]
-    ranks = [json.loads((runs["root"] / "train-2" / f"rank{r}.json").read_text())["reads"]["fuse"] for r in (0, 1)]
+    def fused_reads(report: str, rank: int) -> list[int]:  # the block ids read from <workdir>/fuse
+        reads = json.loads((runs["root"] / report / f"rank{rank}.json").read_text())["reads"]
+        assert len(reads) == 1, reads.keys()  # training reads no other store
+        (store, ids), = reads.items()
+        assert store.endswith("/fuse")
+        return ids
+
+    solo, ranks = fused_reads("train-1", 0), [fused_reads("train-2", r) for r in (0, 1)]
     n_blocks = len((runs["one"] / "blocks" / "blocks.jsonl").read_text().splitlines())
     assert len(solo) >= BATCH * STEPS and n_blocks > BATCH * STEPS  # a store larger than what training reads
     # the two ranks together read what one process reads, each half of it: no rank reads the whole store

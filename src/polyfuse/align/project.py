@@ -9,7 +9,9 @@ entries that break the target's cut (``cuts``, :class:`~polyfuse.align.transfer.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from polyfuse.align.transfer import (
 from polyfuse.align.vocab import VocabMap
 from polyfuse.capture.store import StoreReader, StoreWriter
 from polyfuse.corpus.tokens import EncodedBlock
+from polyfuse.workspace import Ranks
 
 __all__ = ["project_store", "source_positions"]
 
@@ -48,28 +51,42 @@ def source_positions(method: str, src: EncodedBlock, tgt: EncodedBlock, vmap: Vo
 def project_store(reader: StoreReader, writer: StoreWriter, blocks: Sequence[tuple[int, str]],
                   src_enc: Sequence[EncodedBlock], tgt_enc: Sequence[EncodedBlock], *, method: str, vmap: VocabMap,
                   src_tokenizer: Any, tgt_tokenizer: Any, inside: bool, cuts: bool, shard_size: int,
-                  advance: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
+                  ranks: Ranks | None = None, advance: Callable[..., None] = lambda **_: None) -> dict[str, Any]:
     """Project every block ``(block_id, text)`` of ``reader`` (the source's capture) into ``writer`` and
     finalise it; returns the :class:`~polyfuse.align.transfer.TransferStats` plus ``cuts`` (whether the cut
-    filter ran: a source with the target's own vocabulary already follows the target's cuts)."""
+    filter ran: a source with the target's own vocabulary already follows the target's cuts).
+
+    Under several processes (``ranks``, every rank calling with the same arguments) each rank projects its
+    share of the shards (:meth:`~polyfuse.workspace.Ranks.shards`), the statistics are summed over the
+    ranks and rank 0 finalises the store; the shards are the same bytes whatever the number of ranks.
+    """
+    ranks = ranks or Ranks()
     src_table, tgt_table = token_table(src_tokenizer), token_table(tgt_tokenizer)
     remainder = RemainderMap(tgt_table) if inside else None
     cut_filter = TargetCuts(tgt_tokenizer) if cuts and src_table.pieces != tgt_table.pieces else None
     stats = TransferStats()
-    for start in range(0, len(blocks), shard_size):
-        rows = []
-        for i in range(start, min(start + shard_size, len(blocks))):
-            block_id, text = blocks[i]
-            pos = source_positions(method, src_enc[i], tgt_enc[i], vmap, src_tokenizer, tgt_tokenizer, src_table,
-                                   tgt_table)
-            src_row = reader[block_id]
-            extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], text, src_table, remainder, pos, cut_filter)
-                     if remainder is not None else None)
-            keep = (consistent_entries(src_row, pos, src_enc[i], tgt_enc[i], text, src_table, cut_filter)
-                    if cut_filter is not None else None)
-            rows.append(transfer_block(src_row, pos, vmap, reader.k, extra, keep))
-            stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
-            advance()
-        writer.write_shard(start // shard_size, rows)
-    writer.finalize()
+    n_shards = (len(blocks) + shard_size - 1) // shard_size
+    error = None
+    try:
+        for shard in ranks.shards(n_shards):
+            rows = []
+            for i in range(shard * shard_size, min((shard + 1) * shard_size, len(blocks))):
+                block_id, text = blocks[i]
+                pos = source_positions(method, src_enc[i], tgt_enc[i], vmap, src_tokenizer, tgt_tokenizer,
+                                       src_table, tgt_table)
+                src_row = reader[block_id]
+                extra = (inside_token_entries(src_row, src_enc[i], tgt_enc[i], text, src_table, remainder, pos,
+                                              cut_filter) if remainder is not None else None)
+                keep = (consistent_entries(src_row, pos, src_enc[i], tgt_enc[i], text, src_table, cut_filter)
+                        if cut_filter is not None else None)
+                rows.append(transfer_block(src_row, pos, vmap, reader.k, extra, keep))
+                stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
+                advance()
+            writer.write_shard(shard, rows)
+    except BaseException as exc:  # shared below, so no rank waits for a failed one
+        error = exc
+    ranks.raise_if_any_failed(error, "align")  # a collective: every rank's shards are written after it
+    stats = reduce(operator.add, ranks.gather(stats))
+    if ranks.main:
+        writer.finalize(n_shards)
     return {**stats.as_dict(), "cuts": cut_filter is not None}

@@ -477,6 +477,13 @@ class TransferStats:
         self.projected_actual += float((mapped * hit).sum())
         self.source_actual += float(np.exp(out.target_logprob[rows].astype(np.float64)).sum())
 
+    def __add__(self, other: TransferStats) -> TransferStats:
+        """The statistics of both sets of blocks (e.g. two ranks' shares)."""
+        out = TransferStats()
+        for name in vars(out):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
     def as_dict(self) -> dict[str, float | int]:
         return {"positions": self.positions, "aligned_positions": self.aligned,
                 "inside_positions": self.inside,

@@ -29,7 +29,7 @@ from polyfuse.corpus.spans import Spans, normalise_spans, response_positions
 from polyfuse.corpus.tokens import EncodedBlock, encode_blocks
 from polyfuse.errors import DataError
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import NO_ACCELERATE, start_process_group
+from polyfuse.workspace import NO_ACCELERATE, Ranks, start_process_group
 
 __all__ = [
     "FP16_MIN",
@@ -224,7 +224,7 @@ def run_shards(
     """
     writer = StoreWriter(out_dir, k=k, vocab_size=vocab_size, meta=meta, prefix_bytes=prefix_bytes)
     n_shards = (len(blocks) + shard_size - 1) // shard_size
-    mine = [s for s in range(n_shards) if s % world_size == rank]
+    mine = Ranks(rank, world_size).shards(n_shards)
     todo = [s for s in mine if not writer.has_shard(s)]
     n_todo = sum(len(blocks[s * shard_size : (s + 1) * shard_size]) for s in todo)
     name = Path(str(meta.get("model", ""))).name or "model"

@@ -30,7 +30,7 @@ from typing import Any
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.generate import Backend, SourceSpec, as_messages, batch_seed, make_backend
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import atomic_write_text
+from polyfuse.workspace import Ranks, atomic_write_text
 
 __all__ = ["GOLD_FIELDS", "partial_path", "sample_prompts"]
 
@@ -44,10 +44,29 @@ GOLD_FIELDS = ("answer", "tests", "entry_point", "category", "task")
 # resumable driver
 
 
-def partial_path(out: str | Path) -> Path:
-    """Where records are appended until the run finishes: ``<out>.partial.jsonl``."""
+def partial_path(out: str | Path, rank: int = 0) -> Path:
+    """Where records are appended until the run finishes: ``<out>.partial.jsonl`` (rank r > 0 of several
+    processes: ``<out>.partial.rank<r>.jsonl``)."""
     out = Path(out)
-    return out.with_name(out.name + ".partial.jsonl")
+    return out.with_name(out.name + (".partial.jsonl" if rank == 0 else f".partial.rank{rank}.jsonl"))
+
+
+def _partials(out: Path) -> list[Path]:
+    """Every rank's partial file of ``out`` that exists (from this run or an earlier one with other ranks)."""
+    return [p for p in [partial_path(out), *sorted(out.parent.glob(out.name + ".partial.rank*.jsonl"))]
+            if p.is_file()]
+
+
+def _read_done(out: Path, params: Mapping[str, Any]) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    """(prompt_id, source) -> sample_index -> record, from every partial file of ``out``; only records drawn
+    with their source's current ``params`` count."""
+    done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for path in _partials(out):
+        for rec in _read_partial(path):
+            if rec.get("params") != params.get(str(rec.get("source"))):
+                continue
+            done.setdefault((str(rec.get("prompt_id")), str(rec.get("source"))), {})[rec.get("sample_index")] = rec
+    return done
 
 
 def _read_partial(path: Path) -> list[dict[str, Any]]:
@@ -84,12 +103,15 @@ def _params_record(spec: SourceSpec, seed: int, backend: str) -> dict[str, Any]:
 
 def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[SourceSpec], out: str | Path, *,
                    backend: str = "hf", batch_size: int = 16, seed: int = 0, device: str = "auto",
-                   dtype: str = "auto", progress: bool = True, backends: Mapping[str, Backend] | None = None
-                   ) -> dict[str, Any]:
+                   dtype: str = "auto", progress: bool = True, backends: Mapping[str, Backend] | None = None,
+                   ranks: Ranks | None = None) -> dict[str, Any]:
     """Sample every source on every prompt into ``out`` (JSONL, atomic), resuming from ``<out>.partial.jsonl``.
 
     ``backends`` maps a source name to an already-built backend (tests, reuse); others are built with
-    :func:`make_backend`. Returns statistics: records, batches done and skipped, seconds per source.
+    :func:`make_backend`. Under several processes (``ranks``; every rank calls with the same arguments) rank r
+    samples the batches ``b`` with ``b % world_size == r`` into its own partial file and rank 0 writes ``out``;
+    a batch's prompts and seed do not depend on the number of ranks. Returns statistics (summed over the
+    ranks): records, batches done and skipped, seconds per source.
     """
     if batch_size < 1:
         raise PolyfuseError(f"sample.batch_size={batch_size}: need at least 1")
@@ -100,44 +122,59 @@ def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[Sourc
     ids = [row.get("prompt_id") for row in prompts]
     if any(i is None for i in ids) or len({str(i) for i in ids}) != len(ids):
         raise DataError("prompts: every row needs a prompt_id, unique across the file")
-    out, part = Path(out), partial_path(out)
+    ranks = ranks or Ranks()
+    out = Path(out)
+    part = partial_path(out, ranks.rank)
     part.parent.mkdir(parents=True, exist_ok=True)
+    if part.is_file() and part.stat().st_size and not part.read_bytes().endswith(b"\n"):
+        with part.open("a", encoding="utf-8") as f:  # end a torn last line, so the next record starts a new one
+            f.write("\n")
+    params = {spec.name: _params_record(spec, seed, backend) for spec in sources}
 
-    done: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for rec in _read_partial(part):
-        done.setdefault((str(rec.get("prompt_id")), str(rec.get("source"))), {})[rec.get("sample_index")] = rec
+    def complete(have: dict[int, dict[str, Any]], spec: SourceSpec) -> bool:
+        return set(have) == set(range(spec.params.n))
+
+    done = _read_done(out, params)
     stats: dict[str, Any] = {"records": 0, "batches_done": 0, "batches_skipped": 0, "seconds": {}}
-    kept: list[dict[str, Any]] = []
-    n_batches = (len(prompts) + batch_size - 1) // batch_size
-    with part.open("a", encoding="utf-8") as sink, \
-            progress_bar("sample", total=n_batches * len(sources), enabled=progress) as advance:
-        for spec in sources:
-            params = _params_record(spec, seed, backend)
-            started, engine = time.perf_counter(), (backends or {}).get(spec.name)
-            for b, idx in _batches(len(prompts), batch_size):
-                have = [done.get((str(ids[i]), spec.name), {}) for i in idx]
-                if all(len(h) == spec.params.n and all(r.get("params") == params for r in h.values())
-                       and set(h) == set(range(spec.params.n)) for h in have):
-                    kept.extend(h[k] for h in have for k in range(spec.params.n))
-                    stats["batches_skipped"] += 1
-                    advance()
-                    continue
-                if engine is None:
-                    engine = make_backend(backend, spec, device=device, dtype=dtype)
-                responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
-                recs = [_record(prompts[i], messages[i], spec.name, k, text, params)
-                        for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
-                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-                sink.flush()
-                os.fsync(sink.fileno())
-                kept.extend(recs)
-                stats["batches_done"] += 1
-                advance(source=spec.name)
-            stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
-            del engine
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    part.unlink(missing_ok=True)
-    stats["records"] = len(kept)
-    log.debug("sample: %d records from %d sources on %d prompts -> %s (%d batches run, %d reused)", len(kept),
-             len(sources), len(prompts), out, stats["batches_done"], stats["batches_skipped"])
+    mine = [(b, idx) for b, idx in _batches(len(prompts), batch_size) if b % ranks.world_size == ranks.rank]
+    error = None
+    try:
+        with part.open("a", encoding="utf-8") as sink, \
+                progress_bar("sample", total=len(mine) * len(sources), enabled=progress) as advance:
+            for spec in sources:
+                started, engine = time.perf_counter(), (backends or {}).get(spec.name)
+                for b, idx in mine:
+                    if all(complete(done.get((str(ids[i]), spec.name), {}), spec) for i in idx):
+                        stats["batches_skipped"] += 1
+                        advance()
+                        continue
+                    if engine is None:
+                        engine = make_backend(backend, spec, device=device, dtype=dtype)
+                    responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
+                    recs = [_record(prompts[i], messages[i], spec.name, k, text, params[spec.name])
+                            for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
+                    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    stats["batches_done"] += 1
+                    advance(source=spec.name)
+                stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+                del engine
+    except BaseException as exc:  # shared below, so no rank waits for a failed one
+        error = exc
+    ranks.raise_if_any_failed(error, "sample")  # every rank's batches are in its partial file after this
+    every = ranks.gather(stats)
+    stats = {"records": 0, "batches_done": sum(s["batches_done"] for s in every),
+             "batches_skipped": sum(s["batches_skipped"] for s in every),
+             "seconds": {n: max(s["seconds"].get(n, 0.0) for s in every) for n in names}}
+    if ranks.main:
+        done = _read_done(out, params)
+        kept = [done[(str(ids[i]), spec.name)][k] for spec in sources for _, idx in _batches(len(prompts), batch_size)
+                for i in idx for k in range(spec.params.n)]
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        for path in _partials(out):
+            path.unlink(missing_ok=True)
+        stats["records"] = len(kept)
+        log.debug("sample: %d records from %d sources on %d prompts -> %s (%d batches run, %d reused)", len(kept),
+                  len(sources), len(prompts), out, stats["batches_done"], stats["batches_skipped"])
     return stats

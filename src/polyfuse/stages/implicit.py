@@ -113,10 +113,13 @@ def sample_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool 
         rows = read_problems(prompts, recipe.prompts.max_prompts)
         o = recipe.sample
         stats = sample_prompts(rows, specs, out / "samples.jsonl", backend=o.backend, batch_size=o.batch_size,
-                               seed=recipe.seed, device=o.device, dtype=o.dtype, progress=progress)
+                               seed=recipe.seed, device=o.device, dtype=o.dtype, progress=progress,
+                               ranks=current_ranks())
         return {**stats, "prompts": len(rows)}
 
-    return run_stage(_dir(recipe, "sample"), "sample", cfg, inputs, build, force=force, resumable=True)
+    # collective: under several processes each rank samples its share of the batches
+    return run_stage(_dir(recipe, "sample"), "sample", cfg, inputs, build, force=force, resumable=True,
+                     collective=True)
 
 
 def _verifier_rewards(rows: list[dict[str, Any]]) -> None:

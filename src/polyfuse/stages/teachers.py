@@ -7,10 +7,7 @@ from pathlib import Path
 
 from polyfuse.recipe import Recipe
 from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
-from polyfuse.workspace import (
-    StageResult,
-    run_stage,
-)
+from polyfuse.workspace import StageResult, current_ranks, run_stage
 
 
 def capture_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
@@ -130,11 +127,16 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
             writer = StoreWriter(out, k=reader.k, vocab_size=len(toks[target]),
                                  meta={"kind": "aligned", "source": name, "target": target, "align": method,
                                        "vocab": vmap.method, "temperature": reader.temperature})
-            with progress_bar(f"align {name}", len(blocks), progress) as advance:
+            ranks = current_ranks()
+            n_shards = (len(blocks) + shard - 1) // shard
+            mine = sum(len(blocks[s * shard:(s + 1) * shard]) for s in ranks.shards(n_shards))
+            with progress_bar(f"align {name}", mine, progress) as advance:
                 return project_store(reader, writer, [(b.block_id, b.text) for b in blocks], src_enc, tgt_enc,
                                      method=method, vmap=vmap, src_tokenizer=toks[name], tgt_tokenizer=toks[target],
                                      inside=recipe.align.inside, cuts=recipe.align.cuts, shard_size=shard,
-                                     advance=advance)
+                                     ranks=ranks, advance=advance)
 
-        results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force)
+        # collective: under several processes each rank projects its share of the shards
+        results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force,
+                                  resumable=True, collective=True)
     return results

@@ -36,6 +36,23 @@ class Ranks:
 
             dist.barrier()
 
+    def shards(self, n_shards: int) -> list[int]:
+        """This rank's share of shards ``0..n_shards-1``: those with ``shard % world_size == rank``."""
+        return list(range(self.rank, n_shards, self.world_size))
+
+    def raise_if_any_failed(self, error: BaseException | None, what: str) -> None:
+        """Every rank calls this at the same point (a collective): re-raise this rank's own ``error``, or
+        raise a ``DataError`` naming another rank's failure, so no rank waits for a dead one."""
+        from polyfuse.errors import DataError
+
+        failures = self.gather(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, msg in enumerate(failures) if msg is not None]
+        if failed:
+            rank, msg = failed[0]
+            raise DataError(f"{what} failed on rank {rank}: {msg}")
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (picklable), on every rank."""
         if self.world_size == 1:

@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from polyfuse.errors import DataError
 from polyfuse.workspace.files import (
     PARTIAL_PREFIX,
     _dumps,
@@ -136,17 +135,6 @@ def _open_partial(
     atomic_write_json(key_file, key)
 
 
-def _raise_if_any_failed(ranks: Ranks, error: BaseException | None, stage: str) -> None:
-    """Share each rank's failure; re-raise the own one, or report another rank's."""
-    failures = ranks.gather(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, msg) for r, msg in enumerate(failures) if msg is not None]
-    if failed:
-        rank, msg = failed[0]
-        raise DataError(f"stage {stage} failed on rank {rank}: {msg}")
-
-
 def run_stage(
     out_dir: str | Path,
     stage: str,
@@ -214,7 +202,7 @@ def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_h
                                 resumable=resumable, input_paths=input_paths)
             except BaseException as exc:  # shared with the other ranks below, then re-raised
                 error = exc
-        _raise_if_any_failed(ranks, error, stage)
+        ranks.raise_if_any_failed(error, f"stage {stage}")
         return StageResult(out_dir, _read_manifest(out_dir), skipped=False)
     work = partial_dir(out_dir)
     error = None
@@ -225,21 +213,21 @@ def _run_stage_ranked(out_dir: Path, stage: str, config: dict[str, Any], input_h
             _open_partial(work, _stage_key(stage, config, input_hashes), fresh=force, log=log, stage=stage)
         except BaseException as exc:
             error = exc
-    _raise_if_any_failed(ranks, error, stage)
+    ranks.raise_if_any_failed(error, f"stage {stage}")
     start = time.perf_counter()
     outputs: Mapping[str, Any] | None = None
     try:
         outputs = build(work)
     except BaseException as exc:
         error = exc
-    _raise_if_any_failed(ranks, error, stage)
+    ranks.raise_if_any_failed(error, f"stage {stage}")
     if ranks.main:
         try:
             _finish(work, out_dir, stage, config, input_hashes, outputs, time.perf_counter() - start,
                     resumable=True, log=log, input_paths=input_paths)
         except BaseException as exc:
             error = exc
-    _raise_if_any_failed(ranks, error, stage)
+    ranks.raise_if_any_failed(error, f"stage {stage}")
     return StageResult(out_dir, _read_manifest(out_dir), skipped=False)
 
 
