@@ -23,6 +23,7 @@ def write_recipe(path: Path, world: Path, workdir: Path) -> Path:
             "target": {"name": "target", "model": "world:target"},
             "sources": [{"name": "prose", "model": "world:prose"}, {"name": "math", "model": "world:math"}],
             "data": {"eval": "world:corpus", "split": "heldout"},
+            "eval": {"batch_size": 4, "max_length": 128, "max_bytes_per_domain": 3000},
             "corpus": {"path": "world:corpus", "split": "train", "max_bytes_per_domain": 6000},
             "blocks": {"max_tokens": 64},
             "capture": {"top_k": 4, "samples": 4, "batch_size": 4, "shard_size": 5},
@@ -35,17 +36,14 @@ def write_recipe(path: Path, world: Path, workdir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Capture and align with one process and with two, then fused training of both from the one-process store."""
+    """Capture, align, fuse and evaluation with one process and with two, then fused training of both from the
+    one-process store."""
     root = tmp_path_factory.mktemp("dist")
     one = write_recipe(root / "one.yaml", tiny_world, root / "one")
     two = write_recipe(root / "two.yaml", tiny_world, root / "two")
-    torchrun(1, root / "capture-1", one, "blocks,capture,vocab,align")
-    torchrun(2, root / "capture-2", two, "blocks,capture,vocab,align")
+    torchrun(1, root / "capture-1", one, "blocks,capture,vocab,align,fuse,eval")
+    torchrun(2, root / "capture-2", two, "blocks,capture,vocab,align,fuse,eval")
     # training: the same fused store for both (copied), one process with 4 rows, two with 2 rows each
-    from polyfuse.recipe import load_recipe
-    from polyfuse.stages import run_recipe
-
-    run_recipe(load_recipe(one), only=["fuse"], progress=False)
     shutil.copytree(root / "one", root / "train-two")
     torchrun(1, root / "train-1", one, "train")
     train_two = write_recipe(root / "train-two.yaml", tiny_world, root / "train-two")
@@ -53,12 +51,24 @@ def runs(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {"root": root, "one": root / "one", "two": root / "two", "train-two": root / "train-two"}
 
 
+def _rounded(value: object) -> object:
+    """``value`` with every float rounded to 9 decimals (sums taken in another order differ in the last bits)."""
+    if isinstance(value, float):
+        return round(value, 9)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _store_files(store: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.name.startswith("shard-") or p.name == "store.json"}
 
 
-def test_two_process_capture_and_align_are_byte_identical_and_split_by_shard(runs: dict[str, Path]) -> None:
+def test_two_process_capture_align_and_fuse_are_byte_identical_and_split_by_shard(runs: dict[str, Path]) -> None:
     stores = [f"capture/{m}" for m in ("target", "prose", "math")] + [f"align/{m}" for m in ("prose", "math")]
+    stores.append("fuse")
     for store in stores:
         one, two = (_store_files(runs[k] / store) for k in ("one", "two"))
         shards = sorted(n for n in one if n.startswith("shard-"))
@@ -74,9 +84,18 @@ def test_two_process_capture_and_align_are_byte_identical_and_split_by_shard(run
         assert sorted(written) == list(range(n))
         for r in (0, 1):  # each rank wrote exactly its own shards, once each
             assert sorted(reports[r]["writes"][store]) == [s for s in range(n) if s % 2 == r], (store, r)
-    for source in ("prose", "math"):  # the transfer statistics are summed over the ranks
-        a, b = (json.loads((runs[k] / "align" / source / "manifest.json").read_text())["outputs"] for k in ("one", "two"))
-        assert b == pytest.approx(a, rel=1e-9)
+    for stage in ("align/prose", "align/math", "fuse"):  # the statistics are summed over the ranks
+        a, b = (json.loads((runs[k] / stage / "manifest.json").read_text())["outputs"] for k in ("one", "two"))
+        assert _rounded(b) == _rounded(a), stage
+
+
+def test_two_process_evaluation_splits_the_models_and_matches_one_process(runs: dict[str, Path]) -> None:
+    one, two = (json.loads((runs[k] / "results.json").read_text())["models"] for k in ("one", "two"))
+    assert sorted(one) == sorted(two) == ["math", "prose", "target"]
+    for name in one:
+        assert two[name]["bpb"] == pytest.approx(one[name]["bpb"], rel=1e-6), name
+    evaluated = [json.loads((runs["root"] / "capture-2" / f"rank{r}.json").read_text())["evaluated"] for r in (0, 1)]
+    assert evaluated == [["target", "math"], ["prose"]]  # model i on rank i % 2, each once
 
 
 def _log(workdir: Path) -> list[dict]:
@@ -105,7 +124,7 @@ def test_each_rank_reads_only_its_share_of_the_teacher_store(runs: dict[str, Pat
         reads = json.loads((runs["root"] / report / f"rank{rank}.json").read_text())["reads"]
         assert len(reads) == 1, reads.keys()  # training reads no other store
         (store, ids), = reads.items()
-        assert store.endswith("/fuse")
+        assert store == "fuse"
         return ids
 
     solo, ranks = fused_reads("train-1", 0), [fused_reads("train-2", r) for r in (0, 1)]

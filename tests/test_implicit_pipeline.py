@@ -272,12 +272,12 @@ def test_sample_sft_and_dpo_under_two_processes_match_one_process(world: Path, t
     from polyfuse.demo.implicit import _test_overrides
     from polyfuse.models import load_model, load_tokenizer
 
-    common = [f"world={world}", *_test_overrides(), "sample.batch_size=8", "sft.max_steps=4", "dpo.max_steps=4",
+    common = [f"world={world}", *_test_overrides(), "sample.batch_size=8", "prompts.max_eval_prompts=30", "sft.max_steps=4", "dpo.max_steps=4",
               "dpo.sft_weight=0", "sft.logging_steps=1", "dpo.logging_steps=1"]  # RPO's NLL: a mean per rank
     logs = {}
     for nproc in (1, 2):
         run = tmp_path / f"run{nproc}"
-        torchrun(nproc, tmp_path / f"report{nproc}", implicit_recipe_path(), "sample,score,build,sft,dpo",
+        torchrun(nproc, tmp_path / f"report{nproc}", implicit_recipe_path(), "sample,score,build,sft,dpo,accuracy",
                  f"workdir={run}", *common, f"sft.batch_size={2 // nproc}", f"dpo.batch_size={2 // nproc}",
                  f"curves.points={nproc - 1}")
         logs[nproc] = {stage: json.loads((run / stage / "manifest.json").read_text())["outputs"]["losses"]
@@ -292,6 +292,13 @@ def test_sample_sft_and_dpo_under_two_processes_match_one_process(world: Path, t
         assert len(logs[1][stage]) == 4 and full >= 2
         assert logs[2][stage][:full] == pytest.approx(logs[1][stage][:full], rel=1e-4), stage
     assert not list(two.glob("sft/checkpoint-*")) and (two / "sft" / "curve.json").is_file()  # rank 0 measured
+    # accuracy: each row evaluated once, by one rank (row i on rank i % 2); the untrained rows score alike
+    acc = {n: json.loads((run / "results.json").read_text())["models"] for n, run in ((1, one), (2, two))}
+    assert sorted(acc[1]) == sorted(acc[2]) == sorted(["prose", "code", "math", "target", "target+sft",
+                                                       "target+sft+dpo"])
+    assert all(acc[2][row] == acc[1][row] for row in ("prose", "code", "math", "target"))
+    evaluated = [json.loads((tmp_path / "report2" / f"rank{r}.json").read_text())["evaluated"] for r in (0, 1)]
+    assert len(evaluated[0]) == len(evaluated[1]) == 3 and len(set(evaluated[0] + evaluated[1])) == 6
     model, tok = load_model(str(two / "dpo"), device="cpu"), load_tokenizer(str(two / "dpo"))
     with torch.no_grad():
         assert torch.isfinite(model(**tok("Hello", return_tensors="pt")).logits).all()

@@ -1,16 +1,18 @@
-"""What every explicit stage shares: the recipe's models and tokenizers, where stages write, and the
-blocks (the first stage: documents of the fusion corpus cut into blocks every tokenizer can read)."""
+"""What every explicit stage shares: the recipe's models and tokenizers, where stages write, the blocks
+(the first stage: documents of the fusion corpus cut into blocks every tokenizer can read), and
+:func:`split_over_ranks` for stages with one artifact per model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from polyfuse.errors import DataError
 from polyfuse.recipe import Recipe
-from polyfuse.workspace import (
-    StageResult,
-    run_stage,
-)
+from polyfuse.workspace import Ranks, StageResult, current_ranks, run_stage
+
+T = TypeVar("T")
 
 
 def resolve_models(recipe: Recipe) -> list:
@@ -106,3 +108,23 @@ def recipe_blocks(recipe: Recipe) -> list:
     from polyfuse.corpus.blocks import read_blocks
 
     return read_blocks(stage_dir(recipe, "blocks") / "blocks.jsonl")
+
+
+def split_over_ranks(items: Sequence[T], run: Callable[[T, Ranks], StageResult], what: str) -> list[StageResult]:
+    """``run(item, Ranks())`` for this process's share of ``items`` (item i on rank ``i % world_size``), each a
+    stage this process builds alone; returns every item's result, in order, on every rank once all are done.
+
+    For stages with one artifact per model (evaluation, accuracy): under N processes each model is loaded
+    and evaluated by one rank, N at a time, instead of every rank waiting for rank 0 to do them all.
+    """
+    ranks = current_ranks()
+    mine: dict[int, StageResult] = {}
+    error = None
+    try:
+        for i in range(ranks.rank, len(items), ranks.world_size):
+            mine[i] = run(items[i], Ranks())
+    except BaseException as exc:  # shared below, so no rank waits for a failed one
+        error = exc
+    ranks.raise_if_any_failed(error, what)
+    every = {i: res for share in ranks.gather(mine) for i, res in share.items()}
+    return [every[i] for i in range(len(items))]

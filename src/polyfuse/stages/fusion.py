@@ -10,11 +10,7 @@ from typing import Any
 from polyfuse.errors import DataError
 from polyfuse.recipe import Recipe
 from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
-from polyfuse.workspace import (
-    StageResult,
-    atomic_write_bytes,
-    run_stage,
-)
+from polyfuse.workspace import StageResult, atomic_write_bytes, current_ranks, run_stage
 
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
@@ -65,22 +61,25 @@ def fuse_into(recipe: Recipe, names: list[str], out_dir: Path, *, force: bool, p
         widths = [r.k for r in [own] * lead_teachers(opts.fallback, opts.include_target) + aligned]
         # default: lose no teacher entry (a mixture can hold the union of its teachers' entries)
         k_out = opts.top_k or (sum(widths) if opts.strategy == "avg_ce" else max(widths))
-        if groups is not None:  # entries carry their teacher: id = teacher * n_tgt + target id
+        if groups is not None and current_ranks().main:  # entries carry their teacher: id = teacher * n_tgt + id
             atomic_write_bytes(out / GROUPS_NAME, _npz(groups=groups))
         writer = StoreWriter(out, k=k_out, vocab_size=n_tgt * (1 if groups is None else len(groups)),
                              meta={"kind": "fused", "strategy": opts.strategy, "level": opts.level,
                                    "teachers": teacher_names(target, names, opts.fallback, opts.include_target),
                                    "temperature": own.temperature})
-        with progress_bar(f"fuse ({opts.strategy}, {opts.level})", len(blocks), progress) as advance:
+        ranks, size = current_ranks(), recipe.capture.shard_size
+        mine = sum(len(blocks[s * size:(s + 1) * size]) for s in ranks.shards((len(blocks) + size - 1) // size))
+        with progress_bar(f"fuse ({opts.strategy}, {opts.level})", mine, progress) as advance:
             stats, by_domain = fuse_stores(blocks, own, aligned, writer, strategy=opts.strategy, level=opts.level,
                                            k_out=k_out, fallback=opts.fallback, include_target=opts.include_target,
                                            groups=groups, n_tgt=n_tgt, next_ids=next_ids, source_nll=source_nll,
-                                           shard_size=recipe.capture.shard_size, advance=advance)
+                                           shard_size=size, ranks=ranks, advance=advance)
         return {"teacher_share": stats.as_dict() if stats is not None else {},
                 "teacher_share_by_domain": {d: s.share.tolist() for d, s in sorted(by_domain.items())},
                 "teachers": teacher_names(target, names, opts.fallback, opts.include_target)}
 
-    return run_stage(out_dir, "fuse", cfg, inputs, build, force=force)
+    # collective: under several processes each rank fuses its share of the shards
+    return run_stage(out_dir, "fuse", cfg, inputs, build, force=force, resumable=True, collective=True)
 
 
 GROUPS_NAME = "groups.npz"

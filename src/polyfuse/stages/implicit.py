@@ -28,7 +28,15 @@ from polyfuse.errors import DataError, RecipeError
 from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
 from polyfuse.progress import progress_bar
 from polyfuse.recipe.implicit import ImplicitRecipe, SamplingOverrides, TrainingSection
-from polyfuse.workspace import StageResult, atomic_write_json, atomic_write_text, current_ranks, run_stage
+from polyfuse.stages.common import split_over_ranks
+from polyfuse.workspace import (
+    Ranks,
+    StageResult,
+    atomic_write_json,
+    atomic_write_text,
+    current_ranks,
+    run_stage,
+)
 
 __all__ = ["accuracy_stage", "build_stage", "dpo_stage", "eval_prompts_path", "prompts_path", "row_models",
            "sample_stage", "score_stage", "sft_stage", "wrpo_stage"]
@@ -282,22 +290,24 @@ def row_models(recipe: ImplicitRecipe) -> dict[str, tuple[str, str | None]]:
 
 
 def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
-    """Held-out accuracy of every row, each its own stage (``accuracy/<row>``), merged into ``results.json``."""
+    """Held-out accuracy of every row, each its own stage (``accuracy/<row>``), merged into ``results.json``;
+    under several processes each rank evaluates its share of the rows."""
     from polyfuse.evaluate.results import update_results
 
     held = eval_prompts_path(recipe)
     if held is None:
         return {}
     o = recipe.accuracy
-    results = {}
     rows: list[dict[str, Any]] | None = None
-    models = row_models(recipe)
-    with progress_bar("accuracy", len(models), progress) as advance:  # one bar, a step per model
-        for row, (location, template) in models.items():
+    models = list(row_models(recipe).items())
+    with progress_bar("accuracy", len(models[current_ranks().rank::current_ranks().world_size]), progress) as advance:
+
+        def run(item: tuple[str, tuple[str, str | None]], ranks: Ranks) -> StageResult:
+            row, (location, template) = item
             cfg = {"accuracy": recipe.section_dict("accuracy"), "model": location, "chat_template": template,
                    "max_eval_prompts": recipe.prompts.max_eval_prompts}
 
-            def build(out: Path, location: str = location, template: str | None = template) -> dict[str, Any]:
+            def build(out: Path) -> dict[str, Any]:
                 nonlocal rows
                 rows = rows if rows is not None else read_problems(held, recipe.prompts.max_eval_prompts)
                 acc, records = evaluate_accuracy(location, rows, batch_size=o.batch_size, max_new_tokens=o.max_new_tokens,
@@ -306,12 +316,15 @@ def accuracy_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: boo
                 return {"accuracy": acc, "prompts": len(records)}
 
             res = run_stage(_dir(recipe, "accuracy", row), "accuracy", cfg, {"eval": held, "model": location}, build,
-                            force=force)
-            if current_ranks().main:
-                update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
-                               meta={"target": recipe.target.name,
-                                     "accuracy": {"prompts": str(held), "decoding": "greedy",
-                                                  "n_prompts": res.manifest.outputs["prompts"]}})
-            results[row] = res
-            advance(model=row)
+                            force=force, ranks=ranks)
+            advance(model=row)  # one bar, a step per model
+            return res
+
+        results = dict(zip([m[0] for m in models], split_over_ranks(models, run, "accuracy"), strict=True))
+    if current_ranks().main:
+        for row, res in results.items():
+            update_results(_dir(recipe, "results.json"), {row: {"accuracy": res.manifest.outputs["accuracy"]}},
+                           meta={"target": recipe.target.name,
+                                 "accuracy": {"prompts": str(held), "decoding": "greedy",
+                                              "n_prompts": res.manifest.outputs["prompts"]}})
     return results
