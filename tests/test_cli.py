@@ -305,7 +305,7 @@ def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> Non
     world = tmp_path / "world"
     shutil.copytree(tiny_world, world)
     small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",
-             "eval.max_bytes_per_domain=1500"]
+             "pairs.max_steps=2", "eval.max_bytes_per_domain=1500"]
     assert main(["demo", "--preset", "test", "--world", str(world), "--out", str(tmp_path / "d"), *small,
                  "--implicit-set", "accuracy.batch_size=16"]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
