@@ -66,8 +66,7 @@ def project_store(reader: StoreReader, writer: StoreWriter, blocks: Sequence[tup
     cut_filter = TargetCuts(tgt_tokenizer) if cuts and src_table.pieces != tgt_table.pieces else None
     stats = TransferStats()
     n_shards = (len(blocks) + shard_size - 1) // shard_size
-    error = None
-    try:
+    with ranks.together("align"):  # a collective: every rank's shards are written after it
         for shard in ranks.shards(n_shards):
             rows = []
             for i in range(shard * shard_size, min((shard + 1) * shard_size, len(blocks))):
@@ -83,9 +82,6 @@ def project_store(reader: StoreReader, writer: StoreWriter, blocks: Sequence[tup
                 stats.add(src_row, pos, rows[-1], tgt_enc[i].ids[1:], extra)
                 advance()
             writer.write_shard(shard, rows)
-    except BaseException as exc:  # shared below, so no rank waits for a failed one
-        error = exc
-    ranks.raise_if_any_failed(error, "align")  # a collective: every rank's shards are written after it
     stats = reduce(operator.add, ranks.gather(stats))
     if ranks.main:
         writer.finalize(n_shards)

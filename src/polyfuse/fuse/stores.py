@@ -54,8 +54,7 @@ def fuse_stores(blocks: Sequence[FusedBlockSource], own: StoreReader, aligned: S
     stats: FusionStats | None = None
     by_domain: dict[str, FusionStats] = {}
     n_shards = (len(blocks) + shard_size - 1) // shard_size
-    error = None
-    try:
+    with ranks.together("fuse"):  # a collective: every rank's shards are written after it
         for shard in ranks.shards(n_shards):
             rows = []
             for b in blocks[shard * shard_size:(shard + 1) * shard_size]:
@@ -73,9 +72,6 @@ def fuse_stores(blocks: Sequence[FusedBlockSource], own: StoreReader, aligned: S
                 rows.append(fused_store_row(b.block_id, fused, t_row, k_out))
                 advance()
             writer.write_shard(shard, rows)
-    except BaseException as exc:  # shared below, so no rank waits for a failed one
-        error = exc
-    ranks.raise_if_any_failed(error, "fuse")  # a collective: every rank's shards are written after it
     if ranks.world_size > 1:  # every rank's statistics, summed in rank order
         shares = ranks.gather((stats, by_domain))
         stats, by_domain = None, {}

@@ -137,32 +137,28 @@ def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[Sourc
     done = _read_done(out, params)
     stats: dict[str, Any] = {"records": 0, "batches_done": 0, "batches_skipped": 0, "seconds": {}}
     mine = [(b, idx) for b, idx in _batches(len(prompts), batch_size) if b % ranks.world_size == ranks.rank]
-    error = None
-    try:
-        with part.open("a", encoding="utf-8") as sink, \
-                progress_bar("sample", total=len(mine) * len(sources), enabled=progress) as advance:
-            for spec in sources:
-                started, engine = time.perf_counter(), (backends or {}).get(spec.name)
-                for b, idx in mine:
-                    if all(complete(done.get((str(ids[i]), spec.name), {}), spec) for i in idx):
-                        stats["batches_skipped"] += 1
-                        advance()
-                        continue
-                    if engine is None:
-                        engine = make_backend(backend, spec, device=device, dtype=dtype)
-                    responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
-                    recs = [_record(prompts[i], messages[i], spec.name, k, text, params[spec.name])
-                            for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
-                    sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                    stats["batches_done"] += 1
-                    advance(source=spec.name)
-                stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
-                del engine
-    except BaseException as exc:  # shared below, so no rank waits for a failed one
-        error = exc
-    ranks.raise_if_any_failed(error, "sample")  # every rank's batches are in its partial file after this
+    # every rank's batches are in its partial file once the block is left on every rank
+    with ranks.together("sample"), part.open("a", encoding="utf-8") as sink, \
+            progress_bar("sample", total=len(mine) * len(sources), enabled=progress) as advance:
+        for spec in sources:
+            started, engine = time.perf_counter(), (backends or {}).get(spec.name)
+            for b, idx in mine:
+                if all(complete(done.get((str(ids[i]), spec.name), {}), spec) for i in idx):
+                    stats["batches_skipped"] += 1
+                    advance()
+                    continue
+                if engine is None:
+                    engine = make_backend(backend, spec, device=device, dtype=dtype)
+                responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
+                recs = [_record(prompts[i], messages[i], spec.name, k, text, params[spec.name])
+                        for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
+                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+                sink.flush()
+                os.fsync(sink.fileno())
+                stats["batches_done"] += 1
+                advance(source=spec.name)
+            stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
+            del engine
     every = ranks.gather(stats)
     stats = {"records": 0, "batches_done": sum(s["batches_done"] for s in every),
              "batches_skipped": sum(s["batches_skipped"] for s in every),

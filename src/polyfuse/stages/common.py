@@ -119,12 +119,8 @@ def split_over_ranks(items: Sequence[T], run: Callable[[T, Ranks], StageResult],
     """
     ranks = current_ranks()
     mine: dict[int, StageResult] = {}
-    error = None
-    try:
+    with ranks.together(what):
         for i in range(ranks.rank, len(items), ranks.world_size):
             mine[i] = run(items[i], Ranks())
-    except BaseException as exc:  # shared below, so no rank waits for a failed one
-        error = exc
-    ranks.raise_if_any_failed(error, what)
     every = {i: res for share in ranks.gather(mine) for i, res in share.items()}
     return [every[i] for i in range(len(items))]

@@ -10,6 +10,8 @@ under a launcher.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,17 @@ class Ranks:
         if failed:
             rank, msg = failed[0]
             raise DataError(f"{what} failed on rank {rank}: {msg}")
+
+    @contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """Run the block on every rank; on leaving it, :meth:`raise_if_any_failed` (a collective), so a failure
+        on any rank is raised on all and no rank waits for a dead one."""
+        error = None
+        try:
+            yield
+        except BaseException as exc:  # shared with the other ranks, then re-raised
+            error = exc
+        self.raise_if_any_failed(error, what)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (picklable), on every rank."""
