@@ -133,3 +133,19 @@ def test_each_rank_reads_only_its_share_of_the_teacher_store(runs: dict[str, Pat
     # the two ranks together read what one process reads, each half of it: no rank reads the whole store
     assert Counter(ranks[0]) + Counter(ranks[1]) == Counter(solo)
     assert len(ranks[0]) == len(ranks[1]) == len(solo) // 2
+
+
+def test_align_in_two_worker_processes_writes_the_same_store_and_statistics(
+        runs: dict[str, Path], tiny_world: Path, tmp_path: Path) -> None:
+    from polyfuse.recipe import load_recipe
+    from polyfuse.stages.teachers import align_stage
+
+    work = tmp_path / "workers"
+    shutil.copytree(runs["one"], work)
+    recipe = load_recipe(write_recipe(tmp_path / "w.yaml", tiny_world, work), ["align.workers=2"])
+    results = align_stage(recipe, force=True, progress=False)
+    for name in ("prose", "math"):
+        assert not results[name].skipped
+        assert _store_files(work / "align" / name) == _store_files(runs["one"] / "align" / name)
+        solo = json.loads((runs["one"] / "align" / name / "manifest.json").read_text())["outputs"]
+        assert results[name].manifest.outputs == solo, "statistics are summed in shard order, whatever the workers"

@@ -179,6 +179,17 @@ def test_sample_stage_resumes_after_a_failure(world: Path, demo: tuple[Path, dic
     assert (result.path / "samples.jsonl").read_text() == (fresh.path / "samples.jsonl").read_text()
 
 
+def test_sampling_in_two_worker_processes_gives_the_same_records(world: Path, demo: tuple[Path, dict],
+                                                                    tmp_path: Path) -> None:
+    out, _ = demo
+    recipe = recipe_for(world, tmp_path / "run", "sample.workers=2")
+    result = implicit_stages.sample_stage(recipe, progress=False)
+    assert result.manifest.outputs["batches_done"] >= 2
+    assert (result.path / "samples.jsonl").read_bytes() == (out / "sample" / "samples.jsonl").read_bytes()
+    # the number of workers is not part of the stage's config: the demo's sample stage stays current
+    assert implicit_stages.sample_stage(recipe_for(world, out, "sample.workers=2"), progress=False).skipped
+
+
 def test_verifier_rewards_need_a_verdict() -> None:
     rows = [{"prompt_id": "a", "correct": True}, {"prompt_id": "b", "correct": False}]
     implicit_stages._verifier_rewards(rows)

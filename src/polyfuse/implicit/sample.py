@@ -30,7 +30,7 @@ from typing import Any
 from polyfuse.errors import DataError, PolyfuseError
 from polyfuse.generate import Backend, SourceSpec, as_messages, batch_seed, make_backend
 from polyfuse.progress import progress_bar
-from polyfuse.workspace import Ranks, atomic_write_text
+from polyfuse.workspace import Ranks, atomic_write_text, map_in_processes
 
 __all__ = ["GOLD_FIELDS", "partial_path", "sample_prompts"]
 
@@ -101,17 +101,58 @@ def _params_record(spec: SourceSpec, seed: int, backend: str) -> dict[str, Any]:
     return {**spec.params.to_dict(), "seed": seed, "backend": backend}
 
 
+class BatchSampler:
+    """Samples one batch of prompts from one source: ``sampler((source_index, batch_index, prompt_indices))``.
+
+    Picklable, so worker processes can sample batches of their own; each keeps the last source's backend
+    loaded between batches (the tasks come source by source) and returns the responses and the seconds spent.
+    """
+
+    def __init__(self, sources: Sequence[SourceSpec], messages: Sequence[list[dict[str, str]]], *, backend: str,
+                 seed: int, device: str, dtype: str, backends: Mapping[str, Backend] | None = None) -> None:
+        self.sources, self.messages, self.backend, self.seed = list(sources), list(messages), backend, seed
+        self.device, self.dtype = device, dtype
+        self.backends = dict(backends or {})
+        self._engine: tuple[str, Backend] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.backends:
+            raise PolyfuseError("backends built in this process cannot go to sampling workers")
+        return {**self.__dict__, "_engine": None}
+
+    def engine(self, spec: SourceSpec) -> Backend:
+        if spec.name in self.backends:
+            return self.backends[spec.name]
+        if self._engine is None or self._engine[0] != spec.name:
+            self._engine = None  # the previous source's model goes before the next one loads
+            self._engine = (spec.name, make_backend(self.backend, spec, device=self.device, dtype=self.dtype))
+        return self._engine[1]
+
+    def release(self) -> None:
+        self._engine = None
+
+    def __call__(self, task: tuple[int, int, range]) -> tuple[list[list[str]], float]:
+        source, b, idx = task
+        spec = self.sources[source]
+        started = time.perf_counter()
+        responses = self.engine(spec).generate([self.messages[i] for i in idx], spec.params,
+                                               batch_seed(self.seed, spec.name, b))
+        return responses, time.perf_counter() - started
+
+
 def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[SourceSpec], out: str | Path, *,
                    backend: str = "hf", batch_size: int = 16, seed: int = 0, device: str = "auto",
                    dtype: str = "auto", progress: bool = True, backends: Mapping[str, Backend] | None = None,
-                   ranks: Ranks | None = None) -> dict[str, Any]:
+                   ranks: Ranks | None = None, workers: int = 1) -> dict[str, Any]:
     """Sample every source on every prompt into ``out`` (JSONL, atomic), resuming from ``<out>.partial.jsonl``.
 
     ``backends`` maps a source name to an already-built backend (tests, reuse); others are built with
     :func:`make_backend`. Under several processes (``ranks``; every rank calls with the same arguments) rank r
     samples the batches ``b`` with ``b % world_size == r`` into its own partial file and rank 0 writes ``out``;
-    a batch's prompts and seed do not depend on the number of ranks. Returns statistics (summed over the
-    ranks): records, batches done and skipped, seconds per source.
+    a batch's prompts and seed do not depend on the number of ranks. ``workers`` > 1 samples that many of this
+    rank's batches at once in worker processes (:func:`polyfuse.workspace.map_in_processes`, one torch thread
+    each; not with ``backends``); this process appends each finished batch to the partial file. Returns
+    statistics (summed over the ranks): records, batches done and skipped, seconds per source (of generation).
     """
     if batch_size < 1:
         raise PolyfuseError(f"sample.batch_size={batch_size}: need at least 1")
@@ -135,30 +176,39 @@ def sample_prompts(prompts: Sequence[Mapping[str, Any]], sources: Sequence[Sourc
         return set(have) == set(range(spec.params.n))
 
     done = _read_done(out, params)
-    stats: dict[str, Any] = {"records": 0, "batches_done": 0, "batches_skipped": 0, "seconds": {}}
+    stats: dict[str, Any] = {"records": 0, "batches_done": 0, "batches_skipped": 0,
+                             "seconds": dict.fromkeys(names, 0.0)}
     mine = [(b, idx) for b, idx in _batches(len(prompts), batch_size) if b % ranks.world_size == ranks.rank]
+    todo = []
+    for s, spec in enumerate(sources):
+        for b, idx in mine:
+            if all(complete(done.get((str(ids[i]), spec.name), {}), spec) for i in idx):
+                stats["batches_skipped"] += 1
+            else:
+                todo.append((s, b, idx))
+    sampler = BatchSampler(sources, messages, backend=backend, seed=seed, device=device, dtype=dtype,
+                           backends=backends)
     # every rank's batches are in its partial file once the block is left on every rank
     with ranks.together("sample"), part.open("a", encoding="utf-8") as sink, \
             progress_bar("sample", total=len(mine) * len(sources), enabled=progress) as advance:
-        for spec in sources:
-            started, engine = time.perf_counter(), (backends or {}).get(spec.name)
-            for b, idx in mine:
-                if all(complete(done.get((str(ids[i]), spec.name), {}), spec) for i in idx):
-                    stats["batches_skipped"] += 1
-                    advance()
-                    continue
-                if engine is None:
-                    engine = make_backend(backend, spec, device=device, dtype=dtype)
-                responses = engine.generate([messages[i] for i in idx], spec.params, batch_seed(seed, spec.name, b))
-                recs = [_record(prompts[i], messages[i], spec.name, k, text, params[spec.name])
-                        for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
-                sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-                sink.flush()
-                os.fsync(sink.fileno())
-                stats["batches_done"] += 1
-                advance(source=spec.name)
-            stats["seconds"][spec.name] = round(time.perf_counter() - started, 2)
-            del engine
+        for _ in range(stats["batches_skipped"]):
+            advance()
+
+        def finished(task: tuple[int, int, range], result: tuple[list[list[str]], float]) -> None:
+            (s, _, idx), (responses, seconds) = task, result
+            spec = sources[s]
+            recs = [_record(prompts[i], messages[i], spec.name, k, text, params[spec.name])
+                    for i, texts in zip(idx, responses, strict=True) for k, text in enumerate(texts)]
+            sink.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+            sink.flush()
+            os.fsync(sink.fileno())
+            stats["batches_done"] += 1
+            stats["seconds"][spec.name] += seconds
+            advance(source=spec.name)
+
+        map_in_processes(sampler, todo, workers=1 if backends else workers, done=finished)
+        sampler.release()
+    stats["seconds"] = {n: round(v, 2) for n, v in stats["seconds"].items()}
     every = ranks.gather(stats)
     stats = {"records": 0, "batches_done": sum(s["batches_done"] for s in every),
              "batches_skipped": sum(s["batches_skipped"] for s in every),

@@ -185,6 +185,9 @@ class AlignSection(Section):
         True, description="keep only the source continuations after which the target's tokenizer still ends its "
         "previous token where it did (a target that emitted a newline and three spaces as one token knows no "
         "fourth space follows), renormalised (default: on with starts only)")
+    workers: int = Field(
+        1, ge=1, description="processes that project shards at once, one core each (the alignment is Python): "
+        "the stores are the same bytes for any number, so changing it keeps the stage current")
 
 
 class FuseSection(Section):

@@ -92,6 +92,8 @@ class SampleSection(Section):
     repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty (1 is none)")
     max_new_tokens: int = Field(256, ge=1, description="longest response in tokens")
     batch_size: int = Field(16, ge=1, description="prompts per generate call (the unit of resume)")
+    workers: int = Field(1, ge=1, description="processes that sample batches at once with one torch thread each "
+                         "(hf backend), the same records for any number, so changing it keeps the stage current")
     include_target: bool = Field(True, description="the target samples too (its responses are WRPO's target answers)")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     dtype: Dtype = Field("auto", description="model dtype (auto: bfloat16 on CUDA that supports it, else float32)")

@@ -15,6 +15,12 @@ from polyfuse.workspace import Ranks, StageResult, current_ranks, run_stage
 T = TypeVar("T")
 
 
+def section_config(recipe: Recipe, name: str, *runtime: str) -> dict:
+    """``recipe.section_dict(name)`` for a stage's manifest, less the ``runtime`` keys: settings such as
+    ``workers`` that change how a stage runs but not what it writes, so changing them keeps it current."""
+    return {k: v for k, v in recipe.section_dict(name).items() if k not in runtime}
+
+
 def resolve_models(recipe: Recipe) -> list:
     """``(name, ResolvedModel, tokenizer)`` for the target and every source; a missing one fails here."""
     from polyfuse.models import resolve_all

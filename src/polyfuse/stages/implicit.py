@@ -28,7 +28,7 @@ from polyfuse.errors import DataError, RecipeError
 from polyfuse.evaluate.accuracy import evaluate_accuracy, read_problems
 from polyfuse.progress import progress_bar
 from polyfuse.recipe.implicit import ImplicitRecipe, SamplingOverrides, TrainingSection
-from polyfuse.stages.common import split_over_ranks
+from polyfuse.stages.common import section_config, split_over_ranks
 from polyfuse.workspace import (
     Ranks,
     StageResult,
@@ -112,7 +112,7 @@ def sample_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool 
 
     prompts = prompts_path(recipe)
     specs = _samplers(recipe)
-    cfg = {"sample": recipe.section_dict("sample"), "seed": recipe.seed, "max_prompts": recipe.prompts.max_prompts,
+    cfg = {"sample": section_config(recipe, "sample", "workers"), "seed": recipe.seed, "max_prompts": recipe.prompts.max_prompts,
            "models": {s.name: {"model": s.model, "params": s.params.to_dict(), "chat_template": s.chat_template}
                       for s in specs}}
     inputs = {"prompts": prompts, **{f"model:{s.name}": s.model for s in specs}}
@@ -122,7 +122,7 @@ def sample_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool 
         o = recipe.sample
         stats = sample_prompts(rows, specs, out / "samples.jsonl", backend=o.backend, batch_size=o.batch_size,
                                seed=recipe.seed, device=o.device, dtype=o.dtype, progress=progress,
-                               ranks=current_ranks())
+                               ranks=current_ranks(), workers=o.workers)
         return {**stats, "prompts": len(rows)}
 
     # collective: under several processes each rank samples its share of the batches

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from polyfuse.recipe import Recipe
-from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
+from polyfuse.stages.common import recipe_blocks, resolve_models, section_config, stage_dir, tokenizers
 from polyfuse.workspace import StageResult, current_ranks, run_stage
 
 
@@ -115,7 +115,8 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
     results = {}
     for spec in recipe.sources:
         name = spec.name
-        cfg = {"align": recipe.section_dict("align"), "k": entries_per_position(recipe), "store_format": FORMAT_VERSION}
+        cfg = {"align": section_config(recipe, "align", "workers"), "k": entries_per_position(recipe),
+               "store_format": FORMAT_VERSION}
         inputs = {"capture": stage_dir(recipe, "capture", name), "vocab": stage_dir(recipe, "vocab", name),
                   "target_capture": stage_dir(recipe, "capture", target)}
 
@@ -134,7 +135,7 @@ def align_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                 return project_store(reader, writer, [(b.block_id, b.text) for b in blocks], src_enc, tgt_enc,
                                      method=method, vmap=vmap, src_tokenizer=toks[name], tgt_tokenizer=toks[target],
                                      inside=recipe.align.inside, cuts=recipe.align.cuts, shard_size=shard,
-                                     ranks=ranks, advance=advance)
+                                     ranks=ranks, workers=recipe.align.workers, advance=advance)
 
         # collective: under several processes each rank projects its share of the shards
         results[name] = run_stage(stage_dir(recipe, "align", name), "align", cfg, inputs, build, force=force,

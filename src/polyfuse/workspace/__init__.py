@@ -10,6 +10,7 @@ then skipped; otherwise it is built aside and swapped in whole.
 - :mod:`~polyfuse.workspace.manifest`: :class:`Manifest`, normalised configs, package versions
 - :mod:`~polyfuse.workspace.runner`: :func:`run_stage` (skip, resume, swap in, ranks) and stage status
 - :mod:`~polyfuse.workspace.ranks`: :class:`Ranks` under ``accelerate launch`` / ``torchrun``
+- :mod:`~polyfuse.workspace.processes`: :func:`map_in_processes`, local worker processes for Python-bound work
 - :mod:`~polyfuse.workspace.lock`: :func:`workdir_lock`, one run per workdir
 
 Import from ``polyfuse.workspace``. It knows nothing about what a stage computes::
@@ -47,6 +48,7 @@ from polyfuse.workspace.hashing import (
 )
 from polyfuse.workspace.lock import LOCK_NAME, workdir_lock
 from polyfuse.workspace.manifest import MANIFEST_NAME, Manifest, normalise_config, package_versions
+from polyfuse.workspace.processes import map_in_processes
 from polyfuse.workspace.ranks import NO_ACCELERATE, Ranks, current_ranks, start_process_group
 from polyfuse.workspace.runner import (
     PARTIAL_KEY_NAME,
@@ -79,6 +81,7 @@ __all__ = [
     "hash_path",
     "is_current",
     "iter_jsonl",
+    "map_in_processes",
     "normalise_config",
     "package_versions",
     "partial_dir",
