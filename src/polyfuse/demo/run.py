@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -92,18 +93,30 @@ def run_real_family(out: str | Path, world_dir: str | Path, base: list[str], ove
     return rows
 
 
+def demo_threads(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` jobs run side by side: an even share of the cores, at least one."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
              budget: float = 1.0, preset: str = "demo", overrides: list[str] | None = None,
              progress: bool = True, families: tuple[str, ...] = FAMILIES, report: bool = True,
-             implicit_overrides: list[str] | None = None) -> dict:
+             implicit_overrides: list[str] | None = None, side_by_side: bool | None = None) -> dict:
     """Build the world, run each fusion family, evaluate every model, write the report.
 
     ``overrides`` apply to the explicit recipe (``tiny.yaml``), ``implicit_overrides`` to ``implicit.yaml``.
-    Returns the results file's contents plus ``world_checks`` (the implicit demo's checks included) and, with ``report``, ``report``
-    (the path of ``report.html``).
+    With ``side_by_side`` (the default on two cores or more) the implicit family runs in a second process
+    beside the explicit ones, each with half the cores (:func:`polyfuse.workspace.beside`; its output is
+    kept in ``<out>/implicit.log`` and printed when it ends): the figures are the same as one after the
+    other, since every stage gives the same result at any thread count and the world's models train with
+    fixed threads. Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
+    included) and, with ``report``, ``report`` (the path of ``report.html``).
     """
+    from polyfuse.demo.implicit import run_implicit_demo
+    from polyfuse.demo.threads import fixed_threads
     from polyfuse.demo.world import build_world
     from polyfuse.errors import PolyfuseError
+    from polyfuse.workspace import beside
 
     unknown = [f for f in families if f not in FAMILIES + OPT_IN_FAMILIES]
     if unknown:
@@ -111,16 +124,37 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
                             f"choose from {', '.join(FAMILIES + OPT_IN_FAMILIES)}")
     world = build_world(world_dir, preset=preset, seed=seed, budget=budget)
     base = [f"workdir={out}", f"world={world_dir}", f"seed={seed}"]
-    for family in (f for f in families if f in ("fusellm", "fusechat")):  # modes of tiny.yaml
-        run_recipe(load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])]), progress=progress)
-    if "real" in families:
-        run_real_family(out, world_dir, base, overrides, progress=progress)
-    implicit_checks = []
-    if "implicit" in families:
-        from polyfuse.demo.implicit import run_implicit_demo
+    explicit = [f for f in families if f in ("fusellm", "fusechat", "real")]
 
-        implicit_checks = run_implicit_demo(out, world_dir, seed=seed, preset=preset, budget=budget,
-                                            overrides=implicit_overrides, progress=progress)["implicit_checks"]
+    def run_explicit() -> None:
+        for family in (f for f in explicit if f != "real"):  # modes of tiny.yaml
+            run_recipe(load_recipe(demo_recipe_path(), [*base, f"mode={family}", *(overrides or [])]),
+                       progress=progress)
+        if "real" in explicit:
+            run_real_family(out, world_dir, base, overrides, progress=progress)
+
+    implicit_args = (out, world_dir, seed, preset)
+    implicit_kwargs = {"budget": budget, "overrides": implicit_overrides, "progress": progress}
+    implicit_checks = []
+    if side_by_side is None:
+        side_by_side = (os.cpu_count() or 1) >= 2
+    if "implicit" in families and explicit and side_by_side:
+        log = Path(out) / "implicit.log"
+        threads = demo_threads(2)
+        if progress:
+            print(f"implicit fusion runs beside the explicit families in a second process ({threads} thread(s) "
+                  f"each); its output goes to {log} and is printed when both are done", flush=True)
+        with beside(run_implicit_demo, *implicit_args, log=log, threads=threads, **implicit_kwargs) as job, \
+                fixed_threads(threads):
+            run_explicit()
+            implicit = job.get()
+        if progress:
+            print(log.read_text(), end="", flush=True)
+        implicit_checks = implicit["implicit_checks"]
+    else:
+        run_explicit()
+        if "implicit" in families:
+            implicit_checks = run_implicit_demo(*implicit_args, **implicit_kwargs)["implicit_checks"]
     results = read_results(Path(out) / "results.json")
     results["world_checks"] = world_checks(results, world) + implicit_checks
     if report:

@@ -36,7 +36,7 @@ from polyfuse.stages.implicit import (
     wrpo_stage,
 )
 from polyfuse.stages.teachers import align_stage, capture_stage, vocab_stage
-from polyfuse.workspace import StageResult, workdir_lock
+from polyfuse.workspace import IMPLICIT_LOCK_NAME, LOCK_NAME, StageResult, workdir_lock
 
 __all__ = ["EXPLICIT_STAGES", "IMPLICIT_STAGES", "MODE_STAGES", "resolve_models", "run_recipe", "stage_dir",
            "stage_table", "trained_rows"]
@@ -85,7 +85,8 @@ def run_recipe(recipe: AnyRecipe, *, only: Sequence[str] | None = None, force: b
     """Run the stages of the recipe's mode (or ``only`` these, in pipeline order), skipping current ones.
 
     Returns every artifact's result keyed ``stage`` or ``stage/<part>``; a disabled stage gives nothing. The
-    whole run holds the workdir's lock (:func:`polyfuse.workspace.workdir_lock`): one run per workdir.
+    whole run holds the workdir's lock (:func:`polyfuse.workspace.workdir_lock`): one run per workdir, or
+    one explicit and one implicit run, whose stages are disjoint.
     """
     table = stage_table(recipe)
     names = list(only) if only else list(MODE_STAGES[recipe.mode])
@@ -93,7 +94,7 @@ def run_recipe(recipe: AnyRecipe, *, only: Sequence[str] | None = None, force: b
     if unknown:
         raise RecipeError(f"unknown stage {', '.join(unknown)} for mode {recipe.mode}; stages: {', '.join(table)}")
     out: dict[str, StageResult] = {}
-    with workdir_lock(recipe.workdir):
+    with workdir_lock(recipe.workdir, name=IMPLICIT_LOCK_NAME if recipe.mode == "implicit" else LOCK_NAME):
         for name in (n for n in table if n in names):
             result: Any = table[name](recipe, force=force, progress=progress)
             if isinstance(result, dict):

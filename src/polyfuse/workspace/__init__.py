@@ -10,7 +10,8 @@ then skipped; otherwise it is built aside and swapped in whole.
 - :mod:`~polyfuse.workspace.manifest`: :class:`Manifest`, normalised configs, package versions
 - :mod:`~polyfuse.workspace.runner`: :func:`run_stage` (skip, resume, swap in, ranks) and stage status
 - :mod:`~polyfuse.workspace.ranks`: :class:`Ranks` under ``accelerate launch`` / ``torchrun``
-- :mod:`~polyfuse.workspace.processes`: :func:`map_in_processes`, local worker processes for Python-bound work
+- :mod:`~polyfuse.workspace.processes`: :func:`map_in_processes`, local worker processes for Python-bound work;
+  :func:`beside`, one job in a second process while this one runs another
 - :mod:`~polyfuse.workspace.lock`: :func:`workdir_lock`, one run per workdir
 
 Import from ``polyfuse.workspace``. It knows nothing about what a stage computes::
@@ -46,9 +47,9 @@ from polyfuse.workspace.hashing import (
     tree_files,
     verify_artifact,
 )
-from polyfuse.workspace.lock import LOCK_NAME, workdir_lock
+from polyfuse.workspace.lock import IMPLICIT_LOCK_NAME, LOCK_NAME, workdir_lock
 from polyfuse.workspace.manifest import MANIFEST_NAME, Manifest, normalise_config, package_versions
-from polyfuse.workspace.processes import map_in_processes
+from polyfuse.workspace.processes import beside, map_in_processes
 from polyfuse.workspace.ranks import NO_ACCELERATE, Ranks, current_ranks, start_process_group
 from polyfuse.workspace.runner import (
     PARTIAL_KEY_NAME,
@@ -60,6 +61,7 @@ from polyfuse.workspace.runner import (
 )
 
 __all__ = [
+    "IMPLICIT_LOCK_NAME",
     "LOCK_NAME",
     "MANIFEST_NAME",
     "NO_ACCELERATE",
@@ -70,6 +72,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "beside",
     "check_lineage",
     "clean_stale_temps",
     "current_ranks",

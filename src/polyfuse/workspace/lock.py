@@ -15,12 +15,17 @@ from typing import Any
 from polyfuse.errors import DataError
 from polyfuse.workspace.ranks import Ranks, current_ranks
 
-__all__ = ["LOCK_NAME", "workdir_lock"]
+__all__ = ["IMPLICIT_LOCK_NAME", "LOCK_NAME", "workdir_lock"]
 
 logger = logging.getLogger("polyfuse.workspace")
 
 LOCK_NAME = ".polyfuse.lock"
 """The run lock in a workdir: held (``fcntl.flock``) by the process running a recipe there."""
+
+IMPLICIT_LOCK_NAME = ".polyfuse-implicit.lock"
+"""The lock an implicit recipe's run holds instead: its stages (sample ... accuracy) share no directory with
+an explicit recipe's (blocks ... merge) and ``results.json`` is updated under its own lock, so one explicit
+and one implicit run may share a workdir (``polyfuse demo`` runs them side by side)."""
 
 _HELD_LOCKS: dict[str, list[Any]] = {}  # resolved workdir -> [open lock file or None, depth]
 
@@ -37,8 +42,8 @@ def _lock_holder(fh: Any) -> str:
             f"{info.get('command')}")
 
 
-def _take_lock(workdir: Path) -> Any:
-    """Open and lock ``workdir/.polyfuse.lock`` (None when the workdir cannot be written at all)."""
+def _take_lock(workdir: Path, name: str) -> Any:
+    """Open and lock ``workdir/name`` (None when the workdir cannot be written at all)."""
     import errno
     import fcntl
     import sys
@@ -46,12 +51,12 @@ def _take_lock(workdir: Path) -> Any:
     writable = True
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        fh = open(workdir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
+        fh = open(workdir / name, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         try:  # read-only here: a lock file opened for reading still shows (and takes) the lock
-            fh = open(workdir / LOCK_NAME, encoding="utf-8")  # noqa: SIM115
+            fh = open(workdir / name, encoding="utf-8")  # noqa: SIM115
         except OSError:
             logger.debug("workdir %s is not writable (%s): running without its lock", workdir, exc.strerror)
             return None
@@ -75,10 +80,11 @@ def _take_lock(workdir: Path) -> Any:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None) -> Iterator[None]:
-    """Hold the workdir's run lock for the block: one run per workdir.
+def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold the workdir's run lock for the block: one run per workdir (and lock ``name``:
+    :data:`IMPLICIT_LOCK_NAME` for implicit recipes).
 
-    The lock is an ``fcntl.flock`` on ``<workdir>/.polyfuse.lock``, which records the holder (pid, host,
+    The lock is an ``fcntl.flock`` on ``<workdir>/<name>``, which records the holder (pid, host,
     command, start); the kernel releases it when the holder dies, so a lock left by a killed run is
     taken over. Re-entrant within a process. Under several ranks, rank 0 takes it for the whole run
     and every rank learns the outcome. A workdir that cannot be written is used without the lock.
@@ -86,7 +92,7 @@ def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None) -> Iterator
     Raises:
         DataError: another live process holds the lock (named in the message).
     """
-    key = str(Path(workdir).resolve())
+    key = str(Path(workdir).resolve() / name)
     held = _HELD_LOCKS.get(key)
     if held is not None:
         held[1] += 1
@@ -99,7 +105,7 @@ def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None) -> Iterator
     fh, error = None, None
     if ranks.main:
         try:
-            fh = _take_lock(Path(workdir))
+            fh = _take_lock(Path(workdir), name)
         except Exception as exc:  # shared with the other ranks below
             error = exc
     failures = ranks.gather(None if error is None else str(error))
