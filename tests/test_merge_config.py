@@ -85,7 +85,9 @@ def test_filtered_values_pick_the_first_match():
 @pytest.mark.parametrize(("change", "match"), [
     ({"merge_methd": "ties"}, r"merge_methd: unknown key, did you mean 'merge_method'"),
     ({"dtype": "float8"}, r"dtype: expected one of"),
-    ({"slices": []}, r"slices: layer slices"),
+    ({"modules": {}}, r"modules: multi-module configs are not supported"),
+    ({"slices": [{"sources": [{"model": "./a", "layer_range": [0, 2]}]}]},
+     r"give either models or slices, not both"),
     ({"tokenizer_source": "union"}, r"tokenizer_source: union vocabularies are not supported"),
     ({"parameters": {"weight": [0.1, 0.5, 1.0]}}, r"layer gradients"),
 ])

@@ -11,6 +11,7 @@ import yaml
 from safetensors import safe_open
 
 from polyfuse.cli import main
+from polyfuse.errors import PolyfuseError
 from polyfuse.merge import METHODS, merge_tensors, parse_merge_config, plan_merge, run_merge
 from polyfuse.merge.engine import _chunk_rows
 
@@ -67,14 +68,23 @@ def _config(llamas: dict[str, Path], method: str = "ties", **extra) -> dict:
     weights = {"a": 0.5, "b": 0.3, "c": 0.2}
     per_model = {"weight": None, "density": 0.6}
     params = {}
+    names = ("a", "b", "c")
     if method == "sce":
         per_model, params = {}, {"select_topk": 0.3, "sce_variant": "fusechat"}
-    elif method == "varm":
+    elif method in ("varm", "model_stock"):
         per_model = {}
     elif method in ("linear", "task_arithmetic"):
         per_model = {"weight": None}
+    elif method.startswith("breadcrumbs"):
+        per_model = {"weight": None, "density": 0.6, "gamma": 0.05}
+    elif method == "slerp":
+        per_model, params, names = {}, {"t": 0.4}, ("a",)
+    elif method == "nuslerp":
+        per_model, params, names = {"weight": None}, {"nuslerp_flatten": False}, ("a", "b")
+    elif method == "passthrough":
+        per_model, params, names = {}, {"scale": [{"filter": "o_proj", "value": 0.5}]}, ("a",)
     models = [{"model": str(llamas[n]), "parameters": {k: (weights[n] if v is None else v) for k, v in per_model.items()}}
-              for n in ("a", "b", "c")]
+              for n in names]
     data = {"merge_method": method, "base_model": str(llamas["base"]), "models": models, "parameters": params,
             **extra}
     return data
@@ -91,12 +101,14 @@ def _expected(llamas: dict[str, Path], data: dict, seed: int = 0) -> dict[str, t
     cfg = parse_merge_config(data)
     plan = plan_merge(cfg, seed=seed)
     states = {n: _state(llamas[n]) for n in ("base", "a", "b", "c")}
+    names = [next(n for n in ("a", "b", "c") if str(llamas[n]) == m["model"]) for m in data["models"]]
+    with_base = cfg.base_model is not None and cfg.merge_method not in ("linear", "passthrough")
     out = {}
     for task in plan.tensors:
-        tensors = [states[n][task.name] for n in ("a", "b", "c")]
+        tensors = [states[n][task.name] for n in names]
         params = {**task.job.params, **task.job.model_params}
         out[task.name] = merge_tensors(cfg.merge_method, tensors, parameters=params, name=task.name, seed=seed,
-                                       base=None if cfg.merge_method == "linear" else states["base"][task.name])
+                                       base=states["base"][task.name] if with_base else None)
     return out
 
 
@@ -164,6 +176,73 @@ def test_every_method_writes_a_loadable_checkpoint(tmp_path, llamas, method):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
     assert f"method: `{method}`" in card and str(llamas["a"]) in card and str(llamas["base"]) in card
+
+
+def test_nuslerp_without_a_base_interpolates_the_models_themselves(tmp_path, llamas):
+    data = _config(llamas, "nuslerp")
+    del data["base_model"]
+    out = tmp_path / "merged"
+    run_merge(_write(tmp_path, data), out, chunk_mb=0.05, progress=False)
+    merged, expected = _state(out), _expected(llamas, data)
+    with_base = _expected(llamas, _config(llamas, "nuslerp"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(expected[key], with_base[key])
+    for name, tensor in expected.items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_methods_check_how_many_models_they_merge(tmp_path, llamas):
+    data = _config(llamas, "slerp")
+    data["models"].append({"model": str(llamas["b"])})
+    with pytest.raises(PolyfuseError, match=r"models: slerp merges exactly 1 model besides base_model, got 2"):
+        run_merge(_write(tmp_path, data), tmp_path / "out", progress=False)
+    data = _config(llamas, "model_stock")
+    data["models"] = data["models"][:1] + [{"model": str(llamas["base"])}]  # the base listed too: not counted
+    with pytest.raises(PolyfuseError, match=r"model_stock merges at least 2 models besides base_model, got 1"):
+        run_merge(_write(tmp_path, data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _slices(llamas: dict[str, Path], *ranges: tuple[str, int, int]) -> dict:
+    return {"merge_method": "passthrough", "dtype": "float32",
+            "slices": [{"sources": [{"model": str(llamas[n]), "layer_range": [a, b]}]} for n, a, b in ranges]}
+
+
+def test_passthrough_slices_stack_layers_streamed_and_renumbered(tmp_path, llamas):
+    from transformers import AutoModelForCausalLM
+
+    data = _slices(llamas, ("a", 0, 2), ("b", 1, 2), ("a", 0, 1))  # layers a0 a1 b1 a0
+    data["slices"][1]["sources"][0]["parameters"] = {"scale": [{"filter": "mlp", "value": 2.0}]}
+    out = tmp_path / "stacked"
+    result = run_merge(_write(tmp_path, data), out, chunk_mb=0.01, out_shard_size="30K", progress=False)
+    merged, a, b = _state(out), _state(llamas["a"]), _state(llamas["b"])
+    sources = [(a, 0), (a, 1), (b, 1), (a, 0)]
+    expected = {"model.embed_tokens.weight": a["model.embed_tokens.weight"],  # before the layers: first slice
+                "model.norm.weight": a["model.norm.weight"], "lm_head.weight": a["lm_head.weight"]}  # after: last
+    for i, (state, j) in enumerate(sources):
+        for key, tensor in state.items():
+            if key.startswith(f"model.layers.{j}."):
+                scale = 2.0 if i == 2 and ".mlp." in key else 1.0
+                expected[key.replace(f"layers.{j}.", f"layers.{i}.")] = tensor * scale
+    assert merged.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(merged[key], tensor), key
+    assert len(result.shards) > 1
+    assert result.input_bytes == sum(t.numel() * 4 for t in expected.values())
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4 and model(torch.tensor([[1, 5, 7]])).logits.shape == (1, 3, ROWS)
+    assert "layer_range=[1, 2]" in (out / "README.md").read_text()
+
+
+def test_passthrough_slices_check_their_ranges_and_method(tmp_path, llamas):
+    data = _slices(llamas, ("a", 0, 2), ("b", 1, 3))
+    with pytest.raises(PolyfuseError, match=r"slices\[1\]\.sources\[0\]\.layer_range: \[1, 3\] but the model has 2 layers"):
+        run_merge(_write(tmp_path, data), tmp_path / "out", progress=False)
+    data = {**_slices(llamas, ("a", 0, 2)), "merge_method": "ties"}
+    with pytest.raises(PolyfuseError, match=r"slices: layer slices are supported with merge_method: passthrough only"):
+        run_merge(_write(tmp_path, data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_merge_is_deterministic_given_the_seed(tmp_path, llamas):

@@ -139,19 +139,34 @@ CASES = {
     "sce-fusechat": {"select_topk": 0.3, "sce_variant": "fusechat"},
     "sce-mergekit": {"select_topk": 0.3, "sce_variant": "mergekit"},
     "varm": {},
+    "breadcrumbs": {"weight": [0.2, 0.5, 0.3], "density": [0.3, 0.5, 0.7], "gamma": [0.05, 0.2, 0.0]},
+    "breadcrumbs_ties": {"weight": [0.2, 0.5, 0.3], "density": [0.3, 0.6, 0.9], "gamma": 0.1},
+    "della": {"weight": [0.2, 0.5, 0.3], "density": [0.3, 0.5, 0.7], "epsilon": 0.1},
+    "della_linear": {"weight": [0.2, 0.5, 0.3], "density": 0.4, "epsilon": [0.1, 0.2, 0.3]},
+    "slerp": {"t": 0.3},
+    "nuslerp-flat": {"weight": [0.3, 0.7]},
+    "nuslerp-rows": {"weight": [0.3, 0.7], "nuslerp_flatten": False},
+    "nuslerp-columns": {"weight": [0.3, 0.7], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+    "nuslerp-nobase": {"weight": [0.3, 0.7], "nuslerp_flatten": False, "nuslerp_row_wise": True},
+    "model_stock": {},
+    "model_stock-filter": {"filter_wise": True},
+    "passthrough": {},
+    "passthrough-scale": {"scale": 0.5},
 }
+MODELS = {"slerp": 1, "nuslerp": 2, "passthrough": 1}  # merged inputs besides the base (3 for the others)
+NO_BASE = ("linear", "nuslerp-nobase", "passthrough", "passthrough-scale")
 
 
 def test_every_registered_method_has_a_case():
     assert {case.split("-")[0] for case in CASES} == set(METHODS)
 
 
-SELECTING = ("ties", "sce-fusechat", "sce-mergekit")  # top-k: sorted when small, else radix histograms
+SELECTING = ("ties", "sce-fusechat", "sce-mergekit", "breadcrumbs", "breadcrumbs_ties")  # top-k: sorted or radix
 
 
 @pytest.mark.parametrize(("case", "select"), [(c, "sorted") for c in sorted(CASES)] +
                          [(c, "histograms") for c in SELECTING])
-@pytest.mark.parametrize("shape", [(37, 11), (53,)])
+@pytest.mark.parametrize("shape", [(37, 11), (53,), (13, 4, 3)])
 def test_chunked_equals_whole(monkeypatch, case, shape, select):
     """The bounded-memory path (row chunks, statistics passes) gives the whole-tensor result exactly."""
     if select == "histograms":
@@ -161,7 +176,8 @@ def test_chunked_equals_whole(monkeypatch, case, shape, select):
     base = torch.randn(shape)
     models = [base + 0.1 * torch.randn(shape) for _ in range(3)]
     models[1][: shape[0] // 3] = base[: shape[0] // 3]  # unchanged rows: ties and zero variance
-    kwargs = {"base": None if method == "linear" else base, "parameters": CASES[case], "seed": 9}
+    models = models[-MODELS.get(method, 3):]
+    kwargs = {"base": None if case in NO_BASE else base, "parameters": CASES[case], "seed": 9}
     whole = merge_tensors(method, models, **kwargs)
     for rows in (1, 4, shape[0] - 1):
         assert torch.equal(whole, merge_tensors(method, models, chunk_rows=rows, **kwargs)), rows

@@ -7,7 +7,12 @@ uses float32, which moves results by a few ulps; TIES, linear and task arithmeti
 in practice. DARE cannot share mergekit's random stream (mergekit draws ``torch.bernoulli`` from the
 global generator in its task-graph order; polyfuse seeds a generator per tensor and model), so DARE
 is compared with the drop mask fixed: mergekit's ``bernoulli`` is replaced by one that returns
-polyfuse's documented mask and keeps mergekit's own rescaling.
+polyfuse's documented mask and keeps mergekit's own rescaling. DELLA likewise: mergekit's
+``torch.bernoulli(p)`` is replaced by polyfuse's draw (keep where u < p), so mergekit's own ranks
+and keep probabilities are compared. Model Breadcrumbs, SLERP, NuSLERP and Model Stock are
+deterministic and compared directly (mergekit's magnitude sorts are not stable; the cases have no
+tied magnitudes except zeros, where the order does not matter); ``passthrough`` layer stacks
+(``slices``) are compared through both pipelines, bit for bit.
 
 Without mergekit installed, ``test_parity_in_a_mergekit_venv`` (slow) installs mergekit 0.1.5 into a
 throw-away venv layered over this environment and runs this file there::
@@ -59,13 +64,33 @@ CASES = [
     ("ties", {"weight": WEIGHTS, "density": 0.4, "rescale": True, "normalize": False, "lambda": 1.3}, {}),
     ("sce", {"select_topk": 1.0}, {"sce_variant": "mergekit"}),
     ("sce", {"select_topk": 0.25}, {"sce_variant": "mergekit"}),
+    ("breadcrumbs", {"weight": WEIGHTS, "density": [0.3, 0.5, 0.9], "gamma": [0.01, 0.1, 0.05]}, {}),
+    ("breadcrumbs", {"weight": WEIGHTS, "density": 0.5, "rescale": True, "normalize": True}, {}),
+    ("breadcrumbs_ties", {"weight": WEIGHTS, "density": [0.3, 0.5, 0.9], "gamma": 0.05}, {}),
+    ("breadcrumbs_ties", {"weight": WEIGHTS, "density": 0.8, "gamma": 0.3, "normalize": True, "lambda": 0.8}, {}),
+    ("della", {"weight": WEIGHTS}, {}),  # density 1: no sampling, TIES' election only
+    ("della_linear", {"weight": WEIGHTS, "lambda": 1.2}, {}),
+    ("slerp", {"t": 0.3}, {}),
+    ("slerp", {"t": 1.4}, {}),
+    ("nuslerp", {"weight": WEIGHTS[:2]}, {}),
+    ("nuslerp", {"weight": WEIGHTS[:2], "nuslerp_flatten": False}, {}),
+    ("nuslerp", {"weight": WEIGHTS[:2], "nuslerp_flatten": False, "nuslerp_row_wise": True}, {}),
+    ("nuslerp", {"weight": WEIGHTS[:2], "nuslerp_flatten": False}, {"base": False}),
+    ("nuslerp", {"weight": WEIGHTS[:2]}, {"base": False}),
+    ("model_stock", {}, {}),
+    ("model_stock", {"filter_wise": True}, {}),
+    ("passthrough", {}, {"base": False}),
+    ("passthrough", {"scale": 0.5}, {"base": False}),
 ]
+MODELS = {"slerp": 1, "nuslerp": 2, "passthrough": 1}  # merged inputs besides the base (3 for the others)
 
 
 @pytest.mark.parametrize(("method", "params", "extra"), CASES)
 def test_tensor_parity(api, tensors, method, params, extra):
     base, models = tensors
-    if method == "linear":
+    models = models[:MODELS.get(method, 3)]
+    extra = dict(extra)
+    if not extra.pop("base", method != "linear"):  # linear, nuslerp without a base
         ours = merge_tensors(method, models, parameters={**params, **extra})
         theirs = api.merge_tensors(models, method, parameters=params)
     else:
@@ -94,6 +119,33 @@ def test_dare_parity_with_the_drop_mask_fixed(api, tensors, monkeypatch, method,
     ours = merge_tensors(method, models, base=base, parameters=params, seed=seed, name=name)
     theirs = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
     assert next(calls) == 3  # one mask per model, in model order
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(("rescale", "shape"), [(True, "matrix"), (False, "matrix"), (True, "vector")])
+def test_della_parity_with_the_sampling_fixed(api, tensors, monkeypatch, method, rescale, shape):
+    """mergekit draws ``torch.bernoulli(p)``; it is replaced by polyfuse's documented draw (u < p), so
+    mergekit's own ranks, probabilities, rescaling and election are compared."""
+    import mergekit.sparsify as sparsify
+
+    base, models = tensors
+    if shape == "vector":  # ranked as a whole
+        base, models = base.reshape(-1), [m.reshape(-1) for m in models]
+    seed, name = 11, "model.layers.0.mlp.down_proj.weight"
+    calls = itertools.count()
+
+    def polyfuse_draw(probabilities):
+        i = next(calls)
+        u = torch.rand(probabilities.numel(), generator=torch.Generator().manual_seed(stream_seed(seed, name, i)))
+        return (u.view_as(probabilities) < probabilities).to(probabilities.dtype)
+
+    monkeypatch.setattr(sparsify.torch, "bernoulli", polyfuse_draw)
+    params = {"weight": WEIGHTS, "density": [0.3, 0.6, 0.7], "epsilon": [0.1, 0.2, 0.25], "rescale": rescale}
+    theirs = api.merge_tensors([base, *models], method, parameters=params, base_index=0)
+    monkeypatch.undo()
+    ours = merge_tensors(method, models, base=base, parameters=params, seed=seed, name=name)
+    assert next(calls) == 3  # one draw per model, in model order
     torch.testing.assert_close(ours, theirs, **TOLERANCE)
 
 
@@ -136,16 +188,26 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     ("task_arithmetic", {"weight": 0.4}, {"lambda": 0.9}, {}),
     ("ties", {"weight": 0.5, "density": 0.5}, {}, {}),
     ("sce", {}, {"select_topk": 0.3}, {"sce_variant": "mergekit"}),
+    ("breadcrumbs_ties", {"weight": 0.5, "density": 0.6, "gamma": 0.05}, {}, {}),
+    ("slerp", {}, {"t": 0.35}, {}),
+    ("nuslerp", {"weight": 0.5}, {"nuslerp_flatten": False}, {}),
+    ("nuslerp", {"weight": 0.5}, {}, {"base": False}),
+    ("model_stock", {}, {}, {}),
 ])
 def test_pipeline_parity_on_a_tiny_llama(tmp_path, llamas, method, per_model, params, extra):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mergekit_merge
     from mergekit.options import MergeOptions
 
+    extra = dict(extra)
+    with_base = extra.pop("base", True)
+    names = ("a", "b", "c")[:MODELS.get(method, 3)]
     config = {"merge_method": method, "base_model": str(llamas["base"]), "dtype": "float32",
               "models": [{"model": str(llamas[n]), **({"parameters": per_model} if per_model else {})}
-                         for n in ("a", "b", "c")],
+                         for n in names],
               "parameters": params}
+    if not with_base:
+        del config["base_model"]
     if method == "linear":
         config["models"].append({"model": str(llamas["base"]), "parameters": per_model})
     mergekit_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
@@ -157,6 +219,32 @@ def test_pipeline_parity_on_a_tiny_llama(tmp_path, llamas, method, per_model, pa
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], **TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_layer_stack_parity_on_a_tiny_llama(tmp_path, llamas, scale):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_merge
+    from mergekit.options import MergeOptions
+
+    ranges = [("a", 0, 2), ("b", 1, 2), ("c", 0, 1)]
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(llamas[n]), "layer_range": [start, end]}]}
+                         for n, start, end in ranges]}
+    if scale is not None:
+        config["parameters"] = {"scale": [{"filter": "o_proj", "value": scale}, {"value": 1.0}]}
+    mergekit_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mergekit"),
+                   options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours_config = tmp_path / "polyfuse.yaml"
+    ours_config.write_text(yaml.safe_dump(config))
+    run_merge(ours_config, tmp_path / "polyfuse", progress=False)
+    ours, theirs = _state(tmp_path / "polyfuse"), _state(tmp_path / "mergekit")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
+    layers = [json.loads((tmp_path / d / "config.json").read_text())["num_hidden_layers"]
+              for d in ("polyfuse", "mergekit")]
+    assert layers == [4, 4]
 
 
 @pytest.mark.slow

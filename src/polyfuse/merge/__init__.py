@@ -4,7 +4,8 @@
     run_merge("merge.yaml", "runs/merged", seed=0)
 
 Methods (:mod:`polyfuse.merge.methods`): linear, task_arithmetic, ties, dare_linear, dare_ties,
-sce (``sce_variant: fusechat | mergekit``) and varm. The engine (:mod:`polyfuse.merge.engine`) reads
+breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, model_stock, passthrough
+(also with ``slices``: layer stacking), sce (``sce_variant: fusechat | mergekit``) and varm. The engine (:mod:`polyfuse.merge.engine`) reads
 safetensors shards memory-mapped in row chunks and writes sharded safetensors, config, tokenizer and
 a model card; it never loads a whole model.
 """

@@ -1,8 +1,11 @@
 """Building blocks shared by mergers: exact chunk-independent statistics and masks.
 
-:class:`RowSums` sums per model in float64 independently of the chunking; :class:`RandomKeep`
-draws DARE's drop mask from a stream seeded by (seed, tensor name, model) (:func:`stream_seed`);
-:func:`sign_consensus` is TIES' sign election; :func:`per_model` broadcasts one value per model.
+:class:`RowSums` sums per model in float64 independently of the chunking, :class:`ColumnSums`
+sums over rows per column (per position of a row); :class:`Uniforms` draws U[0, 1) per model from
+a stream seeded by (seed, tensor name, model) (:func:`stream_seed`) in flat element order, which
+DARE's drop mask (:class:`RandomKeep`) and DELLA's sampling use; :func:`sign_consensus` is TIES'
+sign election; :func:`per_model` broadcasts one value per model; :func:`vector_sums` sums along
+the last dim the same way for one vector as for many.
 """
 
 from __future__ import annotations
@@ -13,7 +16,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["RandomKeep", "RowSums", "per_model", "sign_consensus", "stream_seed"]
+__all__ = ["ColumnSums", "RandomKeep", "RowSums", "Uniforms", "per_model", "sign_consensus", "stream_seed", "vector_sums"]
+
+
+def vector_sums(values: Tensor, *, keepdim: bool = False) -> Tensor:
+    """Sums over the last dim, each computed the same way however many vectors ``values`` holds.
+
+    torch splits a long reduction with a single output across threads (another summation order);
+    a second, zero vector keeps one vector on the per-vector path that many vectors take.
+    """
+    if values.numel() == values.shape[-1]:
+        return torch.stack([values, torch.zeros_like(values)]).sum(-1, keepdim=keepdim)[0]
+    return values.sum(-1, keepdim=keepdim)
 
 
 def per_model(values: Sequence[float], like: Tensor) -> Tensor:
@@ -38,7 +52,7 @@ class RowSums:
         """Add the values [K, rows, ...] of one chunk (chunks in order)."""
         values = values.to(torch.float64)
         if values.dim() > 2:
-            self._parts.append(values.reshape(values.shape[0], values.shape[1], -1).sum(-1))
+            self._parts.append(vector_sums(values.reshape(values.shape[0], values.shape[1], -1)))
             return
         if self._carry is not None:
             values = torch.cat([self._carry, values], dim=1)
@@ -53,36 +67,73 @@ class RowSums:
         return torch.cat(parts, dim=1).sum(1)
 
 
+class ColumnSums:
+    """Per-model sums over the rows of a chunked tensor, for every position of a row, in float64.
+
+    The rows are added one after the other (a running ``cumsum`` through each chunk), so the sums
+    do not depend on the chunking. Memory: one float64 row per model.
+    """
+
+    def __init__(self) -> None:
+        self._total: Tensor | None = None
+
+    def add(self, values: Tensor) -> None:
+        """Add the values [K, rows, ...] of one chunk (chunks in order)."""
+        values = values.to(torch.float64)
+        if self._total is not None:
+            values = torch.cat([self._total.unsqueeze(1), values], dim=1)
+        self._total = values.cumsum(1)[:, -1].clone()
+
+    def total(self) -> Tensor:
+        """[K, ...] float64 sums (one row's shape) over every chunk added so far."""
+        assert self._total is not None, "no chunk was added"
+        return self._total
+
+
 def stream_seed(seed: int, tensor: str, model: int) -> int:
+    """The seed of model ``model``'s random stream for tensor ``tensor`` under the merge seed ``seed``."""
     digest = hashlib.blake2b(f"{seed}\0{tensor}\0{model}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class Uniforms:
+    """u ~ U[0, 1) for model i in flat element order, from a ``torch.Generator`` seeded by
+    (seed, tensor name, i). Row chunks draw consecutive pieces of the same stream, so the values do
+    not depend on the chunking; offset 0 restarts a model's stream (a new pass over the tensor)."""
+
+    def __init__(self, seed: int, tensor: str, models: int) -> None:
+        self._seeds = [stream_seed(seed, tensor, i) for i in range(models)]
+        self._generators: list[torch.Generator | None] = [None] * models
+        self._next = [0] * models
+
+    def draw(self, model: int, offset: int, n: int) -> Tensor:
+        """[n] float32 values for the elements ``[offset, offset + n)`` of ``model``'s stream."""
+        if offset == 0:
+            self._generators[model] = torch.Generator().manual_seed(self._seeds[model])
+            self._next[model] = 0
+        generator = self._generators[model]
+        if generator is None or offset != self._next[model]:
+            raise RuntimeError(f"random stream out of order: expected offset {self._next[model]}, got {offset}")
+        self._next[model] = offset + n
+        return torch.rand(n, generator=generator)
+
+
 class RandomKeep:
-    """DARE's drop mask: entry j of model i is kept when uᵢⱼ < ρᵢ, with uᵢⱼ ~ U[0, 1) drawn in flat
-    element order from a ``torch.Generator`` seeded by (seed, tensor name, i). Row chunks draw
-    consecutive pieces of the same stream, so the mask does not depend on the chunking."""
+    """DARE's drop mask: entry j of model i is kept when uᵢⱼ < ρᵢ (:class:`Uniforms`; nothing is
+    drawn for a model with ρᵢ ≥ 1), so the mask does not depend on the chunking."""
 
     def __init__(self, seed: int, tensor: str, density: Sequence[float]) -> None:
-        self._seeds = [stream_seed(seed, tensor, i) for i in range(len(density))]
+        self._uniforms = Uniforms(seed, tensor, len(density))
         self._density = list(density)
-        self._generators: list[torch.Generator] = []
-        self._next = 0
 
     def keep(self, offset: int, n: int) -> Tensor:
         """[K, n] boolean mask for the elements ``[offset, offset + n)`` (offset 0 restarts the stream)."""
-        if offset == 0:
-            self._generators = [torch.Generator().manual_seed(s) for s in self._seeds]
-            self._next = 0
-        if offset != self._next:
-            raise RuntimeError(f"DARE chunks out of order: expected offset {self._next}, got {offset}")
-        self._next = offset + n
         masks = []
-        for density, generator in zip(self._density, self._generators, strict=True):
+        for i, density in enumerate(self._density):
             if density >= 1:
                 masks.append(torch.ones(n, dtype=torch.bool))
             else:
-                masks.append(torch.rand(n, generator=generator) < density)
+                masks.append(self._uniforms.draw(i, offset, n) < density)
         return torch.stack(masks)
 
 

@@ -17,8 +17,17 @@
 
 Parameter values are a number (or boolean / string) or a list of ``{filter, value}`` entries whose
 ``filter`` is a substring of the tensor name (an entry without ``filter`` matches every tensor).
-mergekit's layer gradients (a list of numbers), ``slices``, ``modules`` and ``tokenizer: {source:
-union}`` are not supported and say so. Model references are local directories (or ``world:NAME``).
+``merge_method: passthrough`` also takes mergekit's ``slices`` instead of ``models`` (layer stacking;
+one source per slice)::
+
+    merge_method: passthrough
+    slices:
+      - sources: [{model: ./a, layer_range: [0, 24]}]
+      - sources: [{model: ./b, layer_range: [8, 32]}]
+
+mergekit's layer gradients (a list of numbers), ``modules``, slices for other methods and
+``tokenizer: {source: union}`` are not supported and say so. Model references are local
+directories (or ``world:NAME``).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ __all__ = [
     "FilteredValue",
     "InputModel",
     "MergeConfig",
+    "OutputSlice",
     "ParamValue",
+    "SliceSource",
     "TokenizerSection",
     "load_merge_config",
     "parse_merge_config",
@@ -54,7 +65,6 @@ __all__ = [
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 _UNSUPPORTED = {
-    "slices": "layer slices (frankenmerges) are not supported; list whole models under `models`",
     "modules": "multi-module configs are not supported; list whole models under `models`",
     "chat_template": "chat_template is not supported; the tokenizer's own template is copied",
 }
@@ -93,6 +103,39 @@ class InputModel(BaseModel):
     _check_parameters = field_validator("parameters", mode="before")(_no_gradients)
 
 
+class SliceSource(BaseModel):
+    """The source of an output slice: layers ``[start, end)`` of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, description="local model directory or world:NAME", examples=["./runs/target"])
+    layer_range: tuple[int, int] = Field(description="[start, end]: the layers start … end − 1", examples=[[0, 16]])
+    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="per-model parameters (scale)")
+
+    _check_parameters = field_validator("parameters", mode="before")(_no_gradients)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"expected [start, end] with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(BaseModel):
+    """Consecutive output layers copied from one source (``passthrough``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1, description="one source: passthrough copies one model's layers")
+
+    @field_validator("sources")
+    @classmethod
+    def _one_source(cls, value: list[SliceSource]) -> list[SliceSource]:
+        if len(value) > 1:
+            raise ValueError(f"passthrough copies one source per slice, got {len(value)}; "
+                             "stack them as consecutive slices")
+        return value
+
+
 class TokenizerSection(BaseModel):
     """mergekit's modern ``tokenizer:`` block; only ``source`` (``base`` or a model directory) is supported."""
 
@@ -111,10 +154,13 @@ class MergeConfig(BaseModel):
     """A mergekit-style merge configuration (see the module docstring for an example)."""
 
     model_config = ConfigDict(extra="forbid")
-    merge_method: str = Field(min_length=1, description="linear, task_arithmetic, ties, dare_linear, dare_ties, sce or varm",
+    merge_method: str = Field(min_length=1, description="a registered method: linear, task_arithmetic, ties, dare_*, "
+                              "breadcrumbs*, della*, slerp, nuslerp, model_stock, passthrough, sce or varm",
                               examples=["ties"])
     base_model: str | None = Field(None, description="the pivot every task vector is taken against")
-    models: list[InputModel] = Field(min_length=1, description="the models to merge")
+    models: list[InputModel] = Field(default_factory=list, description="the models to merge (or slices)")
+    slices: list[OutputSlice] = Field(default_factory=list,
+                                      description="passthrough only: layer slices stacked in order (instead of models)")
     parameters: dict[str, ParamValue] = Field(default_factory=dict,
                                               description="method parameters, and defaults for every model")
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = Field(
@@ -146,6 +192,17 @@ class MergeConfig(BaseModel):
     def _one_tokenizer_key(self) -> MergeConfig:
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either tokenizer_source or tokenizer, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if self.models and self.slices:
+            raise ValueError("give either models or slices, not both")
+        if not self.models and not self.slices:
+            raise ValueError("models: list the models to merge (or, with passthrough, slices)")
+        if self.slices and self.merge_method != "passthrough":
+            raise ValueError(f"slices: layer slices are supported with merge_method: passthrough only, "
+                             f"not {self.merge_method}; list whole models under models")
         return self
 
     @property

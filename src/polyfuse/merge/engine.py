@@ -14,7 +14,9 @@
 
 Peak memory is the chunk budget plus the interpreter, whatever the size of the tensors or models.
 Embedding rows are merged as they are: rows beyond the tokenizer's length (padded vocabularies)
-are kept, never truncated.
+are kept, never truncated. ``passthrough`` with ``slices`` stacks layer ranges
+(:mod:`polyfuse.merge.passthrough`): each output tensor is a renamed input tensor, streamed the same
+way, and ``config.json`` gets the new layer count.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from polyfuse.errors import ModelLoadError, PolyfuseError
 from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
+from polyfuse.merge.passthrough import stack_slices, stacked_config
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
 from polyfuse.workspace import clean_stale_temps, swap_in, temp_name
 
@@ -117,11 +120,15 @@ class MergePlan:
     config_dir: Path
     """Where config.json (and generation_config.json) are copied from."""
     tokenizer_dir: Path | None
+    source_layers: list[int] | None = None
+    """A layer stack (``slices``): the source layer index of each output layer; None otherwise."""
 
     @property
     def input_bytes(self) -> int:
         """Bytes of tensor data read: every merged input, plus the base for methods that use it."""
-        models = ([self.base] if self.base and self.method.needs_base else []) + self.inputs
+        if self.source_layers is not None:  # a layer stack reads the tensors it copies
+            return sum(s.nbytes for t in self.tensors for s in t.sources)
+        models = ([self.base] if self.base and self.method.uses_base(True) else []) + self.inputs
         return sum(info.nbytes for m in {m.path: m for m in models}.values() for info in m.tensors.values())
 
 
@@ -251,6 +258,8 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
             naming the key or the tensor.
     """
     method = get_method(config.merge_method)
+    if config.slices:
+        return _plan_slices(config, method, seed=seed, world_dir=world_dir)
     if method.needs_base and not config.base_model:
         raise PolyfuseError(
             f"base_model: required by {method.name} (task vectors are taken against it); add base_model: PATH"
@@ -262,13 +271,15 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
     listed = [_resolve(label, m.model, world_dir) for label, m in zip(labels, config.models, strict=True)]
     listed = [InputModel(m.label, m.ref, m.path, m.tensors, dict(c.parameters))
               for m, c in zip(listed, config.models, strict=True)]
-    if method.needs_base:
+    with_base = method.uses_base(base is not None)
+    if with_base:
         assert base is not None
         inputs = [m for m in listed if m.path != base.path]  # mergekit: the base may also be listed
         if not inputs:
             raise PolyfuseError(f"models: {method.name} needs at least one model besides base_model")
     else:
         inputs = listed
+    method.check_count(len(inputs), with_base)
     reference = base if base is not None else inputs[0]
     for model in inputs:
         _check_same_tensors(reference, model)
@@ -289,9 +300,41 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
         if problem:
             raise PolyfuseError(f"tensor {name!r}: {problem}")
         tasks.append(TensorTask(name, info.shape, out_dtype or _torch_dtype(info),
-                                base.tensors[name] if method.needs_base and base else None, sources, job))
+                                base.tensors[name] if with_base and base else None, sources, job))
     tokenizer_dir = _tokenizer_dir(config, reference, listed + ([base] if base else []), world_dir)
     return MergePlan(config, method, base, inputs, tasks, seed, reference.path, tokenizer_dir)
+
+
+def _plan_slices(config: MergeConfig, method: MergeMethod, *, seed: int, world_dir: str | Path) -> MergePlan:
+    """Plan a layer stack: every output tensor is one slice model's tensor under its new name."""
+    labels = [f"slices[{i}].sources[0]" for i in range(len(config.slices))]
+    sources = [s.sources[0] for s in config.slices]
+    method.check_keys(list(config.parameters), [list(s.parameters) for s in sources], labels)
+    base = _resolve("base_model", config.base_model, world_dir) if config.base_model else None
+    resolved: dict[str, InputModel] = {}
+    for label, source in zip(labels, sources, strict=True):
+        if source.model not in resolved:
+            resolved[source.model] = _resolve(label, source.model, world_dir)
+    models = [resolved[s.model] for s in sources]
+    stacked, source_layers = stack_slices([m.tensors for m in models], [s.layer_range for s in sources], labels)
+    out_dtype = _DTYPES[config.output_dtype] if config.output_dtype else None
+    tasks = []
+    for entry in stacked:
+        info = models[entry.slice].tensors[entry.source]
+        if not info.dtype.startswith(("F", "BF")):
+            tasks.append(TensorTask(entry.name, info.shape, _torch_dtype(info), None, [info], None))
+            continue
+        params, model_params = method.resolve(entry.name, config.parameters, [sources[entry.slice].parameters],
+                                              [labels[entry.slice]])
+        job = TensorJob(entry.name, info.shape, seed, params, model_params)
+        problem = method.check(job)
+        if problem:
+            raise PolyfuseError(f"tensor {entry.name!r}: {problem}")
+        tasks.append(TensorTask(entry.name, info.shape, out_dtype or _torch_dtype(info), None, [info], job))
+    reference = base if base is not None else models[0]  # mergekit: config.json from the base, else a source
+    inputs = list(resolved.values())
+    tokenizer_dir = _tokenizer_dir(config, reference, inputs + ([base] if base else []), world_dir)
+    return MergePlan(config, method, base, inputs, tasks, seed, reference.path, tokenizer_dir, source_layers)
 
 
 def _torch_dtype(info: TensorInfo) -> torch.dtype:
@@ -380,10 +423,12 @@ def _write_config(plan: MergePlan, tmp: Path) -> None:
         src = plan.config_dir / name
         if not src.is_file():
             continue
-        if name == "config.json" and plan.config.output_dtype:
+        if name == "config.json" and (plan.config.output_dtype or plan.source_layers is not None):
             data = json.loads(src.read_text(encoding="utf-8"))
+            if plan.source_layers is not None:
+                data = stacked_config(data, plan.source_layers)
             for key in ("dtype", "torch_dtype"):
-                if key in data:
+                if key in data and plan.config.output_dtype:
                     data[key] = plan.config.output_dtype
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         else:
@@ -394,7 +439,11 @@ def _write_card(plan: MergePlan, tmp: Path, name: str) -> None:
     sample = next((t.job for t in plan.tensors if t.job is not None and len(t.shape) == 2), None)
     sample = sample or next((t.job for t in plan.tensors if t.job is not None), None)
     inputs = []
-    for i, model in enumerate(plan.inputs):
+    if plan.source_layers is not None:  # a layer stack: one row per slice
+        for s in plan.config.slices:
+            source = s.sources[0]
+            inputs.append((source.model, {"layer_range": list(source.layer_range)}))
+    for i, model in enumerate(plan.inputs if plan.source_layers is None else []):
         params = {k: v[i] for k, v in sample.model_params.items()} if sample else {}
         inputs.append((model.ref, params))
     notes = [f"{k}: {v}" for k, v in (sample.params.items() if sample else []) if k != "int8_mask"]

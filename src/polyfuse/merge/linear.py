@@ -1,8 +1,10 @@
 """The linear family: ``linear`` and mergekit's generalized task arithmetic.
 
 :class:`TaskArithmetic` covers ``task_arithmetic``, ``ties`` (magnitude top-k + sign consensus),
-``dare_linear`` (random drop + L1 rescale) and ``dare_ties`` (random drop + sign consensus); the
-registered parameters of each live in :mod:`polyfuse.merge.methods`.
+``dare_linear`` (random drop + L1 rescale), ``dare_ties`` (random drop + sign consensus),
+``breadcrumbs`` / ``breadcrumbs_ties`` (outliers and small entries dropped) and ``della`` /
+``della_linear`` (magnitude-ranked sampling); the sparsifiers live in :mod:`polyfuse.merge.sparsify`,
+the registered parameters of each method in :mod:`polyfuse.merge.methods`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from polyfuse.merge.blocks import RandomKeep, RowSums, per_model
+from polyfuse.merge.blocks import RowSums, per_model
 from polyfuse.merge.registry import Chunk, TensorJob
-from polyfuse.merge.select import TopK
+from polyfuse.merge.sparsify import Sparsifier, make_sparsifier
 
 __all__ = ["Linear", "TaskArithmetic", "linear_check"]
 
@@ -46,11 +48,12 @@ def linear_check(job: TensorJob) -> str | None:
 class TaskArithmetic:
     """θ₀ + λ · combine(wᵢ · sparsify(δᵢ)), as mergekit's generalized task arithmetic.
 
-    ``sparsify``: None, ``magnitude`` (keep the top ⌊ρᵢ·n⌋ (at least 1) entries by |δᵢ|) or
-    ``random`` (keep with probability ρᵢ); with ``rescale`` the kept entries are scaled by
-    Σ|δᵢ| / Σ|kept δᵢ| (L1 norm preserved). ``consensus``: keep only entries whose sign agrees with
-    sign(Σ wᵢδᵢ) and divide by the sum of the agreeing weights; without it divide by Σ wᵢ. The
-    division happens only with ``normalize``.
+    ``sparsify``: None or a kind of :data:`~polyfuse.merge.sparsify.SPARSIFIERS` (``magnitude``,
+    ``random``, ``magnitude_outliers``, ``della_magprune``), applied only when some ρᵢ < 1; with
+    ``rescale`` the kept entries are scaled by Σ|δᵢ| / Σ|kept δᵢ| (L1 norm preserved; not when
+    either is below 1e-7). ``consensus``: keep only entries whose sign agrees with sign(Σ wᵢδᵢ) and
+    divide by the sum of the agreeing weights; without it divide by Σ wᵢ. The division happens only
+    with ``normalize``.
     """
 
     def __init__(self, job: TensorJob, *, sparsify: str | None, consensus: bool) -> None:
@@ -61,30 +64,16 @@ class TaskArithmetic:
         self.sparsify = sparsify if sparsify and any(d < 1 for d in self.density) else None
         self.consensus = consensus
         self.scale = [1.0] * k
-        self._topk: TopK | None = None
-        self._random: RandomKeep | None = None
+        self._sparsifier: Sparsifier | None = None
 
     def _keep(self, chunk: Chunk, deltas: Tensor) -> Tensor:
-        k = deltas.shape[0]
-        if self._topk is not None:
-            if chunk.offset == 0:
-                self._topk.restart()
-            return self._topk.keep(deltas.abs().reshape(k, -1)).view(deltas.shape)
-        assert self._random is not None
-        return self._random.keep(chunk.offset, deltas[0].numel()).view(deltas.shape)
+        assert self._sparsifier is not None
+        return self._sparsifier.keep(chunk, deltas)
 
     def statistics(self) -> Iterator[Callable[[Chunk], None]]:
-        k, n = len(self.weights), self.job.numel
-        if self.sparsify == "magnitude":
-            topk = TopK(k)
-            yield lambda c: topk.count_high(c.deltas().abs().reshape(k, -1))
-            counts = [n if d >= 1 else 0 if d <= 0 else max(1, int(d * n)) for d in self.density]
-            if topk.choose(counts):
-                yield lambda c: topk.count_low(c.deltas().abs().reshape(k, -1))
-            topk.finish()
-            self._topk = topk
-        elif self.sparsify == "random":
-            self._random = RandomKeep(self.job.seed, self.job.name, self.density)
+        if self.sparsify:
+            self._sparsifier = make_sparsifier(self.sparsify, self.job)
+            yield from self._sparsifier.statistics()
         if self.sparsify and self.job.params["rescale"]:
             before, after = RowSums(), RowSums()
 

@@ -132,6 +132,27 @@ class MergeMethod:
     make: Callable[[TensorJob], Merger]
     check: Callable[[TensorJob], str | None] = field(default=lambda job: None)
     """Problem with a resolved job that the parameter ranges cannot express (None when fine)."""
+    optional_base: bool = False
+    """Without ``needs_base``: take task vectors against ``base_model`` when one is given."""
+    min_models: int = 1
+    """Fewest merged inputs (the base excluded when the method uses it)."""
+    max_models: int | None = None
+    """Most merged inputs (None: any number)."""
+
+    def uses_base(self, has_base: bool) -> bool:
+        """Whether the merge reads the base model (always with ``needs_base``, if given with ``optional_base``)."""
+        return self.needs_base or (self.optional_base and has_base)
+
+    def check_count(self, count: int, with_base: bool) -> None:
+        """Raise PolyfuseError (naming ``models``) when ``count`` merged inputs are not allowed."""
+        low, high = self.min_models, self.max_models
+        if low <= count and (high is None or count <= high):
+            return
+        bound = low if count < low else high
+        wanted = f"exactly {low}" if low == high else f"at least {low}" if count < low else f"at most {high}"
+        besides = " besides base_model" if with_base else ""
+        raise PolyfuseError(f"models: {self.name} merges {wanted} model{'' if bound == 1 else 's'}{besides}, "
+                            f"got {count}")
 
     def check_keys(self, global_keys: Sequence[str], model_keys: Sequence[Sequence[str]],
                    model_labels: Sequence[str]) -> None:
