@@ -14,16 +14,25 @@ entry at position t is a distribution over token t+1, like the student's logits 
 Two readings of the teacher's K entries (``mass``):
 
 * ``renormalise`` (FuseLLM): the teacher distribution is ``softmax(logprobs / temperature)`` over its
-  valid entries; the student uses the same temperature. Right when the top-k holds nearly all the
-  mass (large models); with flat teachers it makes the target sharper than any teacher.
+  valid entries and 0 elsewhere; the student uses the same temperature. Right when the top-k holds
+  nearly all the mass (large models); with flat teachers it makes the target sharper than any teacher.
 * ``tail``: the K probabilities are taken as captured and the rest, ``r = 1 - sum_k p_k``, is one
-  more bucket: the loss compares the teacher's and the student's distributions over K + 1 outcomes
-  (the K ids, "anything else")::
+  more bucket ("anything else"). Exact for what was stored, calibrated, and equal to ``renormalise``
+  when ``r = 0``. Temperature 1 only (the tail of a tempered teacher was not captured).
 
-      ce = -sum_k p_k log q_k - r log(1 - sum_k q_k)
+Both readings become one pair of distributions over K + 1 outcomes, the K ids and the rest (teacher:
+``r``, 0 under ``renormalise``; student: ``1 - sum_k q_k``), and one :func:`divergence` of them is the
+loss (``kind``): ``ce``, ``forward_kl`` (alias ``kl``), ``reverse_kl``, ``jsd`` (generalised, ``beta``),
+``tv``, ``skew_forward_kl`` / ``skew_reverse_kl`` (``alpha``), e.g.::
 
-  Exact for what was stored, calibrated, and equal to ``renormalise`` when ``r = 0``. Temperature 1
-  only (the tail of a tempered teacher was not captured).
+    ce = -sum_k p_k log q_k - r log(1 - sum_k q_k)
+
+Under ``renormalise`` nothing is lost by pooling the student's other tokens, as the teacher has 0
+there: every loss equals the dense one between the zero-padded teacher and the student's full
+softmax (``ce`` is FuseLLM's loss), except ``reverse_kl`` (also ``jsd`` at beta 1, ``skew_reverse_kl`` at
+alpha 0), which is infinite wherever the teacher is 0 and the student is not, and is therefore taken
+on the teacher's support with the student renormalised over it (under ``renormalise``: both
+renormalised over the K valid entries; under ``tail`` it matters only where ``r = 0``).
 
 No ``temperature**2`` factor is applied (FuseLLM trains at temperature 1).
 
@@ -38,12 +47,15 @@ normaliser is at least 1, ``num_items`` included).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+import math
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DISTILL_KINDS",
+    "DIVERGENCE_ALIASES",
     "IGNORE_INDEX",
     "TEACHER_MASS",
     "DistillKind",
@@ -52,6 +64,7 @@ __all__ = [
     "TeacherMass",
     "clm_loss",
     "distill_loss",
+    "divergence",
     "fusion_loss",
     "grouped_log_probs",
     "selective_log_softmax",
@@ -60,7 +73,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-DistillKind = Literal["ce", "kl"]
+DistillKind = Literal["ce", "kl", "forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl"]
+DISTILL_KINDS: tuple[str, ...] = get_args(DistillKind)
+DIVERGENCE_ALIASES: dict[str, str] = {"kl": "forward_kl"}
 TeacherMass = Literal["renormalise", "tail"]
 TEACHER_MASS: tuple[str, ...] = ("renormalise", "tail")
 
@@ -123,53 +138,122 @@ def teacher_distribution(
     return p, logp, entry.any(dim=-1)
 
 
-def _distill_per_position(logq: torch.Tensor, p: torch.Tensor, logp: torch.Tensor, kind: DistillKind) -> torch.Tensor:
-    """[B, T, K] student log-probs at the teacher ids -> [B, T] loss per position."""
-    if kind == "ce":
-        return -(p * logq).sum(-1)
-    if kind == "kl":
-        return (p * (logp - logq)).sum(-1)
-    raise ValueError(f"unknown distillation loss {kind!r}; choose 'ce' or 'kl'")
-
-
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(x))`` for ``x <= 0``, stable on both sides of ``-log 2``; ``x`` is clamped below 0."""
     x = x.clamp(max=-1e-7)
     return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _tail_per_position(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
-                       kind: DistillKind) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tail`` reading (module docstring): [B, T, K] -> ([B, T] loss, [B, T] has an entry)."""
+def _outcomes(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, *, temperature: float,
+              mass: TeacherMass) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher and student over the K + 1 outcomes of a position: the K entries and "anything else".
+
+    ``logq`` [B, T, K]: the student's log-probs at the entries. Returns teacher log-probs [B, T, K + 1]
+    (``-inf`` where the teacher has no mass: the rest under ``renormalise``, or when the entries hold it
+    all), student log-probs [B, T, K + 1], ``valid`` [B, T, K + 1] (outcomes that exist; padded entries
+    do not) and ``has_entry`` [B, T].
+    """
     entry = (ids >= 0) & torch.isfinite(logprobs)                       # [B, T, K]
-    p = torch.where(entry, logprobs.to(logq.dtype).exp(), 0.0)
-    p_sum = p.sum(-1)
-    scale = torch.where(p_sum > 1, 1 / p_sum, 1.0)                       # fp16 rounding: never above 1
-    p = p * scale.unsqueeze(-1)
-    rest = (1 - p_sum * scale).clamp(min=0)                             # [B, T]
-    logq_in = torch.where(entry, logq, float("-inf")).logsumexp(-1)     # log sum_k q_k
-    logq_rest = _log1mexp(logq_in)
-    loss = -(p * torch.where(entry, logq, 0.0)).sum(-1) - rest * logq_rest
-    if kind == "kl":
-        logp = torch.where(entry, p.clamp(min=1e-30).log(), 0.0)
-        loss = loss + (p * logp).sum(-1) + torch.where(rest > 0, rest * rest.clamp(min=1e-30).log(), 0.0)
-    elif kind != "ce":
-        raise ValueError(f"unknown distillation loss {kind!r}; choose 'ce' or 'kl'")
-    return loss, entry.any(-1)
-
-
-def _teacher_terms(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, *, kind: DistillKind,
-                   temperature: float, mass: TeacherMass) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position distillation loss [B, T] and the positions with teacher entries [B, T]."""
-    if mass == "tail":
+    has_entry = entry.any(-1)
+    if mass == "renormalise":
+        _, logp, _ = teacher_distribution(ids, logprobs, temperature, logq.dtype)
+        logp = torch.where(entry, logp, float("-inf"))
+        logp_rest = torch.full_like(logp[..., 0], float("-inf"))
+    elif mass == "tail":
         if temperature != 1.0:
             raise ValueError("teacher mass 'tail' needs temperature 1 (the tail of a tempered teacher "
                              "was not captured); use mass 'renormalise' for another temperature")
-        return _tail_per_position(logq, ids, logprobs, kind)
-    if mass != "renormalise":
+        logp = torch.where(entry, logprobs.to(logq.dtype), float("-inf"))
+        p_sum = torch.where(entry, logp.exp(), 0.0).sum(-1)              # [B, T]
+        over = p_sum > 1                                                # fp16 rounding: never above 1
+        logp = logp - torch.where(over, p_sum, 1.0).log().unsqueeze(-1)
+        rest = torch.where(over, 0.0, 1 - p_sum).clamp(min=0)
+        logp_rest = torch.where(rest > 0, rest.clamp(min=1e-30).log(), float("-inf"))
+    else:
         raise ValueError(f"unknown teacher mass {mass!r}; choose one of {', '.join(TEACHER_MASS)}")
-    p, logp, has_entry = teacher_distribution(ids, logprobs, temperature, logq.dtype)
-    return _distill_per_position(logq, p, logp, kind), has_entry
+    logq_rest = _log1mexp(torch.where(entry, logq, float("-inf")).logsumexp(-1))  # log(1 - sum_k q_k)
+    return (torch.cat([logp, logp_rest.unsqueeze(-1)], -1), torch.cat([logq, logq_rest.unsqueeze(-1)], -1),
+            torch.cat([entry, has_entry.unsqueeze(-1)], -1), has_entry)
+
+
+def _kl(logx: torch.Tensor, logy: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``sum x (log x - log y)`` over the outcomes in ``where`` (finite log-probs there), [..., N] -> [...]."""
+    logx, logy = torch.where(where, logx, 0.0), torch.where(where, logy, 0.0)
+    return torch.where(where, logx.exp() * (logx - logy), 0.0).sum(-1)
+
+
+def _mix(logp: torch.Tensor, logq: torch.Tensor, support: torch.Tensor, w: float) -> torch.Tensor:
+    """``log(w p + (1 - w) q)`` for ``0 < w < 1`` (``p = 0`` off the teacher's support)."""
+    mixed = torch.logaddexp(math.log(w) + torch.where(support, logp, 0.0), math.log1p(-w) + logq)
+    return torch.where(support, mixed, math.log1p(-w) + logq)
+
+
+def _reverse_kl(logp: torch.Tensor, logq: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """``KL(q || p)`` on the teacher's support, the student renormalised over it (infinite otherwise)."""
+    norm = torch.where(support, logq, float("-inf")).logsumexp(-1, keepdim=True)
+    norm = torch.where(support.any(-1, keepdim=True), norm, 0.0)
+    return _kl(logq - norm, logp, support)
+
+
+def divergence(logp: torch.Tensor, logq: torch.Tensor, valid: torch.Tensor, kind: DistillKind = "forward_kl",
+               *, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+    """The distillation loss of teacher ``P`` and student ``Q`` over the outcomes on the last axis.
+
+    ``logp``, ``logq`` [..., N] log-probabilities (``logp`` may be ``-inf``: the teacher has no mass
+    there; ``logq`` must be finite on ``valid``), ``valid`` [..., N] the outcomes that exist (others,
+    whatever they hold, add nothing). Returns [...]:
+
+    * ``ce`` ``-sum p log q``; ``forward_kl`` (``kl``) ``KL(P || Q)``;
+    * ``reverse_kl`` ``KL(Q || P)``, taken on the teacher's support with ``Q`` renormalised over it
+      (it is infinite wherever ``P`` is 0 and ``Q`` is not);
+    * ``jsd`` the generalised JSD of GKD, ``beta KL(P || M) + (1 - beta) KL(Q || M)`` with
+      ``M = beta P + (1 - beta) Q``; ``beta`` 0 is ``forward_kl`` and 1 ``reverse_kl`` (TRL's convention);
+    * ``tv`` ``sum |p - q| / 2``;
+    * ``skew_forward_kl`` ``KL(P || alpha P + (1 - alpha) Q)`` and ``skew_reverse_kl``
+      ``KL(Q || (1 - alpha) P + alpha Q)`` (DistiLLM): ``alpha`` 0 is the plain KL, 1 gives 0.
+    """
+    name = _canonical(kind)
+    for param, value in (("beta", beta), ("alpha", alpha)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"divergence {param} must be in [0, 1], got {value}")
+    support = valid & (logp > float("-inf"))                            # p > 0
+    logq = torch.where(valid, logq, 0.0)
+    if name == "jsd" and beta in (0.0, 1.0):
+        name = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if name in ("skew_forward_kl", "skew_reverse_kl") and alpha in (0.0, 1.0):
+        if alpha == 1.0:
+            return 0.0 * logq.sum(-1)                                   # KL(x || x), kept in the graph
+        name = name.removeprefix("skew_")
+    if name == "ce":
+        return -torch.where(support, torch.where(support, logp, 0.0).exp() * logq, 0.0).sum(-1)
+    if name == "forward_kl":
+        return _kl(logp, logq, support)
+    if name == "reverse_kl":
+        return _reverse_kl(logp, logq, support)
+    if name == "tv":
+        p = torch.where(support, torch.where(support, logp, 0.0).exp(), 0.0)
+        return 0.5 * torch.where(valid, (p - logq.exp()).abs(), 0.0).sum(-1)
+    if name == "jsd":
+        logm = _mix(logp, logq, support, beta)
+        return beta * _kl(logp, logm, support) + (1 - beta) * _kl(logq, logm, valid)
+    if name == "skew_forward_kl":
+        return _kl(logp, _mix(logp, logq, support, alpha), support)
+    return _kl(logq, _mix(logp, logq, support, 1 - alpha), valid)    # skew_reverse_kl
+
+
+def _canonical(kind: str) -> str:
+    """``kind`` with aliases resolved (``kl`` is ``forward_kl``); unknown kinds raise ValueError."""
+    if kind not in DISTILL_KINDS:
+        raise ValueError(f"unknown distillation loss {kind!r}; choose one of {', '.join(DISTILL_KINDS)}")
+    return DIVERGENCE_ALIASES.get(kind, kind)
+
+
+def _teacher_terms(logq: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, *, kind: DistillKind,
+                   temperature: float, mass: TeacherMass, beta: float = 0.5,
+                   alpha: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position distillation loss [B, T] and the positions with teacher entries [B, T]."""
+    logp, logq_all, valid, has_entry = _outcomes(logq, ids, logprobs, temperature=temperature, mass=mass)
+    return divergence(logp, logq_all, valid, kind, beta=beta, alpha=alpha), has_entry
 
 
 def grouped_log_probs(logp: torch.Tensor, ids: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -231,12 +315,15 @@ def distill_loss(
     temperature: float = 1.0,
     num_items: torch.Tensor | int | None = None,
     mass: TeacherMass = "renormalise",
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> SparseLoss:
     """Sparse distillation loss, no shift: student ``logits`` [B, T, V] at t vs teacher entries [B, T, K] at t.
 
-    ``ce``: ``-sum_k p_k log q_k``; ``kl``: ``sum_k p_k (log p_k - log q_k)``, with ``p`` the renormalised
-    teacher top-k and ``q = softmax(logits / temperature)`` (``mass="tail"``: plus the rest bucket,
-    see the module docstring). Positions count where ``mask`` [B, T] is
+    ``kind`` is any of :data:`DISTILL_KINDS` (:func:`divergence`; ``beta`` for ``jsd``, ``alpha`` for the
+    skew KLs), e.g. ``ce``: ``-sum_k p_k log q_k``, with ``p`` the renormalised teacher top-k and
+    ``q = softmax(logits / temperature)`` (``mass="tail"``: plus the rest bucket, see the module
+    docstring). Positions count where ``mask`` [B, T] is
     True (default: all) and the teacher has at least one valid entry. The result is the sum over
     those positions divided by ``num_items`` (e.g. the tokens of a whole accumulated batch), or
     their mean when ``num_items`` is None; 0 (not NaN) when nothing counts.
@@ -246,7 +333,7 @@ def distill_loss(
         z = z / temperature
     logq = selective_log_softmax(z, teacher_ids)                        # [B, T, K]
     per_position, has_entry = _teacher_terms(logq, teacher_ids, teacher_logprobs, kind=kind,
-                                             temperature=temperature, mass=mass)
+                                             temperature=temperature, mass=mass, beta=beta, alpha=alpha)
     keep = has_entry if mask is None else has_entry & mask.bool()
     return _reduce(per_position, keep, num_items)
 
@@ -282,6 +369,8 @@ def fusion_loss(
     shifted_labels: torch.Tensor | None = None,
     mass: TeacherMass = "renormalise",
     teacher_groups: torch.Tensor | None = None,
+    beta: float = 0.5,
+    alpha: float = 0.1,
 ) -> FusionLoss:
     """CLM and distillation from one log-softmax and one gather (a fused step costs about a CLM step).
 
@@ -298,7 +387,7 @@ def fusion_loss(
 
     ``teacher_groups`` [M, V] (entries written by a fuse stage over ``groups`` vocabulary maps): the
     student's probability of an entry is that of its group of target tokens (:func:`grouped_log_probs`);
-    temperature 1 only.
+    temperature 1 only. ``kind``, ``beta``, ``alpha``, ``mass``: as :func:`distill_loss`.
     """
     z = _upcast(logits)
     target = shift_labels(labels, ignore_index) if shifted_labels is None else shifted_labels  # [B, T]
@@ -323,6 +412,6 @@ def fusion_loss(
     else:
         logq = selective_log_softmax(z / temperature, teacher_ids)
     per_position, has_entry = _teacher_terms(logq, teacher_ids, teacher_logprobs, kind=kind,
-                                             temperature=temperature, mass=mass)
+                                             temperature=temperature, mass=mass, beta=beta, alpha=alpha)
     distill = _reduce(per_position, mask & has_entry, denominator)
     return FusionLoss(clm.loss, distill.loss, clm.count, distill.count)

@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from polyfuse.corpus.spans import Spans, response_labels
 from polyfuse.corpus.tokens import EncodedBlock
 from polyfuse.errors import DataError
-from polyfuse.fuse.losses import IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
+from polyfuse.fuse.losses import DISTILL_KINDS, IGNORE_INDEX, TEACHER_MASS, fusion_loss, shift_labels
 from polyfuse.fuse.strategies import STRATEGIES
 from polyfuse.trainer_bar import quiet_trainer
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["FusionCollator", "FusionConfig", "FusionTrainer", "TeacherRows", "lm_weight_at", "train_fusion",
            "training_row"]
 
-DISTILL_LOSSES = ("ce", "kl")
+DISTILL_LOSSES = DISTILL_KINDS
 SCHEDULES = ("hard", "hard_and_decay")
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", *TEACHER_KEYS)
@@ -60,7 +60,11 @@ class FusionConfig(TrainingArguments):
 
     Parameters that control the fusion loss:
         lm_loss_weight (`float`, defaults to `0.9`): weight ``w`` of the causal-LM loss.
-        distill_loss (`str`, defaults to `"ce"`): ``ce`` (cross-entropy) or ``kl`` (KL divergence).
+        distill_loss (`str`, defaults to `"ce"`): ``ce`` (cross-entropy), ``forward_kl`` (alias ``kl``),
+            ``reverse_kl``, ``jsd``, ``tv``, ``skew_forward_kl`` or ``skew_reverse_kl``
+            (:func:`polyfuse.fuse.losses.divergence`).
+        divergence_beta (`float`, defaults to `0.5`): ``jsd``'s beta (0: forward KL, 1: reverse KL).
+        skew_alpha (`float`, defaults to `0.1`): the skew KLs' alpha (0: the plain KL).
         distill_temperature (`float`, defaults to `1.0`): temperature of teacher and student in the
             distillation loss.
         distill_schedule (`str`, defaults to `"hard"`): ``hard`` or ``hard_and_decay``.
@@ -80,8 +84,19 @@ class FusionConfig(TrainingArguments):
     )
     distill_loss: str = field(
         default="ce",
-        metadata={"help": "Distillation loss: 'ce' (-sum p log q) or 'kl' (sum p (log p - log q)).",
-                  "choices": list(DISTILL_LOSSES)},
+        metadata={"help": "Distillation loss: 'ce' (-sum p log q), 'forward_kl' (alias 'kl'), 'reverse_kl', "
+                          "'jsd' (generalised, divergence_beta), 'tv', 'skew_forward_kl' or 'skew_reverse_kl' "
+                          "(skew_alpha).", "choices": list(DISTILL_LOSSES)},
+    )
+    divergence_beta: float = field(
+        default=0.5,
+        metadata={"help": "jsd: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q; 0 is forward "
+                          "KL, 1 reverse KL (TRL's GKD)."},
+    )
+    skew_alpha: float = field(
+        default=0.1,
+        metadata={"help": "skew_forward_kl: KL(p || alpha p + (1 - alpha) q), skew_reverse_kl: "
+                          "KL(q || (1 - alpha) p + alpha q) (DistiLLM); 0 is the plain KL."},
     )
     distill_temperature: float = field(
         default=1.0,
@@ -118,6 +133,9 @@ class FusionConfig(TrainingArguments):
             problems.append(f"lm_loss_weight must be in [0, 1] (got {self.lm_loss_weight}); FuseLLM uses 0.9")
         if self.distill_loss not in DISTILL_LOSSES:
             problems.append(f"distill_loss must be one of {', '.join(DISTILL_LOSSES)} (got {self.distill_loss!r})")
+        for name in ("divergence_beta", "skew_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1] (got {getattr(self, name)})")
         if not self.distill_temperature > 0:
             problems.append(f"distill_temperature must be > 0 (got {self.distill_temperature}); 1.0 is FuseLLM's")
         if self.distill_schedule not in SCHEDULES:
@@ -351,6 +369,8 @@ class FusionTrainer(Trainer):
             shifted_labels=inputs.get("shift_labels"),
             mass=self.args.teacher_mass,  # type: ignore[arg-type]
             teacher_groups=self.teacher_groups if use_teacher else None,
+            beta=self.args.divergence_beta,
+            alpha=self.args.skew_alpha,
         )
         w = self.lm_weight() if parts.distill is not None else 1.0
         loss = parts.clm if parts.distill is None else w * parts.clm + (1.0 - w) * parts.distill

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from polyfuse.capture import BACKENDS as CAPTURE_BACKENDS
+from polyfuse.fuse.losses import DISTILL_KINDS
 from polyfuse.fuse.strategies import STRATEGIES
 from polyfuse.merge.methods import METHODS
 from polyfuse.recipe.base import RecipeBase, Section
@@ -215,7 +216,15 @@ class TrainSection(Section):
     """Continual training of the target: w·CLM + (1−w)·distill, on the Hugging Face Trainer."""
 
     lm_loss_weight: float = Field(0.9, ge=0, le=1, description="w: weight of the causal-LM loss")
-    distill_loss: Literal["ce", "kl"] = Field("ce", description="distillation loss against the fused targets")
+    distill_loss: Literal[tuple(DISTILL_KINDS)] = Field(  # the losses module's kinds
+        "ce", description="distillation loss against the fused targets: ce, forward_kl (alias kl), reverse_kl, "
+        "jsd (generalised, divergence_beta), tv (total variation), skew_forward_kl or skew_reverse_kl (skew_alpha)")
+    divergence_beta: float = Field(
+        0.5, ge=0, le=1, description="jsd only: beta in beta·KL(p‖m) + (1−beta)·KL(q‖m), m = beta·p + (1−beta)·q "
+        "(teacher p, student q), 0 is forward KL and 1 reverse KL as in TRL's GKD")
+    skew_alpha: float = Field(
+        0.1, ge=0, le=1, description="skew KLs only (DistiLLM): KL(p‖alpha·p + (1−alpha)·q) or "
+        "KL(q‖(1−alpha)·p + alpha·q), 0 is the plain KL")
     temperature: float = Field(1.0, gt=0, description="temperature applied to teacher and student log-probs")
     teacher_mass: Literal["tail", "renormalise"] = Field(
         "tail", description="tail (top-k probabilities as captured plus one bucket for the rest) or "

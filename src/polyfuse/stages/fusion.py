@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyfuse.errors import DataError
 from polyfuse.recipe import Recipe
+from polyfuse.recipe.explicit import TrainSection
 from polyfuse.stages.common import recipe_blocks, resolve_models, stage_dir, tokenizers
 from polyfuse.workspace import StageResult, atomic_write_bytes, current_ranks, run_stage
+
+if TYPE_CHECKING:
+    from polyfuse.fuse.trainer import FusionConfig
 
 
 def fuse_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> StageResult:
@@ -135,8 +139,49 @@ def _train_rows(recipe: Recipe, fuse_dir: Path | None) -> Sequence[dict]:
     return TeacherRows(rows, StoreReader(fuse_dir), [b.block_id for b in blocks])  # read per fetched row
 
 
-DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "temperature", "schedule", "teacher_mass", "baseline")
+DISTILL_KEYS = ("lm_loss_weight", "distill_loss", "divergence_beta", "skew_alpha", "temperature", "schedule",
+                "teacher_mass", "baseline")
 """Train settings that only the fused run reads; changing them leaves target+clm current."""
+
+DIVERGENCE_PARAMETERS = {"divergence_beta": ("jsd",), "skew_alpha": ("skew_forward_kl", "skew_reverse_kl")}
+"""Train settings read by some distillation losses only: left out of the other runs' configs, so changing
+them (or their arrival, with defaults, in recipes of earlier versions) does not make those runs stale."""
+
+
+def train_config(opts: TrainSection, with_teacher: bool) -> dict[str, Any]:
+    """The ``train`` settings a train run's manifest records: the baseline's without :data:`DISTILL_KEYS`, the
+    fused run's without the parameters its distillation loss does not read, ``forward_kl`` recorded as ``kl``."""
+    cfg = opts.model_dump(mode="json")
+    if not with_teacher:  # the baseline does not depend on the distillation settings
+        return {k: v for k, v in cfg.items() if k not in DISTILL_KEYS}
+    unread = {k for k, kinds in DIVERGENCE_PARAMETERS.items() if opts.distill_loss not in kinds}
+    cfg = {k: v for k, v in cfg.items() if k not in unread}
+    if cfg["distill_loss"] == "forward_kl":  # one loss, one config: the alias's older name
+        cfg["distill_loss"] = "kl"
+    return cfg
+
+
+def fusion_config(recipe: Recipe, opts: TrainSection, out: Path, *, with_teacher: bool,
+                  progress: bool) -> FusionConfig:
+    """The trainer's configuration of a train run: ``opts`` (the recipe's ``train`` section, overrides applied)."""
+    import torch
+
+    from polyfuse.fuse.trainer import FusionConfig
+    from polyfuse.models import resolve_bf16
+
+    return FusionConfig(
+        output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
+        warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type=opts.lr_scheduler_type,
+        adam_beta2=opts.adam_beta2, max_grad_norm=opts.max_grad_norm, seed=recipe.seed, data_seed=recipe.seed,
+        bf16=resolve_bf16(opts.bf16), logging_steps=opts.logging_steps or max(1, opts.max_steps // 20),
+        save_strategy="steps", save_steps=opts.save_steps or max(1, opts.max_steps // 4), save_total_limit=1,
+        report_to=[],
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
+        disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
+        distill_loss=opts.distill_loss, divergence_beta=opts.divergence_beta, skew_alpha=opts.skew_alpha,
+        distill_temperature=opts.temperature, distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,
+        fusion=recipe.fuse.strategy if with_teacher else "none")
 
 
 def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
@@ -155,37 +200,18 @@ def train_run(recipe: Recipe, fuse_dir: Path | None, out_dir: Path, *, force: bo
                overrides: dict[str, Any] | None = None, description: str | None = None) -> StageResult:
     """Train the target on the blocks into ``out_dir``: with the fused targets in ``fuse_dir``, or plain CLM;
     ``overrides`` replace ``train`` settings (``None`` values are ignored)."""
-    from polyfuse.fuse.trainer import FusionConfig, train_fusion
+    from polyfuse.fuse.trainer import train_fusion
 
     opts = recipe.train.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
     with_teacher = fuse_dir is not None
     target = next(res for name, res, _ in resolve_models(recipe) if name == recipe.target.name)
-    train_cfg = opts.model_dump(mode="json")
-    if not with_teacher:  # the baseline does not depend on the distillation settings
-        train_cfg = {k: v for k, v in train_cfg.items() if k not in DISTILL_KEYS}
-    cfg = {"train": train_cfg, "seed": recipe.seed, "teacher": with_teacher,
+    cfg = {"train": train_config(opts, with_teacher), "seed": recipe.seed, "teacher": with_teacher,
            "fuse": recipe.section_dict("fuse") if with_teacher else None}
     inputs = {"target": target.location, "blocks": stage_dir(recipe, "blocks"),
               **({"fuse": fuse_dir} if with_teacher else {})}
 
     def build(out: Path) -> dict:
-        import torch
-
-        from polyfuse.models import resolve_bf16
-
-        config = FusionConfig(
-            output_dir=str(out), max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
-            gradient_accumulation_steps=opts.gradient_accumulation_steps, learning_rate=opts.learning_rate,
-            warmup_steps=opts.warmup_ratio, weight_decay=opts.weight_decay, lr_scheduler_type=opts.lr_scheduler_type,
-            adam_beta2=opts.adam_beta2, max_grad_norm=opts.max_grad_norm, seed=recipe.seed, data_seed=recipe.seed,
-            bf16=resolve_bf16(opts.bf16), logging_steps=opts.logging_steps or max(1, opts.max_steps // 20),
-            save_strategy="steps", save_steps=opts.save_steps or max(1, opts.max_steps // 4), save_total_limit=1,
-            report_to=[],
-            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for copies to a GPU (else a warning)
-            disable_tqdm=not progress, lm_loss_weight=opts.lm_loss_weight if with_teacher else 1.0,
-            distill_loss=opts.distill_loss, distill_temperature=opts.temperature,
-            distill_schedule=opts.schedule, teacher_mass=opts.teacher_mass,
-            fusion=recipe.fuse.strategy if with_teacher else "none")
+        config = fusion_config(recipe, opts, out, with_teacher=with_teacher, progress=progress)
         groups = None
         if fuse_dir is not None and (fuse_dir / GROUPS_NAME).is_file():
             import numpy as np
