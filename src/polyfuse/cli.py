@@ -243,7 +243,7 @@ def demo(
     side_by_side: Annotated[bool | None, typer.Option(
         "--side-by-side/--one-after-another",
         help="run the implicit family in a second process beside the explicit ones, half the cores each "
-             "(default: on 2 cores or more; the figures are the same either way)")] = None,
+             "(default: on 2 cores or more; the explicit figures move slightly with the thread count)")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Build (or reuse) the tiny world, run FuseLLM, FuseChat and implicit fusion on it, print the tables,

@@ -107,9 +107,10 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
     ``overrides`` apply to the explicit recipe (``tiny.yaml``), ``implicit_overrides`` to ``implicit.yaml``.
     With ``side_by_side`` (the default on two cores or more) the implicit family runs in a second process
     beside the explicit ones, each with half the cores (:func:`polyfuse.workspace.beside`; its output is
-    kept in ``<out>/implicit.log`` and printed when it ends): the figures are the same as one after the
-    other, since every stage gives the same result at any thread count and the world's models train with
-    fixed threads. Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
+    kept in ``<out>/implicit.log`` and printed when it ends). The world's and chat models train with fixed
+    threads and the implicit stages give the same bytes at any thread count, but the GPT-2 and GPT-NeoX
+    sources' forward passes differ in the last bits between one and two threads, so the explicit rows
+    move slightly with the thread count (README, "Two commands"). Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
     included) and, with ``report``, ``report`` (the path of ``report.html``).
     """
     from polyfuse.demo.implicit import run_implicit_demo
