@@ -19,7 +19,7 @@ from typing import Any
 
 from polyfuse.errors import DataError
 from polyfuse.workspace.files import PARTIAL_PREFIX, TMP_PREFIX, TRASH_PREFIX
-from polyfuse.workspace.lock import _HELD_LOCKS
+from polyfuse.workspace.lock import held_workdirs
 from polyfuse.workspace.manifest import MANIFEST_NAME, _read_manifest
 
 __all__ = [
@@ -139,7 +139,7 @@ def _owned_reference(value: str) -> bool:
     path = Path(value).resolve()
     if (path.parent.parent / "world.json").is_file() and path.parent.name == "models":
         return True
-    return any(path.is_relative_to(held) for held in _HELD_LOCKS)
+    return any(path.is_relative_to(held) for held in held_workdirs())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,12 @@ IMPLICIT_LOCK_NAME = ".polyfuse-implicit.lock"
 an explicit recipe's (blocks ... merge) and ``results.json`` is updated under its own lock, so one explicit
 and one implicit run may share a workdir (``polyfuse demo`` runs them side by side)."""
 
-_HELD_LOCKS: dict[str, list[Any]] = {}  # resolved workdir -> [open lock file or None, depth]
+_HELD_LOCKS: dict[tuple[str, str], list[Any]] = {}  # (resolved workdir, lock name) -> [open lock file or None, depth]
+
+
+def held_workdirs() -> set[str]:
+    """The resolved workdirs this process holds a lock of (any kind)."""
+    return {workdir for workdir, _ in _HELD_LOCKS}
 
 
 def _lock_holder(fh: Any) -> str:
@@ -92,7 +97,7 @@ def workdir_lock(workdir: str | Path, *, ranks: Ranks | None = None, name: str =
     Raises:
         DataError: another live process holds the lock (named in the message).
     """
-    key = str(Path(workdir).resolve() / name)
+    key = (str(Path(workdir).resolve()), name)
     held = _HELD_LOCKS.get(key)
     if held is not None:
         held[1] += 1
