@@ -14,6 +14,7 @@ from polyfuse.implicit.wrpo import (
     WRPOConfig,
     WRPOTrainer,
     alpha_at,
+    chosen_nll,
     tokenize_wrpo_row,
     wrpo_loss,
 )
@@ -163,6 +164,22 @@ def test_config_rejects_what_wrpo_does_not_compute(tmp_path: Path) -> None:
         WRPOConfig(str(tmp_path), ld_alpha=0.5, bf16=False)
     with pytest.raises(ValueError, match="alpha_max"):
         WRPOConfig(str(tmp_path), alpha_max=1.5, bf16=False)
+    with pytest.raises(ValueError, match="sft_weight"):
+        WRPOConfig(str(tmp_path), sft_weight=-1.0, bf16=False)
+
+
+def test_chosen_nll_weights_the_two_chosen_blocks_by_alpha() -> None:
+    """Each chosen block's NLL is a mean over its answer tokens; the rejected block never counts."""
+    logps = torch.tensor([[-1.0, -2.0, 0.0],   # source, row 0: tokens -1, -2
+                          [-4.0, 0.0, 0.0],    # source, row 1: token -4
+                          [-0.5, -0.5, -0.5],  # target, row 0
+                          [-2.0, -9.0, 0.0],   # target, row 1: token -2 (the -9 is padding)
+                          [-50.0, -50.0, 0.0],  # rejected
+                          [-50.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 0, 0]])
+    source, target = 7.0 / 3, 3.5 / 4
+    assert chosen_nll(logps, mask, alpha=0.25).item() == pytest.approx(0.25 * source + 0.75 * target)
+    assert chosen_nll(logps, mask, alpha=0.0).item() == pytest.approx(target)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,21 +211,25 @@ def batch_loss(trainer) -> float:
         return trainer.compute_loss(trainer.model, batch).item()
 
 
+@pytest.mark.parametrize("sft_weight", [0.0, 0.8])
 @pytest.mark.parametrize(("alpha", "chosen_index"), [(0.0, 1), (1.0, 0)])
-def test_wrpo_matches_trl_dpo_when_alpha_is_0_or_1(alpha: float, chosen_index: int, target: Path, tokenizer,
-                                                   tmp_path: Path) -> None:
-    """alpha = 0 is DPO of the target answer vs the rejected one; alpha = 1 DPO of the source answer."""
+def test_wrpo_matches_trl_dpo_when_alpha_is_0_or_1(alpha: float, chosen_index: int, sft_weight: float, target: Path,
+                                                   tokenizer, tmp_path: Path) -> None:
+    """alpha = 0 is DPO of the target answer vs the rejected one; alpha = 1 DPO of the source answer; with
+    ``sft_weight``, TRL's DPO plus its ``sft`` loss (RPO) at that weight."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     data = rows(4)
     wrpo = WRPOTrainer(model=str(target), ref_model=perturbed(target, 0),
-                       args=args(tmp_path / "w", beta=0.7, alpha_max=alpha, alpha_schedule="constant"),
+                       args=args(tmp_path / "w", beta=0.7, alpha_max=alpha, alpha_schedule="constant",
+                                 sft_weight=sft_weight),
                        train_dataset=Dataset.from_list(data), processing_class=tokenizer)
     dpo_rows = [{"prompt": r["prompt"], "chosen": [r["chosen"][chosen_index]], "rejected": r["rejected"]}
                 for r in data]
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
     dpo_args = DPOConfig(str(tmp_path / "d"), beta=0.7, bf16=False, report_to="none", gradient_checkpointing=False,
-                         per_device_train_batch_size=4)
+                         per_device_train_batch_size=4, **losses)
     dpo = DPOTrainer(model=str(target), ref_model=perturbed(target, 0), args=dpo_args,
                      train_dataset=Dataset.from_list(dpo_rows), processing_class=tokenizer)
     got, want = batch_loss(wrpo), batch_loss(dpo)

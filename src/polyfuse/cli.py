@@ -274,6 +274,9 @@ def bench(
     workdir: Annotated[Path, typer.Option(help="scratch directory for generated inputs")] = Path("runs/bench"),
     runs: Annotated[list[str] | None, typer.Option(
         "--run", help="transfer only: measure this run (repeatable; default every run)")] = None,
+    methods: Annotated[list[str] | None, typer.Option(
+        "--method", help="merge only: measure this merge method (repeatable, or 'all'; default ties)")] = None,
+    mergekit: Annotated[bool, typer.Option(help="merge only: also run mergekit on the same YAML and compare")] = True,
 ) -> None:
     """Measure speed and memory as ratios taken side by side in one run."""
     import contextlib
@@ -283,7 +286,8 @@ def bench(
 
     # with --json, stdout carries the JSON object alone: progress bars and logs go to stderr
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir, runs=runs)
+        figures = run_suites(suites or ["fusion"], quick=quick, workdir=workdir, runs=runs, methods=methods,
+                             mergekit=mergekit)
     if as_json:
         typer.echo(json.dumps({f.key: round(f.value, 6) for f in figures}))
         return

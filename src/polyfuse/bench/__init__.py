@@ -36,17 +36,24 @@ class Figure:
 
 
 def run_suites(names: Sequence[str], *, quick: bool = False, workdir: str | Path = "runs/bench",
-               runs: Sequence[str] | None = None) -> list[Figure]:
-    """Run the named suites in order and return all their figures (``runs``: the transfer suite's runs to measure)."""
+               runs: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+               mergekit: bool = True) -> list[Figure]:
+    """Run the named suites in order and return all their figures (``runs``: the transfer suite's runs to
+    measure; ``methods``: the merge suite's methods; ``mergekit=False``: the merge suite skips mergekit)."""
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         raise PolyfuseError(f"unknown bench suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
     if runs and list(names) != ["transfer"]:
         raise PolyfuseError("--run selects runs of the transfer suite only; run `polyfuse bench transfer --run NAME`")
+    if methods and list(names) != ["merge"]:
+        raise PolyfuseError("--method selects methods of the merge suite only; run `polyfuse bench merge --method NAME`")
     figures: list[Figure] = []
     for name in names:
         module = importlib.import_module(SUITES[name][0])
         out = Path(workdir) / name
         out.mkdir(parents=True, exist_ok=True)
-        figures += module.run(quick=quick, workdir=out, **({"runs": list(runs)} if runs else {}))
+        extra = ({"runs": list(runs)} if runs else {"methods": list(methods)} if methods else {})
+        if name == "merge" and not mergekit:
+            extra["mergekit"] = False
+        figures += module.run(quick=quick, workdir=out, **extra)
     return figures

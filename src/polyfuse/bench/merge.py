@@ -1,4 +1,8 @@
-"""The ``merge`` bench suite: streaming TIES merge of Llama-shaped checkpoints, side by side with mergekit.
+"""The ``merge`` bench suite: streaming merges of Llama-shaped checkpoints, side by side with mergekit.
+
+``polyfuse bench merge`` measures TIES; ``--method NAME`` (repeatable, or ``all``) measures other methods
+on the same inputs (:func:`method_config` says what each merges). TIES keeps the keys below; another
+method's keys end in ``_<method>`` (``mergekit_seconds_<method>`` for mergekit's time).
 
 =====================================  ================================================================
 key                                    what is measured
@@ -43,7 +47,7 @@ import torch
 
 from polyfuse.bench import Figure
 
-__all__ = ["LlamaShape", "ensure_mergekit", "run", "write_llama_checkpoints"]
+__all__ = ["LlamaShape", "ensure_mergekit", "method_config", "run", "write_llama_checkpoints"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,62 +220,139 @@ def _compare(a: Path, b: Path) -> tuple[float, int]:
     return worst, differing
 
 
-def run(*, quick: bool, workdir: Path) -> list[Figure]:
-    """Generate the inputs, merge them with polyfuse and (when it can be installed) mergekit; report."""
+#: mergekit 0.1.5's names for the methods it has (polyfuse's ``varm`` has no mergekit counterpart).
+MERGEKIT_METHODS = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                              "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock",
+                              "passthrough", "sce"})
+#: Methods whose masks are random: polyfuse and mergekit draw different masks, so entries differ.
+RANDOM_METHODS = frozenset({"dare_linear", "dare_ties", "della", "della_linear"})
+
+
+def method_config(method: str, paths: dict[str, Path], layers: int) -> dict:
+    """The merge YAML the bench runs for ``method`` on the generated ``base``, ``a``, ``b``, ``c``.
+
+    Task-vector methods merge ``a``, ``b``, ``c`` onto ``base`` (weight 1/3, density 0.5 where the method
+    prunes); ``slerp`` interpolates ``base`` and ``a``; ``nuslerp`` ``a`` and ``b``; ``passthrough`` stacks the
+    first half of ``a``'s layers on the second half of ``b``'s.
+    """
+    from polyfuse.merge.methods import get_method
+
+    spec = get_method(method)  # a PolyfuseError naming merge_method for an unknown name
+    three = ["a", "b", "c"]
+    prunes = "density" in spec.model_params
+    config: dict = {"merge_method": method, "dtype": "float32"}
+    if method == "slerp":
+        return {**config, "base_model": str(paths["base"]), "models": [{"model": str(paths["a"])}],
+                "parameters": {"t": 0.3}}
+    if method == "nuslerp":
+        return {**config, "models": [{"model": str(paths[n]), "parameters": {"weight": 0.5}} for n in ("a", "b")]}
+    if method == "passthrough":
+        half = layers // 2
+        return {**config, "slices": [{"sources": [{"model": str(paths["a"]), "layer_range": [0, half]}]},
+                                     {"sources": [{"model": str(paths["b"]), "layer_range": [half, layers]}]}]}
+    models = []
+    for name in three:
+        params = {"weight": 1 / 3} if "weight" in spec.model_params else {}
+        models.append({"model": str(paths[name]), **({"parameters": {**params, **({"density": 0.5} if prunes else {})}}
+                                                    if params or prunes else {})})
+    config["models"] = models
+    if spec.needs_base or spec.optional_base:
+        config["base_model"] = str(paths["base"])
+    if method == "ties":
+        config["parameters"] = {"normalize": True}
+    if method == "sce":
+        config["parameters"] = {"select_topk": 0.5, "sce_variant": "mergekit"}
+    return config
+
+
+def _key(base: str, method: str) -> str:
+    """TIES keeps the bench's original keys; every other method's figures carry its name as a suffix."""
+    return base if method == "ties" else f"{base}_{method}"
+
+
+def run(*, quick: bool, workdir: Path, methods: list[str] | None = None, mergekit: bool = True) -> list[Figure]:
+    """Generate the inputs, merge them with polyfuse and (when it can be installed) mergekit; report.
+
+    ``methods`` (default ``["ties"]``; ``["all"]`` for every registered method) are measured one after the
+    other on the same inputs; ``mergekit=False`` skips the comparison (its figures are NaN).
+    """
+    from polyfuse.merge.methods import METHODS
+
+    methods = list(methods or ["ties"])
+    if methods == ["all"]:
+        methods = list(METHODS)
     shape = QUICK if quick else FULL
     names = ["base", "a", "b", "c"]
     size = "quick" if quick else "full"
+    configs = {m: method_config(m, {n: workdir / f"inputs-{size}" / n for n in names}, shape.layers) for m in methods}
     logger.info("bench merge: generating %s inputs (%.2f GB each) under %s", size, shape.nbytes / 1e9, workdir)
     paths = write_llama_checkpoints(workdir / f"inputs-{size}", shape, names)
-    config = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
-              "models": [{"model": str(paths[n]), "parameters": {"weight": 1 / 3, "density": 0.5}} for n in names[1:]],
-              "parameters": {"normalize": True}}
-    config_file = workdir / "ties.yaml"
-    import yaml
-
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    input_gb = len(names) * shape.nbytes / 1e9
     load = os.getloadavg()[0]
-    note = f"2 shared cores, load {load:.1f} at start"
-    figures = [Figure("merge_input_gb", input_gb, "GB", f"TIES of 3 models onto a base, {shape}"),
+    figures = [Figure("merge_input_gb", len(names) * shape.nbytes / 1e9, "GB",
+                      f"four generated models (a base and three fine-tunes), {shape}"),
                Figure("machine_load_1min", load, "", "1-minute load average: other jobs share the cores")]
-
-    out = workdir / "out-polyfuse"
-    _warm(list(paths.values()))
-    cmd = [sys.executable, "-m", "polyfuse.cli", "merge", str(config_file), str(out), "--seed", "0"]
-    seconds, rss, code = _run_child(cmd, workdir / "polyfuse.log")
-    if code != 0:
-        raise RuntimeError(f"polyfuse merge failed (exit {code}); see {workdir / 'polyfuse.log'}")
-    figures += [Figure("merge_seconds", seconds, "s", f"polyfuse merge CLI, {note}"),
-                Figure("merge_gb_per_s", input_gb / seconds, "GB/s", "input bytes read / wall seconds"),
-                Figure("merge_peak_rss_gb", rss, "GB", "peak RSS of the polyfuse merge process (goal < 0.6)"),
-                Figure("merge_peak_rss_vs_largest_input", rss / (shape.nbytes / 1e9), "x",
-                       "peak RSS / one input model's size")]
-
-    python, why = ensure_mergekit(workdir / "mergekit-venv")
+    python, why = (ensure_mergekit(workdir / "mergekit-venv") if mergekit and MERGEKIT_METHODS & set(methods)
+                   else (None, "not compared (--no-mergekit)" if not mergekit else "no method of this run is in mergekit"))
     if python is None:
         logger.warning("bench merge: no mergekit comparison: %s", why)
-        nan = float("nan")
-        return figures + [Figure(k, nan, u, why) for k, u in (
-            ("mergekit_ties_seconds", "s"), ("mergekit_peak_rss_gb", "GB"), ("merge_speedup_vs_mergekit", "x"),
-            ("merge_max_abs_diff_vs_mergekit", ""), ("merge_entries_differing_vs_mergekit", ""))]
-    mk_out = workdir / "out-mergekit"
+    for method in methods:
+        figures += _measure(method, configs[method], paths, shape, workdir, python, why)
+    return figures
+
+
+def _measure(method: str, config: dict, paths: dict[str, Path], shape: LlamaShape, workdir: Path,
+             python: Path | None, why: str) -> list[Figure]:
+    """Merge once with polyfuse and once with mergekit (when it has the method) and compare."""
+    import yaml
+
+    config_file = workdir / f"{method}.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    read = [Path(m["model"]) for m in config.get("models", [])] + [
+        Path(src["model"]) for sl in config.get("slices", []) for src in sl["sources"]]
+    read = list(dict.fromkeys(read + ([Path(config["base_model"])] if "base_model" in config else [])))
+    input_gb = len(read) * shape.nbytes / 1e9
+    note = f"2 shared cores, load {os.getloadavg()[0]:.1f} at start"
+    k = lambda base: _key(base, method)  # noqa: E731
+
+    out = workdir / f"out-polyfuse-{method}"
+    _warm(read)
+    cmd = [sys.executable, "-m", "polyfuse.cli", "merge", str(config_file), str(out), "--seed", "0"]
+    seconds, rss, code = _run_child(cmd, workdir / f"polyfuse-{method}.log")
+    if code != 0:
+        raise RuntimeError(f"polyfuse merge ({method}) failed (exit {code}); see {workdir / f'polyfuse-{method}.log'}")
+    figures = [Figure(k("merge_seconds"), seconds, "s", f"polyfuse merge CLI, {method} of {len(read)} inputs, {note}"),
+               Figure(k("merge_gb_per_s"), input_gb / seconds, "GB/s", "input bytes read / wall seconds"),
+               Figure(k("merge_peak_rss_gb"), rss, "GB", "peak RSS of the polyfuse merge process (goal < 0.6)"),
+               Figure(k("merge_peak_rss_vs_largest_input"), rss / (shape.nbytes / 1e9), "x",
+                      "peak RSS / one input model's size")]
+    mk_keys = (("mergekit_ties_seconds" if method == "ties" else f"mergekit_seconds_{method}", "s"),
+               (k("mergekit_peak_rss_gb"), "GB"), (k("merge_speedup_vs_mergekit"), "x"),
+               (k("merge_max_abs_diff_vs_mergekit"), ""), (k("merge_entries_differing_vs_mergekit"), ""))
+    if python is None or method not in MERGEKIT_METHODS:
+        reason = why if python is None else f"mergekit has no {method}"
+        shutil.rmtree(out, ignore_errors=True)
+        return figures + [Figure(key, float("nan"), unit, reason) for key, unit in mk_keys]
+    mk_out = workdir / f"out-mergekit-{method}"
     shutil.rmtree(mk_out, ignore_errors=True)
-    _warm(list(paths.values()))
+    _warm(read)
     cmd = [str(python), "-m", "mergekit.scripts.run_yaml", str(config_file), str(mk_out), "--no-copy-tokenizer",
            "--random-seed", "0"]
-    mk_seconds, mk_rss, code = _run_child(cmd, workdir / "mergekit.log")
+    mk_seconds, mk_rss, code = _run_child(cmd, workdir / f"mergekit-{method}.log")
     if code != 0:
-        raise RuntimeError(f"mergekit-yaml failed (exit {code}); see {workdir / 'mergekit.log'}")
+        shutil.rmtree(out, ignore_errors=True)
+        reason = f"mergekit-yaml failed (exit {code}); see {workdir / f'mergekit-{method}.log'}"
+        logger.warning("bench merge: %s", reason)
+        return figures + [Figure(key, float("nan"), unit, reason) for key, unit in mk_keys]
     diff, differing = _compare(out, mk_out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(mk_out, ignore_errors=True)
-    return figures + [
-        Figure("mergekit_ties_seconds", mk_seconds, "s", f"{MERGEKIT} mergekit-yaml, same YAML, {note}"),
-        Figure("mergekit_peak_rss_gb", mk_rss, "GB", "peak RSS of the mergekit process"),
-        Figure("merge_speedup_vs_mergekit", mk_seconds / seconds, "x", "mergekit seconds / polyfuse seconds (goal >= 1)"),
-        Figure("merge_max_abs_diff_vs_mergekit", diff, "", "largest |polyfuse - mergekit| over all output entries"),
-        Figure("merge_entries_differing_vs_mergekit", differing, "",
-               "entries that differ: TIES keeps exactly k entries; where several |delta| equal the k-th largest, "
-               "mergekit's argsort keeps an arbitrary subset, polyfuse the first by position"),
-    ]
+    why_differ = ("random masks: polyfuse and mergekit draw different ones" if method in RANDOM_METHODS else
+                  "TIES keeps exactly k entries; where several |delta| equal the k-th largest, mergekit's argsort "
+                  "keeps an arbitrary subset, polyfuse the first by position" if "ties" in method else
+                  "float rounding order")
+    values = (mk_seconds, mk_rss, mk_seconds / seconds, diff, differing)
+    details = (f"{MERGEKIT} mergekit-yaml, same YAML, {note}", "peak RSS of the mergekit process",
+               "mergekit seconds / polyfuse seconds (goal >= 1)", "largest |polyfuse - mergekit| over all output entries",
+               f"entries that differ ({why_differ})")
+    return figures + [Figure(key, value, unit, detail)
+                      for (key, unit), value, detail in zip(mk_keys, values, details, strict=True)]

@@ -108,9 +108,9 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
     With ``side_by_side`` (the default on two cores or more) the implicit family runs in a second process
     beside the explicit ones, each with half the cores (:func:`polyfuse.workspace.beside`; its output is
     kept in ``<out>/implicit.log`` and printed when it ends). The world's and chat models train with fixed
-    threads and the implicit stages give the same bytes at any thread count, but the GPT-2 and GPT-NeoX
-    sources' forward passes differ in the last bits between one and two threads, so the explicit rows
-    move slightly with the thread count (README, "Two commands"). Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
+    threads, but training and the GPT-2 / GPT-NeoX sources' forward passes differ in the last bits between
+    one and two threads, so the rows move with the thread count (measured spread: README, "Two commands").
+    Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
     included) and, with ``report``, ``report`` (the path of ``report.html``).
     """
     from polyfuse.demo.implicit import run_implicit_demo

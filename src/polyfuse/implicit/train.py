@@ -122,6 +122,8 @@ class WRPOTrainConfig(SFTTrainConfig):
     length_normalize: bool = False
     label_smoothing: float = 0.0
     precompute_ref_log_probs: bool = False
+    #: Weight of the NLL of the chosen answers, alpha-weighted like their rewards (RPO's term); 0 is plain WRPO.
+    sft_weight: float = 0.0
 
     default_lr = 3e-7
 
@@ -334,6 +336,7 @@ def run_wrpo(model_path: str, data: str | Path, output_dir: str | Path, config: 
                        ["prompt", "chosen", "rejected"])
     args = _trl_config(WRPOConfig, {"beta": cfg.beta, "alpha_max": cfg.alpha_max, "alpha_schedule": cfg.alpha_schedule,
                                     "length_normalize": cfg.length_normalize, "label_smoothing": cfg.label_smoothing,
+                                    "sft_weight": cfg.sft_weight,
                                     "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
                                     **_common_args(cfg, output_dir)})
     trainer = WRPOTrainer(model=location, args=args, train_dataset=dataset, processing_class=tokenizer,

@@ -7,7 +7,10 @@ pi_ref(y|x)`` (the sum of the answer's token log-probs, or their mean with ``len
     L = -log sigmoid(beta * [alpha * r(y_ws) + (1 - alpha) * r(y_wt) - r(y_l)])
 
 and, with label smoothing ``eps``, ``-(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m)`` as in the
-reference code. ``alpha`` ramps linearly from 0 at step 0 to ``alpha_max`` at the last step
+reference code. ``sft_weight = lambda > 0`` adds ``lambda * [alpha * NLL(y_ws) + (1 - alpha) * NLL(y_wt)]``, each NLL the
+mean over the batch's answer tokens (:func:`chosen_nll`; RPO's term, as ``dpo.sft_weight`` adds to DPO). Without
+it the margin grows mostly by pushing the rejected answer down, and on short answers that share their ending with
+the chosen ones that also pushes down the end-of-turn token: the model stops stopping. ``alpha`` ramps linearly from 0 at step 0 to ``alpha_max`` at the last step
 (:func:`alpha_at`; the reference code's "LinearDecay" scheduler, which in fact increases alpha).
 
 Why a subclass of ``DPOTrainer`` works with few overrides: TRL's preference batch is ``[chosen; rejected]``
@@ -52,7 +55,7 @@ from trl.trainer.utils import pad
 from polyfuse.errors import DataError
 
 __all__ = ["ALPHA_SCHEDULES", "DataCollatorForWRPO", "WRPOConfig", "WRPOLoss", "WRPOTrainer", "alpha_at",
-           "tokenize_wrpo_row", "wrpo_loss"]
+           "chosen_nll", "tokenize_wrpo_row", "wrpo_loss"]
 
 ALPHA_SCHEDULES = ("linear", "constant")
 COMPLETION_KEYS = ("source_ids", "target_ids", "rejected_ids")
@@ -103,6 +106,18 @@ def wrpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *, beta: floa
     margin = beta * (weighted - logratios[:, 2])
     losses = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return WRPOLoss(losses, beta * logratios.detach(), beta * weighted.detach())
+
+
+def chosen_nll(per_token_logps: torch.Tensor, mask: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """``alpha * NLL(source) + (1 - alpha) * NLL(target)``, each the mean NLL over that block's answer tokens.
+
+    Args:
+        per_token_logps: ``[3B, T]`` token log-probs, blocks (source, target, rejected) of ``B`` rows each.
+        mask: ``[3B, T]`` 1 on answer tokens.
+    """
+    logps, weights = per_token_logps.chunk(3, dim=0), mask.chunk(3, dim=0)
+    nll = [-(lp * m).sum() / m.sum().clamp(min=1) for lp, m in zip(logps[:2], weights[:2], strict=True)]
+    return alpha * nll[0] + (1.0 - alpha) * nll[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +204,7 @@ class WRPOConfig(DPOConfig):
         alpha_schedule (`str`, defaults to `"linear"`): ``linear`` (0 to ``alpha_max`` over training) or
             ``constant``.
         length_normalize (`bool`, defaults to `False`): divide each answer's log-ratio by its token count.
+        sft_weight (`float`, defaults to `0.0`): weight of the NLL of the chosen answers (:func:`chosen_nll`).
 
     ``loss_type`` must stay ``["wrpo"]``; ``label_smoothing`` is WRPO's ``eps``.
     """
@@ -199,6 +215,7 @@ class WRPOConfig(DPOConfig):
     alpha_schedule: str = field(default="linear", metadata={"help": "'linear' ramp from 0, or 'constant'.",
                                                              "choices": list(ALPHA_SCHEDULES)})
     length_normalize: bool = field(default=False, metadata={"help": "Use mean instead of summed log-ratios."})
+    sft_weight: float = field(default=0.0, metadata={"help": "Weight of the chosen answers' NLL (RPO); 0: plain WRPO."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -206,6 +223,8 @@ class WRPOConfig(DPOConfig):
             raise ValueError(f"WRPOConfig.loss_type={self.loss_type}: WRPOTrainer computes only ['wrpo']")
         if not 0.0 <= self.alpha_max <= 1.0:
             raise ValueError(f"alpha_max={self.alpha_max}: must lie in [0, 1]")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight={self.sft_weight}: must be >= 0")
         if self.alpha_schedule not in ALPHA_SCHEDULES:
             raise ValueError(f"alpha_schedule={self.alpha_schedule!r}: choose one of {', '.join(ALPHA_SCHEDULES)}")
         for name, value, default in (("ld_alpha", self.ld_alpha, None), ("use_weighting", self.use_weighting, False),
@@ -219,7 +238,7 @@ class WRPOTrainer(DPOTrainer):
 
     ``processing_class`` (a tokenizer) is required. Logged metrics: ``rewards/{source,target,rejected,
     weighted}``, ``rewards/accuracies`` (weighted > rejected), ``rewards/{source,target}_accuracies``,
-    ``rewards/margins``, ``logps/{source,target,rejected}`` and ``alpha``.
+    ``rewards/margins``, ``logps/{source,target,rejected}``, ``alpha`` and, with ``sft_weight``, ``nll``.
     """
 
     _tag_names = ["trl", "wrpo", "polyfuse"]
@@ -323,6 +342,10 @@ class WRPOTrainer(DPOTrainer):
         out = wrpo_loss(policy, ref, beta=self.beta, alpha=alpha, label_smoothing=self.label_smoothing,
                         lengths=lengths)
         loss = out.losses.mean()
+        if self.args.sft_weight > 0:
+            nll = chosen_nll(per_token, shift_mask, alpha=alpha)
+            loss = loss + self.args.sft_weight * nll
+            self._metrics[mode]["nll"].append(self.accelerator.gather_for_metrics(nll.detach()).mean().item())
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         self._log_wrpo_metrics(mode, out, policy.detach(), alpha)

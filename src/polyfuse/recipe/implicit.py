@@ -190,6 +190,8 @@ class WRPOSection(TrainingSection):
     beta: float = Field(0.01, gt=0, description="WRPO beta")
     alpha_schedule: Literal["linear", "constant"] = Field("linear", description="linear ramp from 0 or constant")
     length_normalize: bool = Field(False, description="divide each log-ratio by its answer's token count")
+    sft_weight: float = Field(0.0, ge=0, description="weight of an NLL loss on the chosen answers, alpha-weighted "
+                                                     "like their rewards (RPO, 0 is plain WRPO)")
 
 
 class AccuracySection(Section):

@@ -269,7 +269,7 @@ def wrpo_stage(recipe: ImplicitRecipe, *, force: bool = False, progress: bool = 
     base, inputs = _from_sft(recipe)
     w = recipe.wrpo
     extra = {"alpha_max": w.alpha_max, "beta": w.beta, "alpha_schedule": w.alpha_schedule,
-             "length_normalize": w.length_normalize}
+             "length_normalize": w.length_normalize, "sft_weight": w.sft_weight}
     return _train(recipe, "wrpo", w, base, _dir(recipe, "build") / "wrpo.jsonl", extra, inputs,
                   force=force, progress=progress)
 
