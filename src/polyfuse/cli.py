@@ -314,6 +314,8 @@ def merge(
                        world_dir=world_dir)
     out.print(f"merged {result.tensors} tensors ({result.input_bytes / 1e9:.2f} GB read, "
               f"{len(result.shards)} shard(s)) in {result.seconds:.1f} s -> {result.out_dir}")
+    for match in result.vocab:
+        out.print(f"vocabulary: {match.summary()}", highlight=False)
 
 
 @app.command()

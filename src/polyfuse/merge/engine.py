@@ -14,7 +14,10 @@
 
 Peak memory is the chunk budget plus the interpreter, whatever the size of the tensors or models.
 Embedding rows are merged as they are: rows beyond the tokenizer's length (padded vocabularies)
-are kept, never truncated. ``passthrough`` with ``slices`` stacks layer ranges
+are kept, never truncated. Inputs whose vocabulary differs from the output's (the base's, else the
+first model's) have their embedding and LM-head rows matched by token text
+(:mod:`polyfuse.merge.vocab`); the rows they lack come from the base, and ``vocab_map.json`` says
+what was matched. ``passthrough`` with ``slices`` stacks layer ranges
 (:mod:`polyfuse.merge.passthrough`): each output tensor is a renamed input tensor, streamed the same
 way, and ``config.json`` gets the new layer count.
 """
@@ -40,6 +43,7 @@ from polyfuse.merge.config import MergeConfig, load_merge_config
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
 from polyfuse.merge.passthrough import stack_slices, stacked_config
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
+from polyfuse.merge.vocab import VocabMatch, gather_rows, read_vocab, row_map, vocab_rows
 from polyfuse.workspace import clean_stale_temps, swap_in, temp_name
 
 __all__ = ["MergePlan", "MergeResult", "TensorTask", "execute_plan", "parse_size", "plan_merge", "run_merge"]
@@ -48,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 MARKER = "merge_config.yaml"
 """Written into every merge output; an existing directory holding it may be replaced by a new merge."""
+VOCAB_MAP = "vocab_map.json"
+"""Written when embedding rows were matched by token text: what each input matched (:class:`VocabMatch`)."""
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
@@ -96,6 +102,10 @@ class TensorTask:
     sources: list[TensorInfo]
     job: TensorJob | None
     """None: the tensor is not floating point and is copied from ``sources[0]``."""
+    row_maps: tuple[torch.Tensor | None, ...] = ()
+    """Per source, the source row of each output row (``-1``: from ``fallback``); empty or None: same rows."""
+    fallback: TensorInfo | None = None
+    """Where the rows a mapped source lacks come from (the base model, else the reference model)."""
 
     @property
     def numel(self) -> int:
@@ -122,6 +132,8 @@ class MergePlan:
     tokenizer_dir: Path | None
     source_layers: list[int] | None = None
     """A layer stack (``slices``): the source layer index of each output layer; None otherwise."""
+    vocab: list[VocabMatch] = field(default_factory=list)
+    """Inputs whose embedding rows were matched by token text (empty: every vocabulary is the output's)."""
 
     @property
     def input_bytes(self) -> int:
@@ -142,6 +154,7 @@ class MergeResult:
     input_bytes: int
     output_bytes: int
     seconds: float
+    vocab: list[VocabMatch] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +182,8 @@ def _resolve(label: str, ref: str, world_dir: str | Path) -> InputModel:
     return InputModel(label, ref, path, tensors)
 
 
-def _check_same_tensors(reference: InputModel, other: InputModel) -> None:
+def _check_same_tensors(reference: InputModel, other: InputModel, vocab_tensors: frozenset[str] = frozenset()) -> None:
+    """Same tensor names and shapes; ``vocab_tensors`` (rows matched by token text) may differ in rows."""
     missing = [n for n in reference.tensors if n not in other.tensors]
     if missing:
         raise PolyfuseError(
@@ -184,10 +198,13 @@ def _check_same_tensors(reference: InputModel, other: InputModel) -> None:
         )
     for name, info in reference.tensors.items():
         shape = other.tensors[name].shape
+        if name in vocab_tensors:
+            shape, info = shape[1:], TensorInfo(info.name, info.file, info.dtype, info.shape[1:], info.offset)
         if shape != info.shape:
             raise PolyfuseError(
                 f"tensor {name!r}: shape {list(shape)} in {other.label} ({other.ref}) but {list(info.shape)} in "
-                f"{reference.label}; merge checkpoints of the same architecture and vocabulary size"
+                f"{reference.label}; merge checkpoints of the same architecture (vocabularies of different sizes "
+                "are matched by token text when every model directory holds its tokenizer)"
             )
 
 
@@ -204,15 +221,6 @@ def _tokenizer_len(path: Path) -> int | None:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     return max(ids) + 1 if ids else None
-
-
-def _vocab_rows(config_dir: Path) -> int | None:
-    try:
-        config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return int(rows) if isinstance(rows, int) else None
 
 
 def _tokenizer_dir(config: MergeConfig, reference: InputModel, models: list[InputModel],
@@ -240,7 +248,7 @@ def _tokenizer_dir(config: MergeConfig, reference: InputModel, models: list[Inpu
             path = Path(resolved.location)
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             raise ModelLoadError(f"{key}: {path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
-    n_tokens, rows = _tokenizer_len(path), _vocab_rows(reference.path)
+    n_tokens, rows = _tokenizer_len(path), vocab_rows(reference.path)
     if n_tokens is not None and rows is not None and n_tokens > rows:
         raise PolyfuseError(
             f"{key}: the tokenizer in {path} has {n_tokens} ids but the models have {rows} embedding rows; "
@@ -281,8 +289,10 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
         inputs = listed
     method.check_count(len(inputs), with_base)
     reference = base if base is not None else inputs[0]
+    maps, matches = _vocab_maps(reference, inputs)
+    vocab_tensors = frozenset(_vocab_tensors(reference)) if maps else frozenset()
     for model in inputs:
-        _check_same_tensors(reference, model)
+        _check_same_tensors(reference, model, vocab_tensors if model.label in maps else frozenset())
 
     out_dtype = _DTYPES[config.output_dtype] if config.output_dtype else None
     tasks = []
@@ -299,10 +309,49 @@ def plan_merge(config: MergeConfig, *, seed: int = 0, world_dir: str | Path = "r
         problem = method.check(job)
         if problem:
             raise PolyfuseError(f"tensor {name!r}: {problem}")
+        mapped = name in vocab_tensors
         tasks.append(TensorTask(name, info.shape, out_dtype or _torch_dtype(info),
-                                base.tensors[name] if with_base and base else None, sources, job))
+                                base.tensors[name] if with_base and base else None, sources, job,
+                                tuple(maps.get(m.label) for m in inputs) if mapped else (),
+                                (base or reference).tensors[name] if mapped else None))
     tokenizer_dir = _tokenizer_dir(config, reference, listed + ([base] if base else []), world_dir)
-    return MergePlan(config, method, base, inputs, tasks, seed, reference.path, tokenizer_dir)
+    if matches and tokenizer_dir is not None and tokenizer_dir != reference.path \
+            and read_vocab(tokenizer_dir) != read_vocab(reference.path):
+        raise PolyfuseError(
+            f"tokenizer_source: the inputs' vocabularies differ, so the output takes the vocabulary of "
+            f"{reference.label} ({reference.ref}) and matches the others' rows to it; its tokenizer must be that "
+            f"one too: set tokenizer_source: base")
+    for match in matches:
+        logger.info("vocabulary: %s", match.summary())
+    return MergePlan(config, method, base, inputs, tasks, seed, reference.path, tokenizer_dir, vocab=matches)
+
+
+def _vocab_tensors(reference: InputModel) -> list[str]:
+    """Tensors indexed by token id: first dimension ``vocab_size`` (embeddings, LM heads, their biases)."""
+    rows = vocab_rows(reference.path)
+    return [n for n, info in reference.tensors.items() if rows and info.shape and info.shape[0] == rows
+            and len(info.shape) <= 2]
+
+
+def _vocab_maps(reference: InputModel, inputs: list[InputModel]) -> tuple[dict[str, torch.Tensor], list[VocabMatch]]:
+    """Row maps (by label) of the inputs whose vocabulary differs from the reference's, and what they matched.
+
+    Inputs without a tokenizer or a ``vocab_size`` are merged by position (their shapes must agree).
+    """
+    output, out_rows = read_vocab(reference.path), vocab_rows(reference.path)
+    maps: dict[str, torch.Tensor] = {}
+    matches: list[VocabMatch] = []
+    if output is None or out_rows is None:
+        return maps, matches
+    for model in inputs:
+        if model.path == reference.path:
+            continue
+        vocab, rows = read_vocab(model.path), vocab_rows(model.path)
+        if vocab is None or rows is None or (vocab == output and rows == out_rows):
+            continue
+        maps[model.label], match = row_map(output, out_rows, vocab, rows, f"{model.label} ({model.ref})")
+        matches.append(match)
+    return maps, matches
 
 
 def _plan_slices(config: MergeConfig, method: MergeMethod, *, seed: int, world_dir: str | Path) -> MergePlan:
@@ -376,11 +425,25 @@ def _merged_rows(task: TensorTask, method: MergeMethod, budget: int) -> Iterator
         return
     per_row = task.numel // max(1, rows)
 
+    def source_rows(i: int, r0: int, r1: int, fallback: torch.Tensor | None) -> torch.Tensor:
+        mapping = task.row_maps[i] if task.row_maps else None
+        if mapping is None:
+            return _rows(task.sources[i], r0, r1)
+        assert fallback is not None
+        ids = mapping[r0:r1]
+        have = ids >= 0
+        out = fallback.clone()
+        out[have] = gather_rows(task.sources[i], ids[have])
+        return out
+
     def chunks() -> Iterator[Chunk]:
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             base = _rows(task.base, r0, r1) if task.base is not None else None
-            yield Chunk(base, [_rows(s, r0, r1) for s in task.sources], r0 * per_row)
+            fallback = None
+            if task.fallback is not None:
+                fallback = base if task.fallback is task.base else _rows(task.fallback, r0, r1)
+            yield Chunk(base, [source_rows(i, r0, r1, fallback) for i in range(len(task.sources))], r0 * per_row)
 
     yield from run_merger(method.make(task.job), chunks)
 
@@ -448,6 +511,7 @@ def _write_card(plan: MergePlan, tmp: Path, name: str) -> None:
         inputs.append((model.ref, params))
     notes = [f"{k}: {v}" for k, v in (sample.params.items() if sample else []) if k != "int8_mask"]
     notes.append(f"output dtype: {plan.config.output_dtype or 'as the base model'} (computed in float32)")
+    notes += [f"vocabulary: {m.summary()} (see {VOCAB_MAP})" for m in plan.vocab]
     text = model_card(name=name,
                       method=plan.method.name, pretty_name=plan.method.pretty_name,
                       reference=plan.method.reference, base=plan.base.ref if plan.base else None,
@@ -497,6 +561,10 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
             for name in _TOKENIZER_FILES:
                 if (plan.tokenizer_dir / name).is_file():
                     shutil.copyfile(plan.tokenizer_dir / name, tmp / name)
+        if plan.vocab:
+            report = {"output_vocabulary": plan.base.label if plan.base else plan.inputs[0].label,
+                      "inputs": [m.as_dict() for m in plan.vocab]}
+            (tmp / VOCAB_MAP).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (tmp / MARKER).write_text(f"# polyfuse merge --seed {plan.seed}\n{plan.config.to_yaml()}", encoding="utf-8")
         _write_card(plan, tmp, out_dir.name)
         swap_in(tmp, out_dir)
@@ -506,7 +574,7 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     seconds = time.perf_counter() - start
     logger.debug("merged %d tensors (%.2f GB read) with %s into %s (%d shard(s)) in %.1f s", len(plan.tensors),
                 plan.input_bytes / 1e9, plan.method.name, out_dir, len(names), seconds)
-    return MergeResult(out_dir, len(plan.tensors), names, plan.input_bytes, output_bytes, seconds)
+    return MergeResult(out_dir, len(plan.tensors), names, plan.input_bytes, output_bytes, seconds, plan.vocab)
 
 
 def run_merge(config: str | Path | MergeConfig, out_dir: str | Path, *, seed: int = 0, chunk_mb: float = 128,
