@@ -223,7 +223,7 @@ def test_recipe_validation_and_help_texts() -> None:
         parse_recipe({**base, "sources": [{"name": "a", "model": "m/x", "sample": {"n": 0}}]})
     with pytest.raises(RecipeError, match="build.split: .*non-negative"):
         parse_recipe(base, ["build.split=[0, 0]"])
-    with pytest.raises(RecipeError, match="mode: expected one of fusellm, fusechat, implicit, got 'explicit'"):
+    with pytest.raises(RecipeError, match="mode: expected one of fusellm, fusechat, online, implicit, got 'explicit'"):
         parse_recipe({**base, "mode": "explicit"})
     assert isinstance(parse_recipe(base), ImplicitRecipe)
     assert isinstance(parse_recipe(base, ["mode=fusechat"]), Recipe)   # one loader, keyed on the mode

@@ -294,7 +294,8 @@ def test_section_dict(valid: Path) -> None:
         "tokenizer": None,
         "revision": None,
     }
-    assert Recipe.sections() == ["data", "eval", "corpus", "blocks", "capture", "vocab", "align", "fuse", "train", "pairs", "merge"]
+    assert Recipe.sections() == ["data", "eval", "corpus", "blocks", "capture", "vocab", "align", "fuse", "train", "pairs", "merge",
+                                 "online"]
     with pytest.raises(KeyError):
         recipe.section_dict("sources")
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from polyfuse.errors import DataError, PolyfuseError
 
 __all__ = ["BACKENDS", "Backend", "HFBackend", "SamplingParams", "SourceSpec", "VLLMBackend", "as_messages",
-           "batch_seed", "make_backend"]
+           "batch_seed", "continue_texts", "make_backend"]
 
 BACKENDS = ("hf", "vllm")
 
@@ -147,6 +147,39 @@ class HFBackend:
             out = self.model.generate(**batch, generation_config=config)  # [B * n, T + new]
         texts = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [[t.strip() for t in texts[i * params.n:(i + 1) * params.n]] for i in range(len(prompts))]
+
+
+def continue_texts(model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, *, seed: int,
+                   batch_size: int = 16) -> list[str]:
+    """One sampled continuation of each plain-text prompt (no chat template), in prompt order.
+
+    Batched ``generate`` with left padding; batch ``i`` is seeded with ``batch_seed(seed, "continue", i)``, so
+    the same model, prompts, batch size and seed give the same texts on CPU. Generation stops at the end token.
+    """
+    import copy
+
+    import torch
+    from transformers import GenerationConfig
+
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    greedy = params.temperature == 0
+    config = GenerationConfig(
+        do_sample=not greedy, max_new_tokens=params.max_new_tokens, repetition_penalty=params.repetition_penalty,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        **({} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}))
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        batch = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        torch.manual_seed(batch_seed(seed, "continue", i // batch_size))
+        with torch.no_grad():
+            ids = model.generate(**batch, generation_config=config)
+        out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
 
 
 class VLLMBackend:

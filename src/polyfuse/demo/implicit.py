@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from polyfuse.demo.tasks import TASKS_VERSION, generate_problems, write_problems
-from polyfuse.demo.threads import DEMO_THREADS, fixed_threads
+from polyfuse.demo.threads import FAMILY_THREADS, fixed_threads
 from polyfuse.workspace import atomic_write_json, hash_path, run_stage
 
 __all__ = ["CHAT_PRESETS", "SKILLS", "TRANSFER_SHARE", "ChatWorldPreset", "build_chat_world", "chat_world_checks",
@@ -117,7 +117,7 @@ def _tune(out: Path, base: Path, data: Path, steps: int, preset: ChatWorldPreset
                          warmup_ratio=preset.warmup_ratio, lr_scheduler_type=preset.lr_scheduler_type,
                          max_length=64, seed=seed, logging_steps=max(1, steps // 8),
                          save_steps=max(10, steps // 2), extra={"disable_tqdm": not progress})
-    with fixed_threads(DEMO_THREADS):
+    with fixed_threads(FAMILY_THREADS):
         summary = run_sft(str(base), data, out, cfg)
     return {k: summary[k] for k in ("global_step", "train_loss", "losses", "seconds")}
 
@@ -149,7 +149,7 @@ def build_chat_world(world_dir: str | Path, *, preset: str = "demo", seed: int =
         data = world / "tasks" / "sft" / f"{model}.jsonl"
         cfg = {"seed": seed, "steps": steps, "base": model, "batch_size": spec.batch_size,
                "learning_rate": spec.learning_rate, "warmup_ratio": spec.warmup_ratio,
-               "lr_scheduler_type": spec.lr_scheduler_type, "threads": DEMO_THREADS}
+               "lr_scheduler_type": spec.lr_scheduler_type, "threads": FAMILY_THREADS}
         res = run_stage(world / "models" / f"chat-{model}", "world.chat_model", cfg,
                         {"base": base, "data": data},
                         lambda out, base=base, data=data, steps=steps: _tune(out, base, data, steps, spec, seed,
@@ -225,13 +225,14 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
 
     started = time.perf_counter()
     build_world(world_dir, preset=preset, seed=seed, budget=budget)
-    build_chat_world(world_dir, preset=preset, seed=seed, progress=progress)
     extra = [] if preset == "demo" else _test_overrides()
     recipe = load_recipe(implicit_recipe_path(), [f"workdir={out_dir}", f"world={world_dir}",
                                                   f"seed={seed}", *extra, *(overrides or [])])
     if not isinstance(recipe, ImplicitRecipe):
         raise TypeError(f"{implicit_recipe_path()} is not an implicit recipe")
-    run_recipe(recipe, progress=progress)
+    with fixed_threads(FAMILY_THREADS):  # the same figures side by side or alone (threads.FAMILY_THREADS)
+        build_chat_world(world_dir, preset=preset, seed=seed, progress=progress)
+        run_recipe(recipe, progress=progress)
     results = read_results(Path(out_dir) / "results.json")
     acc = {name: row["accuracy"] for name, row in results["models"].items() if "accuracy" in row}
     checks = chat_world_checks(acc, recipe.target.name) + transfer_checks(results, recipe.target.name)

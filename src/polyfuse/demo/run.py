@@ -93,11 +93,6 @@ def run_real_family(out: str | Path, world_dir: str | Path, base: list[str], ove
     return rows
 
 
-def demo_threads(jobs: int) -> int:
-    """Torch threads for each of ``jobs`` jobs run side by side: an even share of the cores, at least one."""
-    return max(1, (os.cpu_count() or 1) // jobs)
-
-
 def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world", *, seed: int = 0,
              budget: float = 1.0, preset: str = "demo", overrides: list[str] | None = None,
              progress: bool = True, families: tuple[str, ...] = FAMILIES, report: bool = True,
@@ -106,15 +101,15 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
 
     ``overrides`` apply to the explicit recipe (``tiny.yaml``), ``implicit_overrides`` to ``implicit.yaml``.
     With ``side_by_side`` (the default on two cores or more) the implicit family runs in a second process
-    beside the explicit ones, each with half the cores (:func:`polyfuse.workspace.beside`; its output is
-    kept in ``<out>/implicit.log`` and printed when it ends). The world's and chat models train with fixed
-    threads, but training and the GPT-2 / GPT-NeoX sources' forward passes differ in the last bits between
-    one and two threads, so the rows move with the thread count (measured spread: README, "Two commands").
+    beside the explicit ones (:func:`polyfuse.workspace.beside`; its output is kept in ``<out>/implicit.log``
+    and printed when it ends). Every family runs with one torch thread per process
+    (:data:`polyfuse.demo.threads.FAMILY_THREADS`), so side by side and one after another give the same figures
+    on one machine; another CPU may move them (measured spread: README, "Two commands").
     Returns the results file's contents plus ``world_checks`` (the implicit demo's checks
     included) and, with ``report``, ``report`` (the path of ``report.html``).
     """
     from polyfuse.demo.implicit import run_implicit_demo
-    from polyfuse.demo.threads import fixed_threads
+    from polyfuse.demo.threads import FAMILY_THREADS, fixed_threads
     from polyfuse.demo.world import build_world
     from polyfuse.errors import PolyfuseError
     from polyfuse.workspace import beside
@@ -141,7 +136,7 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
         side_by_side = (os.cpu_count() or 1) >= 2
     if "implicit" in families and explicit and side_by_side:
         log = Path(out) / "implicit.log"
-        threads = demo_threads(2)
+        threads = FAMILY_THREADS
         if progress:
             print(f"implicit fusion runs beside the explicit families in a second process ({threads} thread(s) "
                   f"each); its output goes to {log} and is printed when both are done", flush=True)
@@ -153,7 +148,8 @@ def run_demo(out: str | Path = "runs/demo", world_dir: str | Path = "runs/world"
             print(log.read_text(), end="", flush=True)
         implicit_checks = implicit["implicit_checks"]
     else:
-        run_explicit()
+        with fixed_threads(FAMILY_THREADS):
+            run_explicit()
         if "implicit" in families:
             implicit_checks = run_implicit_demo(*implicit_args, **implicit_kwargs)["implicit_checks"]
     results = read_results(Path(out) / "results.json")

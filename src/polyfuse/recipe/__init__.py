@@ -38,6 +38,7 @@ from polyfuse.recipe.explicit import (
     EvalSection,
     FuseSection,
     MergeSection,
+    OnlineSection,
     PairsSection,
     Recipe,
     TrainSection,
@@ -61,6 +62,7 @@ __all__ = [
     "FuseSection",
     "ImplicitRecipe",
     "MergeSection",
+    "OnlineSection",
     "ModelRef",
     "ModelSpec",
     "PairsSection",
@@ -79,7 +81,7 @@ __all__ = [
 AnyRecipe = Recipe | ImplicitRecipe
 
 MODES: dict[str, type[Recipe] | type[ImplicitRecipe]] = {
-    "fusellm": Recipe, "fusechat": Recipe, "implicit": ImplicitRecipe}
+    "fusellm": Recipe, "fusechat": Recipe, "online": Recipe, "implicit": ImplicitRecipe}
 """The recipe class of each ``mode`` (absent: ``fusellm``)."""
 
 

@@ -1,4 +1,4 @@
-"""The explicit-fusion recipe (modes ``fusellm`` and ``fusechat``): one section per stage.
+"""The explicit-fusion recipe (modes ``fusellm``, ``fusechat`` and ``online``): one section per stage.
 
 Adding a stage section is one line on :class:`Recipe` (plus the section's own model)::
 
@@ -23,7 +23,7 @@ from polyfuse.merge.methods import METHODS
 from polyfuse.recipe.base import RecipeBase, Section
 
 __all__ = ["AlignSection", "BlocksSection", "CaptureSection", "CorpusSection", "DataSection", "EvalSection",
-           "FuseSection", "MergeSection", "PairsSection", "Recipe", "TrainSection", "VocabSection"]
+           "FuseSection", "MergeSection", "OnlineSection", "PairsSection", "Recipe", "TrainSection", "VocabSection"]
 
 
 class DataSection(Section):
@@ -275,11 +275,25 @@ class MergeSection(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of the merged model")
 
 
+class OnlineSection(Section):
+    """On-policy fusion (mode online): in each round the target continues the starts of the corpus blocks, the
+    sources and the target score that text, and the target trains on it (train.max_steps split over the rounds)."""
+
+    rounds: int = Field(4, ge=1, description="rounds of sample, capture, fuse and train")
+    prompt_chars: int = Field(128, ge=1, description="characters of each corpus block the target continues "
+                                                      "(cut back to a space)")
+    max_new_tokens: int = Field(192, ge=1, description="tokens the target writes after each prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the target")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+
+
 class Recipe(RecipeBase):
     """A whole recipe: models, data and one section per stage."""
 
-    mode: Literal["fusellm", "fusechat"] = Field(
-        "fusellm", description="fusellm (fuse all sources at once) or fusechat (pairwise targets then a merge)")
+    mode: Literal["fusellm", "fusechat", "online"] = Field(
+        "fusellm", description="fusellm (fuse all sources at once), fusechat (pairwise targets then a merge) or "
+                               "online (the target writes the text the sources score, in rounds)")
 
     data: DataSection = Field(default_factory=DataSection, description="held-out evaluation data")
     eval: EvalSection = Field(default_factory=EvalSection, description="bits-per-byte evaluation settings")
@@ -292,6 +306,7 @@ class Recipe(RecipeBase):
     train: TrainSection = Field(default_factory=TrainSection, description="continual training")
     pairs: PairsSection = Field(default_factory=PairsSection, description="FuseChat's pairwise targets")
     merge: MergeSection = Field(default_factory=MergeSection, description="merging of the pairwise targets")
+    online: OnlineSection = Field(default_factory=OnlineSection, description="on-policy fusion (mode online)")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ decides whether its artifact is current. Modules, by family:
   :mod:`~polyfuse.stages.teachers` (``capture``, ``vocab``, ``align``), :mod:`~polyfuse.stages.fusion`
   (``fuse``, ``train``), :mod:`~polyfuse.stages.evaluation` (``eval``): FuseLLM;
 * :mod:`~polyfuse.stages.fusechat` (``pairs``, ``merge``): FuseChat;
+* :mod:`~polyfuse.stages.online` (``online``): on-policy fusion in rounds;
 * :mod:`~polyfuse.stages.implicit` (``sample`` … ``accuracy``): FuseChat-3.0 / WRPO.
 
 :func:`run_recipe` runs a mode's stages (:data:`MODE_STAGES`) or ``only`` some of them, always in pipeline
@@ -35,6 +36,7 @@ from polyfuse.stages.implicit import (
     sft_stage,
     wrpo_stage,
 )
+from polyfuse.stages.online import online_stage
 from polyfuse.stages.teachers import align_stage, capture_stage, vocab_stage
 from polyfuse.workspace import IMPLICIT_LOCK_NAME, LOCK_NAME, StageResult, workdir_lock
 
@@ -52,9 +54,10 @@ EXPLICIT_STAGES: dict[str, StageFunction] = {
     "train": train_stage,
     "pairs": pairs_stage,
     "merge": merge_stage,
+    "online": online_stage,
     "eval": eval_stage,
 }
-"""The stages of an explicit recipe (modes ``fusellm`` and ``fusechat``), in pipeline order."""
+"""The stages of an explicit recipe (modes ``fusellm``, ``fusechat`` and ``online``), in pipeline order."""
 
 IMPLICIT_STAGES: dict[str, StageFunction] = {
     "sample": sample_stage,
@@ -70,6 +73,7 @@ IMPLICIT_STAGES: dict[str, StageFunction] = {
 MODE_STAGES: dict[str, tuple[str, ...]] = {
     "fusellm": ("blocks", "capture", "vocab", "align", "fuse", "train", "eval"),
     "fusechat": ("blocks", "capture", "vocab", "align", "pairs", "merge", "eval"),
+    "online": ("blocks", "online", "eval"),
     "implicit": tuple(IMPLICIT_STAGES),
 }
 """The stages ``polyfuse run`` runs for each recipe ``mode``, in order."""

@@ -13,12 +13,15 @@ def trained_rows(recipe: Recipe) -> dict[str, Path]:
     """Row name -> model directory for every finished training or merge of the target.
 
     ``target+clm``, ``target+fused`` (FuseLLM), ``target+pair:SOURCE`` and ``target+fusechat``
-    (FuseChat), each present once its stage has a manifest.
+    (FuseChat), ``target+online`` (on-policy fusion's last round), each present once its stage has a manifest.
     """
+    from polyfuse.stages.online import final_online_dir
+
     name = recipe.target.name
     candidates = {f"{name}+clm": stage_dir(recipe, "train", "clm"),
                   f"{name}+fused": stage_dir(recipe, "train", "fused"),
-                  **{f"{name}+pair:{s.name}": stage_dir(recipe, "pairs", s.name, "train") for s in recipe.sources}}
+                  **{f"{name}+pair:{s.name}": stage_dir(recipe, "pairs", s.name, "train") for s in recipe.sources},
+                  f"{name}+online": final_online_dir(recipe)}
     rows = {row: path for row, path in candidates.items() if (path / "manifest.json").is_file()}
     if (stage_dir(recipe, "merge") / "manifest.json").is_file():
         rows[f"{name}+fusechat"] = stage_dir(recipe, "merge", "model")
