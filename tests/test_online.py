@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from polyfuse.cli import main
-from polyfuse.stages.online import prompt_of
+from polyfuse.stages.online import prompt_of, round_blocks
 
 
 def test_prompt_is_cut_back_to_a_space() -> None:
@@ -35,8 +35,10 @@ def test_online_mode_runs_rounds_on_the_targets_own_text(tmp_path: Path, tiny_wo
     for r in (1, 2):
         docs = [json.loads(line) for f in sorted((run / "online" / f"round-{r}" / "corpus" / "train").glob("*.jsonl"))
                 for line in f.read_text().splitlines()]
-        assert len(docs) == len(blocks)
-        starts = {prompt_of(b["text"], 40) for b in blocks}
+        share = round_blocks(blocks, r, 2)                                      # every other block
+        assert len(docs) == len(share) and abs(len(share) - len(blocks) / 2) <= 0.5
+        assert sorted(d["id"] for d in docs) == sorted(f"{b['block_id']}-r{r}" for b in share)
+        starts = {prompt_of(b["text"], 40) for b in share}
         assert all(any(d["text"].startswith(s) and len(d["text"]) > len(s) for s in starts) for d in docs)
         train = json.loads((run / "online" / f"round-{r}" / "train" / "fused" / "manifest.json").read_text())
         assert train["config"]["train"]["max_steps"] == 2                        # 4 steps over 2 rounds

@@ -1,8 +1,9 @@
 """On-policy fusion (``mode: online``): the target writes the text it trains on, the sources score it.
 
 Offline fusion (FuseLLM) distils the sources' distributions on a fixed corpus. Here each of ``online.rounds``
-rounds (a) lets the current target continue the start of every corpus block (``online/round-N/corpus``,
-a corpus directory like any other), then (b) runs the explicit stages on that text in
+rounds (a) lets the current target continue the starts of its share of the corpus blocks (round N takes
+blocks N, N + rounds, N + 2·rounds, ..., so the rounds together write one continuation per block, as much
+text as the offline corpus) into ``online/round-N/corpus``, a corpus directory like any other, then (b) runs the explicit stages on that text in
 ``online/round-N`` -- ``blocks``, ``capture`` (every source and the current target), ``vocab``, ``align``,
 ``fuse`` and ``train`` with ``train.max_steps / rounds`` steps --, and the trained model is the next round's
 target. The loss, the projection across tokenizers and the fusion are exactly the offline ones, so the
@@ -27,7 +28,7 @@ from polyfuse.stages.fusion import fuse_stage, train_stage
 from polyfuse.stages.teachers import align_stage, capture_stage, vocab_stage
 from polyfuse.workspace import StageResult, run_stage
 
-__all__ = ["final_online_dir", "online_stage", "prompt_of"]
+__all__ = ["final_online_dir", "online_stage", "prompt_of", "round_blocks"]
 
 
 def prompt_of(text: str, chars: int) -> str:
@@ -56,13 +57,18 @@ def final_online_dir(recipe: Recipe) -> Path:
     return stage_dir(recipe, "online", f"round-{recipe.online.rounds}", "train", "fused")
 
 
+def round_blocks(blocks: list, round_index: int, rounds: int) -> list:
+    """Round ``round_index``'s (1-based) share of the blocks: every ``rounds``-th one from its index."""
+    return blocks[round_index - 1::rounds]
+
+
 def _write_corpus(recipe: Recipe, student: str, round_index: int, out: Path, progress: bool) -> dict:
-    """The student's continuation of every block start, one document per block, ``train/<domain>.jsonl``."""
+    """The student's continuation of this round's block starts, one document per block, ``train/<domain>.jsonl``."""
     from polyfuse.generate import SamplingParams, continue_texts
     from polyfuse.models import load_model, load_tokenizer, resolve_model_ref
 
     opts = recipe.online
-    blocks = recipe_blocks(recipe)
+    blocks = round_blocks(recipe_blocks(recipe), round_index, opts.rounds)
     prompts = [prompt_of(b.text, opts.prompt_chars) for b in blocks]
     model = load_model(resolve_model_ref(student, world_dir=recipe.world))
     tokenizer = load_tokenizer(resolve_model_ref(student, world_dir=recipe.world))
