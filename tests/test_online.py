@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from polyfuse.cli import main
-from polyfuse.stages.online import prompt_of, round_blocks
+from polyfuse.stages.online import on_policy, prompt_of, round_blocks
 
 
 def test_prompt_is_cut_back_to_a_space() -> None:
@@ -23,7 +23,8 @@ def test_online_mode_runs_rounds_on_the_targets_own_text(tmp_path: Path, tiny_wo
             "sources": [{"name": "prose", "model": "world:prose"}, {"name": "math", "model": "world:math"}],
             "corpus": {"max_bytes_per_domain": 2000}, "blocks": {"max_tokens": 96},
             "train": {"max_steps": 4, "batch_size": 2}, "online": {"rounds": 2, "prompt_chars": 40,
-                                                                  "max_new_tokens": 24, "batch_size": 8},
+                                                                  "max_new_tokens": 24, "batch_size": 8,
+                                                                  "on_policy_share": 0.5},
             "eval": {"batch_size": 4, "max_length": 128, "max_bytes_per_domain": 1500}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -37,7 +38,15 @@ def test_online_mode_runs_rounds_on_the_targets_own_text(tmp_path: Path, tiny_wo
                 for line in f.read_text().splitlines()]
         share = round_blocks(blocks, r, 2)                                      # every other block
         assert len(docs) == len(share) and abs(len(share) - len(blocks) / 2) <= 0.5
-        assert sorted(d["id"] for d in docs) == sorted(f"{b['block_id']}-r{r}" for b in share)
+        continued = on_policy(len(share), 0.5)                                   # half continued, half corpus text
+        assert sum(continued) == len(share) // 2 > 0
+        texts = {d["id"]: d["text"] for d in docs}
+        for block, c in zip(share, continued, strict=True):
+            if c:
+                assert f"{block['block_id']}-r{r}" in texts
+            else:
+                assert texts[f"{block['block_id']}-corpus"] == block["text"]
+        docs = [d for d in docs if not d["id"].endswith("-corpus")]
         starts = {prompt_of(b["text"], 40) for b in share}
         assert all(any(d["text"].startswith(s) and len(d["text"]) > len(s) for s in starts) for d in docs)
         train = json.loads((run / "online" / f"round-{r}" / "train" / "fused" / "manifest.json").read_text())
@@ -58,3 +67,9 @@ def test_online_mode_runs_rounds_on_the_targets_own_text(tmp_path: Path, tiny_wo
     before = (run / "online" / "round-2" / "train" / "fused" / "manifest.json").read_text()
     assert main(["run", str(path)]) == 0
     assert (run / "online" / "round-2" / "train" / "fused" / "manifest.json").read_text() == before
+
+
+def test_on_policy_spreads_the_share_evenly() -> None:
+    assert on_policy(4, 1.0) == [True] * 4 and on_policy(4, 0.0) == [False] * 4
+    assert on_policy(4, 0.5) == [False, True, False, True]
+    assert sum(on_policy(10, 0.3)) == 3 and sum(on_policy(7, 0.5)) == 3

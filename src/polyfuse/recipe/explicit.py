@@ -286,6 +286,9 @@ class OnlineSection(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the target")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
     batch_size: int = Field(16, ge=1, description="prompts per generate call")
+    on_policy_share: float = Field(
+        1.0, ge=0, le=1, description="share of each round's blocks the target continues; the others stay corpus "
+                                     "text (GKD's lambda: 1 is fully on-policy, 0 is offline fusion in rounds)")
 
 
 class Recipe(RecipeBase):

@@ -6,7 +6,8 @@ blocks N, N + rounds, N + 2·rounds, ..., so the rounds together write one conti
 text as the offline corpus) into ``online/round-N/corpus``, a corpus directory like any other, then (b) runs the explicit stages on that text in
 ``online/round-N`` -- ``blocks``, ``capture`` (every source and the current target), ``vocab``, ``align``,
 ``fuse`` and ``train`` with ``train.max_steps / rounds`` steps --, and the trained model is the next round's
-target. The loss, the projection across tokenizers and the fusion are exactly the offline ones, so the
+target. ``online.on_policy_share`` below 1 keeps the rest of each round's blocks as corpus text (GKD's
+mixture of on-policy and fixed data; 0 is offline fusion in rounds). The loss, the projection across tokenizers and the fusion are exactly the offline ones, so the
 comparison with ``target+fused`` at the same optimizer steps isolates what on-policy text changes. The row
 is ``target+online``.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 from polyfuse.recipe import Recipe
@@ -28,7 +30,7 @@ from polyfuse.stages.fusion import fuse_stage, train_stage
 from polyfuse.stages.teachers import align_stage, capture_stage, vocab_stage
 from polyfuse.workspace import StageResult, run_stage
 
-__all__ = ["final_online_dir", "online_stage", "prompt_of", "round_blocks"]
+__all__ = ["final_online_dir", "on_policy", "online_stage", "prompt_of", "round_blocks"]
 
 
 def prompt_of(text: str, chars: int) -> str:
@@ -62,6 +64,11 @@ def round_blocks(blocks: list, round_index: int, rounds: int) -> list:
     return blocks[round_index - 1::rounds]
 
 
+def on_policy(count: int, share: float) -> list[bool]:
+    """Which of ``count`` blocks the target continues: ``floor(count * share)`` of them, spread evenly."""
+    return [math.floor((i + 1) * share + 1e-9) > math.floor(i * share + 1e-9) for i in range(count)]
+
+
 def _write_corpus(recipe: Recipe, student: str, round_index: int, out: Path, progress: bool) -> dict:
     """The student's continuation of this round's block starts, one document per block, ``train/<domain>.jsonl``."""
     from polyfuse.generate import SamplingParams, continue_texts
@@ -69,21 +76,31 @@ def _write_corpus(recipe: Recipe, student: str, round_index: int, out: Path, pro
 
     opts = recipe.online
     blocks = round_blocks(recipe_blocks(recipe), round_index, opts.rounds)
-    prompts = [prompt_of(b.text, opts.prompt_chars) for b in blocks]
-    model = load_model(resolve_model_ref(student, world_dir=recipe.world))
-    tokenizer = load_tokenizer(resolve_model_ref(student, world_dir=recipe.world))
-    params = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens)
-    texts = continue_texts(model, tokenizer, prompts, params, seed=recipe.seed * 1000 + round_index,
-                           batch_size=opts.batch_size)
+    chosen = on_policy(len(blocks), opts.on_policy_share)
+    prompts = [prompt_of(b.text, opts.prompt_chars) for b, c in zip(blocks, chosen, strict=True) if c]
+    texts: Iterator[str] = iter(())
+    if prompts:
+        model = load_model(resolve_model_ref(student, world_dir=recipe.world))
+        tokenizer = load_tokenizer(resolve_model_ref(student, world_dir=recipe.world))
+        params = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens)
+        texts = iter(continue_texts(model, tokenizer, prompts, params, seed=recipe.seed * 1000 + round_index,
+                                    batch_size=opts.batch_size))
     by_domain: dict[str, list[str]] = {}
-    for block, prompt, text in zip(blocks, prompts, texts, strict=True):
-        by_domain.setdefault(block.domain, []).append(
-            json.dumps({"id": f"{block.block_id}-r{round_index}", "text": prompt + text}, ensure_ascii=False))
+    written = 0
+    for block, continued in zip(blocks, chosen, strict=True):
+        if continued:
+            prompt = prompt_of(block.text, opts.prompt_chars)
+            text = next(texts)
+            written += len(text.encode("utf-8"))
+            row = {"id": f"{block.block_id}-r{round_index}", "text": prompt + text}
+        else:
+            row = {"id": f"{block.block_id}-corpus", "text": block.text}
+        by_domain.setdefault(block.domain, []).append(json.dumps(row, ensure_ascii=False))
     (out / "train").mkdir(parents=True, exist_ok=True)
     for domain, rows in by_domain.items():
         (out / "train" / f"{domain}.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    written = sum(len(t.encode("utf-8")) for t in texts)
-    return {"documents": len(texts), "generated_bytes": written, "domains": sorted(by_domain)}
+    return {"documents": len(blocks), "continued": len(prompts), "generated_bytes": written,
+            "domains": sorted(by_domain)}
 
 
 def online_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -> dict[str, StageResult]:
