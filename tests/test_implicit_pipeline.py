@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from polyfuse.demo.implicit import build_chat_world, implicit_recipe_path, run_implicit_demo
+from polyfuse.demo.implicit import _test_overrides, build_chat_world, implicit_recipe_path, run_implicit_demo
 from polyfuse.errors import DataError, RecipeError
 from polyfuse.recipe import ImplicitRecipe, Recipe, Section, load_recipe, parse_recipe
 from polyfuse.stages import implicit as implicit_stages
@@ -35,10 +35,7 @@ def demo(world: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
 
 
 def recipe_for(world: Path, out: Path, *extra: str) -> ImplicitRecipe:
-    from polyfuse.demo.implicit import _test_overrides
-
-    return load_recipe(implicit_recipe_path(), [f"workdir={out}", f"world={world}", *_test_overrides(),
-                                                         *extra])
+    return load_recipe(implicit_recipe_path(), [f"workdir={out}", f"world={world}", *_test_overrides(), *extra])
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -245,8 +242,7 @@ def test_cli_stage_commands(demo: tuple[Path, dict], world: Path, capsys: pytest
 
     out, _ = demo
     for stage in ("sample", "score", "build", "sft", "dpo", "wrpo"):
-        assert main([stage, str(implicit_recipe_path()), f"workdir={out}", f"world={world}",
-                     "sample.max_new_tokens=8", "sft.max_steps=8", "dpo.max_steps=4", "wrpo.max_steps=4"]) == 0
+        assert main([stage, str(implicit_recipe_path()), f"workdir={out}", f"world={world}", *_test_overrides()]) == 0
         assert f"{stage}: up to date" in capsys.readouterr().out
     assert main(["build", str(implicit_recipe_path()), "build.nope=1"]) == 2
 

@@ -61,7 +61,7 @@ class ChatWorldPreset:
 CHAT_PRESETS: dict[str, ChatWorldPreset] = {
     # About a minute per source on 2 free cores.
     "demo": ChatWorldPreset(source_steps=160, target_steps=80, batch_size=16, learning_rate=6e-4, own_share=0.8,
-                            prompts_per_task=300, heldout_per_task=100),
+                            prompts_per_task=600, heldout_per_task=100),
     # Seconds: the test world's models are tiny.
     "test": ChatWorldPreset(source_steps=120, target_steps=60, batch_size=8, learning_rate=3e-3, own_share=0.8,
                             prompts_per_task=8, heldout_per_task=8),
@@ -244,4 +244,5 @@ def run_implicit_demo(out_dir: str | Path = "runs/demo", world_dir: str | Path =
 
 def _test_overrides() -> list[str]:
     """Smaller settings for the test world (seconds, not minutes)."""
-    return ["sample.max_new_tokens=8", "sft.max_steps=8", "dpo.max_steps=4", "wrpo.max_steps=4"]
+    # n = 4: the test world has 8 prompts per task, too few with 2 responses each to leave WRPO any rows
+    return ["sample.n=4", "sample.max_new_tokens=8", "sft.max_steps=8", "dpo.max_steps=4", "wrpo.max_steps=4"]
