@@ -209,18 +209,9 @@ def _check_same_tensors(reference: InputModel, other: InputModel, vocab_tensors:
 
 
 def _tokenizer_len(path: Path) -> int | None:
-    """Ids a tokenizer.json can produce (max id + 1), or None when there is no tokenizer.json."""
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        vocab = (data.get("model") or {}).get("vocab") or {}
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-    return max(ids) + 1 if ids else None
+    """Ids the tokenizer in ``path`` can produce (max id + 1, added tokens included), or None without one."""
+    vocab = read_vocab(path)
+    return max(vocab.values()) + 1 if vocab else None
 
 
 def _tokenizer_dir(config: MergeConfig, reference: InputModel, models: list[InputModel],
