@@ -127,6 +127,14 @@ def test_explicit_fusion_end_to_end(tmp_path: Path, tiny_world: Path) -> None:
     before = (run / "train" / "fused" / "manifest.json").read_text()
     assert main(["run", str(path), *small]) == 0
     assert (run / "train" / "fused" / "manifest.json").read_text() == before
+    # the baseline's own learning rate retrains target+clm only, at that rate
+    clm_weights = (run / "train" / "clm" / "model.safetensors").read_bytes()
+    assert main(["run", str(path), *small, "train.baseline_learning_rate=5e-4", "--only", "train"]) == 0
+    assert (run / "train" / "fused" / "manifest.json").read_text() == before
+    clm = json.loads((run / "train" / "clm" / "manifest.json").read_text())["config"]["train"]
+    assert clm["learning_rate"] == 5e-4 and "baseline_learning_rate" not in clm
+    assert json.loads(before)["config"]["train"]["learning_rate"] == 1e-4
+    assert (run / "train" / "clm" / "model.safetensors").read_bytes() != clm_weights
 
 
 def test_grouped_projection_end_to_end(tmp_path: Path, tiny_world: Path) -> None:

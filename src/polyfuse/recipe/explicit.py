@@ -244,6 +244,9 @@ class TrainSection(Section):
     logging_steps: int | None = Field(None, ge=1, description="steps between logged losses (null: max_steps / 20)")
     save_steps: int | None = Field(None, ge=1, description="steps between resumable checkpoints (null: max_steps / 4)")
     baseline: bool = Field(True, description="also train target+clm: plain CLM on identical data, steps and seed")
+    baseline_learning_rate: float | None = Field(
+        None, gt=0, description="peak learning rate of target+clm (null: learning_rate); lets each run use the "
+                                "rate that suits it, so fusion is compared with the best plain CLM")
     bf16: bool | None = Field(None, description="bf16 mixed precision (null: on when CUDA supports it)")
 
     @model_validator(mode="after")

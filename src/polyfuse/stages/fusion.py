@@ -150,8 +150,10 @@ them (or their arrival, with defaults, in recipes of earlier versions) does not 
 
 def train_config(opts: TrainSection, with_teacher: bool) -> dict[str, Any]:
     """The ``train`` settings a train run's manifest records: the baseline's without :data:`DISTILL_KEYS`, the
-    fused run's without the parameters its distillation loss does not read, ``forward_kl`` recorded as ``kl``."""
+    fused run's without the parameters its distillation loss does not read, ``forward_kl`` recorded as ``kl``.
+    ``baseline_learning_rate`` is never recorded: the baseline's run has it as its ``learning_rate``."""
     cfg = opts.model_dump(mode="json")
+    cfg.pop("baseline_learning_rate", None)
     if not with_teacher:  # the baseline does not depend on the distillation settings
         return {k: v for k, v in cfg.items() if k not in DISTILL_KEYS}
     unread = {k for k, kinds in DIVERGENCE_PARAMETERS.items() if opts.distill_loss not in kinds}
@@ -192,7 +194,8 @@ def train_stage(recipe: Recipe, *, force: bool = False, progress: bool = True) -
                                       force=force, progress=progress)
     if recipe.train.baseline or recipe.fuse.strategy == "none":
         results["clm"] = train_run(recipe, None, stage_dir(recipe, "train", "clm"), force=force,
-                                    progress=progress)
+                                    progress=progress,
+                                    overrides={"learning_rate": recipe.train.baseline_learning_rate})
     return results
 
 
