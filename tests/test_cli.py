@@ -396,9 +396,11 @@ def test_real_family_adds_its_rows_beside_the_main_run(tmp_path: Path, tiny_worl
     inner = json.loads((tmp_path / "d" / "real" / "results.json").read_text())["models"]
     assert REAL_TEACHER in inner and rows["target+fused:real"] == inner["target+fused"]
     manifest = {stage: json.loads((tmp_path / "d" / "real" / stage / "manifest.json").read_text())["config"]
-                for stage in ("train/fused", "fuse")}
+                for stage in ("train/fused", "train/clm", "fuse")}
     assert manifest["train/fused"]["train"]["lm_loss_weight"] == 0.2  # REAL_OVERRIDES
     assert manifest["fuse"]["fuse"]["include_target"] is False
+    assert manifest["train/fused"]["train"]["learning_rate"] == 2e-3  # each run at its own rate
+    assert manifest["train/clm"]["train"]["learning_rate"] == 1e-3
 
 
 def test_fusechat_check_compares_merge_with_mean_of_pairs() -> None:
