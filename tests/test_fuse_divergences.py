@@ -312,7 +312,7 @@ def test_recipe_divergence_reaches_the_trainer(tiny_world: Path, tmp_path: Path)
 
     # manifests: parameters a loss does not read are left out, so existing train runs stay current
     default = train_config(parse_recipe(base).train, with_teacher=True)
-    assert set(default) == set(TrainSection.model_fields) - {"divergence_beta", "skew_alpha"}
+    assert set(default) == set(TrainSection.model_fields) - {"divergence_beta", "skew_alpha", "baseline_learning_rate"}
     assert train_config(recipe.train, with_teacher=True)["divergence_beta"] == 0.25
     assert "skew_alpha" not in train_config(recipe.train, with_teacher=True)
     skew = parse_recipe(base, ["train.distill_loss=skew_reverse_kl", "train.skew_alpha=0.2"]).train

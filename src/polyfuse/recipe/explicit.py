@@ -245,8 +245,8 @@ class TrainSection(Section):
     save_steps: int | None = Field(None, ge=1, description="steps between resumable checkpoints (null: max_steps / 4)")
     baseline: bool = Field(True, description="also train target+clm: plain CLM on identical data, steps and seed")
     baseline_learning_rate: float | None = Field(
-        None, gt=0, description="peak learning rate of target+clm (null: learning_rate); lets each run use the "
-                                "rate that suits it, so fusion is compared with the best plain CLM")
+        None, gt=0, description="peak learning rate of target+clm (null: learning_rate), so each run can use the "
+                                "rate that suits it and fusion is compared with the best plain CLM")
     bf16: bool | None = Field(None, description="bf16 mixed precision (null: on when CUDA supports it)")
 
     @model_validator(mode="after")
@@ -290,7 +290,7 @@ class OnlineSection(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling threshold")
     batch_size: int = Field(16, ge=1, description="prompts per generate call")
     on_policy_share: float = Field(
-        1.0, ge=0, le=1, description="share of each round's blocks the target continues; the others stay corpus "
+        1.0, ge=0, le=1, description="share of each round's blocks the target continues, the others staying corpus "
                                      "text (GKD's lambda: 1 is fully on-policy, 0 is offline fusion in rounds)")
 
 
