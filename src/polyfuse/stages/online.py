@@ -3,11 +3,12 @@
 Offline fusion (FuseLLM) distils the sources' distributions on a fixed corpus. Here each of ``online.rounds``
 rounds (a) lets the current target continue the starts of its share of the corpus blocks (round N takes
 blocks N, N + rounds, N + 2·rounds, ..., so the rounds together write one continuation per block, as much
-text as the offline corpus) into ``online/round-N/corpus``, a corpus directory like any other, then (b) runs the explicit stages on that text in
-``online/round-N`` -- ``blocks``, ``capture`` (every source and the current target), ``vocab``, ``align``,
-``fuse`` and ``train`` with ``train.max_steps / rounds`` steps --, and the trained model is the next round's
-target. ``online.on_policy_share`` below 1 keeps the rest of each round's blocks as corpus text (GKD's
-mixture of on-policy and fixed data; 0 is offline fusion in rounds). The loss, the projection across tokenizers and the fusion are exactly the offline ones, so the
+text as the offline corpus) into ``online/round-N/corpus``, a corpus directory like any other, then (b)
+runs the explicit stages on that text in ``online/round-N`` -- ``blocks``, ``capture`` (every source and
+the current target), ``vocab``, ``align``, ``fuse`` and ``train`` with ``train.max_steps / rounds`` steps
+--, and the trained model is the next round's target. ``online.on_policy_share`` below 1 keeps the rest of
+each round's blocks as corpus text (GKD's mixture of on-policy and fixed data; 0 is offline fusion in
+rounds). The loss, the projection across tokenizers and the fusion are exactly the offline ones, so the
 comparison with ``target+fused`` at the same optimizer steps isolates what on-policy text changes. The row
 is ``target+online``.
 
@@ -24,6 +25,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from polyfuse.corpus.blocks import Block
 from polyfuse.recipe import Recipe
 from polyfuse.stages.common import blocks_stage, recipe_blocks, resolve_models, stage_dir
 from polyfuse.stages.fusion import fuse_stage, train_stage
@@ -59,7 +61,7 @@ def final_online_dir(recipe: Recipe) -> Path:
     return stage_dir(recipe, "online", f"round-{recipe.online.rounds}", "train", "fused")
 
 
-def round_blocks(blocks: list, round_index: int, rounds: int) -> list:
+def round_blocks(blocks: list[Block], round_index: int, rounds: int) -> list[Block]:
     """Round ``round_index``'s (1-based) share of the blocks: every ``rounds``-th one from its index."""
     return blocks[round_index - 1::rounds]
 
@@ -78,19 +80,19 @@ def _write_corpus(recipe: Recipe, student: str, round_index: int, out: Path, pro
     blocks = round_blocks(recipe_blocks(recipe), round_index, opts.rounds)
     chosen = on_policy(len(blocks), opts.on_policy_share)
     prompts = [prompt_of(b.text, opts.prompt_chars) for b, c in zip(blocks, chosen, strict=True) if c]
-    texts: Iterator[str] = iter(())
+    pairs: Iterator[tuple[str, str]] = iter(())
     if prompts:
         model = load_model(resolve_model_ref(student, world_dir=recipe.world))
         tokenizer = load_tokenizer(resolve_model_ref(student, world_dir=recipe.world))
         params = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens)
-        texts = iter(continue_texts(model, tokenizer, prompts, params, seed=recipe.seed * 1000 + round_index,
-                                    batch_size=opts.batch_size))
+        texts = continue_texts(model, tokenizer, prompts, params, seed=recipe.seed * 1000 + round_index,
+                               batch_size=opts.batch_size)
+        pairs = iter(zip(prompts, texts, strict=True))
     by_domain: dict[str, list[str]] = {}
     written = 0
     for block, continued in zip(blocks, chosen, strict=True):
         if continued:
-            prompt = prompt_of(block.text, opts.prompt_chars)
-            text = next(texts)
+            prompt, text = next(pairs)
             written += len(text.encode("utf-8"))
             row = {"id": f"{block.block_id}-r{round_index}", "text": prompt + text}
         else:
