@@ -163,6 +163,13 @@ def test_chunk_rows_respect_the_budget(llamas):
             assert rows == 1 or rows * row_bytes <= budget
 
 
+def test_a_merge_hands_freed_chunk_memory_back(tmp_path, llamas, monkeypatch):
+    calls = []
+    monkeypatch.setattr("polyfuse.merge.engine.return_large_blocks", lambda: calls.append(1) or True)
+    run_merge(_write(tmp_path, _config(llamas)), tmp_path / "merged", progress=False)
+    assert calls == [1]  # polyfuse.merge.heap; tests/test_merge_heap.py checks what it does
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_writes_a_loadable_checkpoint(tmp_path, llamas, method):
     data = _config(llamas, method, dtype="bfloat16")
