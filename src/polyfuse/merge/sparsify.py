@@ -141,7 +141,9 @@ class RandomDrop:
 def _della_probabilities(magnitudes: Tensor, density: float, epsilon: float) -> Tensor:
     """MagPrune's keep probabilities for ``magnitudes`` [A, L, ...], ranked along dim 1 (float32)."""
     order = torch.argsort(magnitudes, dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float32) + 1
+    length = order.shape[1]
+    places = torch.arange(1, length + 1, dtype=torch.float32).view(1, length, *[1] * (order.dim() - 2))
+    ranks = torch.empty(order.shape, dtype=torch.float32).scatter_(1, order, places.expand(order.shape))
     lowest = ranks.amin(dim=1, keepdim=True)
     highest = ranks.amax(dim=1, keepdim=True)
     rank_norm = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
