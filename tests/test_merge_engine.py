@@ -164,10 +164,19 @@ def test_chunk_rows_respect_the_budget(llamas):
 
 
 def test_a_merge_hands_freed_chunk_memory_back(tmp_path, llamas, monkeypatch):
+    from contextlib import contextmanager
+
     calls = []
-    monkeypatch.setattr("polyfuse.merge.engine.return_large_blocks", lambda: calls.append(1) or True)
+
+    @contextmanager
+    def spy():
+        calls.append("in")
+        yield True
+        calls.append("out")
+
+    monkeypatch.setattr("polyfuse.merge.engine.large_blocks_returned", spy)
     run_merge(_write(tmp_path, _config(llamas)), tmp_path / "merged", progress=False)
-    assert calls == [1]  # polyfuse.merge.heap; tests/test_merge_heap.py checks what it does
+    assert calls == ["in", "out"]  # polyfuse.merge.heap; tests/test_merge_heap.py checks what it does
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -13,8 +13,9 @@
    ``merge_config.yaml`` and a model card.
 
 Peak memory is the chunk budget plus the interpreter, whatever the size of the tensors or models:
-chunk buffers of 1 MiB or more are mapped and unmapped on their own (:mod:`polyfuse.merge.heap`), so
-the memory they free goes back to the system instead of piling up in the allocator's heap.
+during a merge, chunk buffers of 1 MiB or more are mapped and unmapped on their own
+(:mod:`polyfuse.merge.heap`), so the memory they free goes back to the system instead of piling up
+in the allocator's heap.
 Embedding rows are merged as they are: rows beyond the tokenizer's length (padded vocabularies)
 are kept, never truncated. Inputs whose vocabulary differs from the output's (the base's, else the
 first model's) have their embedding and LM-head rows matched by token text
@@ -42,7 +43,7 @@ import torch
 from polyfuse.errors import ModelLoadError, PolyfuseError
 from polyfuse.merge.card import model_card
 from polyfuse.merge.config import MergeConfig, load_merge_config
-from polyfuse.merge.heap import return_large_blocks
+from polyfuse.merge.heap import large_blocks_returned
 from polyfuse.merge.methods import Chunk, MergeMethod, TensorJob, get_method, run_merger
 from polyfuse.merge.passthrough import stack_slices, stacked_config
 from polyfuse.merge.shards import DTYPES, StreamingShardWriter, TensorInfo, read_index, read_rows
@@ -528,7 +529,6 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     if chunk_mb <= 0:
         raise PolyfuseError(f"--chunk-mb: must be positive, got {chunk_mb}")
     budget = int(chunk_mb * 1e6)
-    return_large_blocks()  # freed chunk buffers go back to the system (see polyfuse.merge.heap)
     shards = _assign_shards(plan.tensors, parse_size(out_shard_size))
     names = _shard_names(len(shards))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -538,7 +538,8 @@ def execute_plan(plan: MergePlan, out_dir: str | Path, *, chunk_mb: float = 128,
     start = time.perf_counter()
     try:
         weight_map: dict[str, str] = {}
-        with progress_bar(f"merge ({plan.method.name})", len(plan.tensors), enabled=progress) as advance:
+        with progress_bar(f"merge ({plan.method.name})", len(plan.tensors), enabled=progress) as advance, \
+                large_blocks_returned():  # freed chunk buffers go back to the system
             for shard, file in zip(shards, names, strict=True):
                 entries = [(t.name, t.out_dtype, t.shape) for t in shard]
                 with StreamingShardWriter(tmp / file, entries, {"merged_with": "polyfuse"}) as writer:
