@@ -144,9 +144,7 @@ def _della_probabilities(magnitudes: Tensor, density: float, epsilon: float) -> 
     length = order.shape[1]
     places = torch.arange(1, length + 1, dtype=torch.float32).view(1, length, *[1] * (order.dim() - 2))
     ranks = torch.empty(order.shape, dtype=torch.float32).scatter_(1, order, places.expand(order.shape))
-    lowest = ranks.amin(dim=1, keepdim=True)
-    highest = ranks.amax(dim=1, keepdim=True)
-    rank_norm = ((ranks - lowest) / (highest - lowest)).clamp(0, 1)
+    rank_norm = ((ranks - 1) / (length - 1)).clamp(0, 1)  # ranks are 1 ... length in every vector
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
